@@ -1,0 +1,43 @@
+"""attnkit: the attention mechanisms of the recent literature behind one API.
+
+>>> import torch, attnkit as ak
+>>> q = k = v = torch.randn(1, 4, 1024, 64)
+>>> out = ak.attention(q, k, v, pattern=ak.patterns.SlidingWindow(left=255, right=0))
+"""
+
+from . import patterns, reference, registry, scores
+from .api import Explanation, attention, explain
+from .backends.tiled import tiled_attention
+from .errors import (
+    AttnkitError,
+    DeviceError,
+    DTypeError,
+    MemoryBudgetError,
+    NonFiniteError,
+    PatternError,
+    ShapeError,
+    UnsupportedError,
+)
+from .layout import BlockLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnkitError",
+    "BlockLayout",
+    "DTypeError",
+    "DeviceError",
+    "Explanation",
+    "MemoryBudgetError",
+    "NonFiniteError",
+    "PatternError",
+    "ShapeError",
+    "UnsupportedError",
+    "attention",
+    "explain",
+    "patterns",
+    "reference",
+    "registry",
+    "scores",
+    "tiled_attention",
+]

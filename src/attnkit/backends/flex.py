@@ -1,0 +1,124 @@
+"""``flex``: compiled FlexAttention driven by a pattern's ``mask_mod`` and ``BlockMask``.
+
+Compiled callables and block masks are cached by (pattern, score, shape, device, dtype, ``q_offset``) so a
+second call with the same shape neither rebuilds the mask nor recompiles. On CPU, compiled FlexAttention is
+inference-only and cannot return ``lse`` (torch 2.13): such requests raise
+:class:`~attnkit.errors.UnsupportedError` that points to ``tiled``. Key padding goes in as a ``score_mod``
+reading a captured tensor, so it does not force a new block mask per batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..errors import UnsupportedError
+from ..patterns.base import _cache_get, _cache_put
+
+BLOCK = 128
+
+
+def available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def why_not(q, k, v, dims, pattern, score, return_lse: bool, needs_grad: bool) -> str | None:
+    if not available():
+        return "torch.nn.attention.flex_attention is not available in this torch build"
+    if q.device.type == "cpu":
+        if needs_grad:
+            return (
+                "compiled FlexAttention on CPU has no backward (torch 2.13); use backend='tiled', our CPU "
+                "kernel with a backward, or run flex on a GPU"
+            )
+        if return_lse:
+            return "compiled FlexAttention on CPU cannot return lse (torch 2.13); use backend='tiled'"
+        if q.dtype not in (torch.float32, torch.bfloat16):
+            return f"compiled FlexAttention on CPU supports float32 and bfloat16, not {q.dtype}"
+    return None
+
+
+@functools.cache
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def block_mask(pattern, B, Hq, Nq, Nk, q_offset, device):
+    """The pattern's ``BlockMask`` for these sizes (cached)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = ("flex-bm", pattern, Nq, Nk, q_offset, Hq if pattern.num_heads else None, str(device))
+    bm = _cache_get(key)
+    if bm is None:
+        off = q_offset
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return pattern.mask_mod(b, h, q_idx + off, kv_idx)
+
+        H = Hq if pattern.num_heads else None
+        bm = create_block_mask(mask_mod, None, H, Nq, Nk, device=device, BLOCK_SIZE=BLOCK)
+        _cache_put(key, bm)
+    return bm
+
+
+def attention(
+    q, k, v, dims, *, pattern=None, score=None, scale=None, key_padding_mask=None, q_offset=0, return_lse=False
+):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    reason = why_not(q, k, v, dims, pattern, score, return_lse, needs_grad)
+    if reason:
+        raise UnsupportedError(f"backend='flex': {reason}")
+    from ..patterns.base import Full
+
+    bm = block_mask(
+        pattern if pattern is not None else Full(),
+        dims.batch,
+        dims.q_heads,
+        dims.q_len,
+        dims.kv_len,
+        q_offset,
+        q.device,
+    )
+    score_mod = None
+    if score is not None or key_padding_mask is not None:
+        off = q_offset
+        kpm = key_padding_mask
+
+        def score_mod(s, b, h, q_idx, kv_idx):
+            if score is not None:
+                s = score.score_mod(s, b, h, q_idx + off, kv_idx)
+            if kpm is not None:
+                s = torch.where(kpm[b, kv_idx], s, float("-inf"))
+            return s
+
+    kw = {"return_lse": True} if return_lse else {}
+    out = _compiled()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=dims.group > 1, **kw)
+    if return_lse:
+        out, lse = out
+    if key_padding_mask is not None:
+        # A row whose visible keys are all padding: FlexAttention's own fully-masked-row rule covers only the
+        # block mask, so zero these rows here.
+        live = _live_rows(pattern, dims, q_offset, key_padding_mask, q.device)
+        out = torch.where(live, out, torch.zeros((), dtype=out.dtype))
+        if return_lse:
+            lse = lse.masked_fill(~live[..., 0], float("-inf"))
+    return (out, lse) if return_lse else out
+
+
+def _live_rows(pattern, dims, q_offset, kpm, device):
+    from ..patterns.base import Full
+
+    pat = pattern if pattern is not None else Full()
+    key = ("flex-live-cols", pat, dims.q_len, dims.kv_len, q_offset, dims.q_heads)
+    m = _cache_get(key)
+    if m is None:
+        m = pat.dense_mask(dims.q_len, dims.kv_len, q_offset, dims.q_heads, device=device)
+        _cache_put(key, m)
+    return (m[None] & kpm[:, None, None, :]).any(-1, keepdim=True)

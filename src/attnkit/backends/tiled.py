@@ -1,0 +1,341 @@
+"""``tiled``: our block-sparse CPU kernel over a :class:`~attnkit.layout.BlockLayout`.
+
+For each query block ``i`` the kernel visits only the key blocks of its layout row; a chunk of consecutive
+query blocks is computed with two batched matrix products:
+
+``S = scale * Q_i K_{T(i)}^T (+ mod) + B_i``, ``lse_i = logsumexp(S)``, ``O_i = exp(S - lse_i) V_{T(i)}``
+
+where ``T(i)`` are the row's key tiles and ``B_i`` the additive mask of the row (0 for full tiles, the stored
+element mask for partial tiles, ``-inf`` for empty padding slots and padded keys). A row whose key tiles exceed
+``_MAX_KEYS`` is processed in segments merged with the online softmax (log-sum-exp merge), so memory stays
+``O(N x keys per query)`` and no ``N x N`` tensor is ever built.
+
+* When a chunk's key tiles are one contiguous run that advances by a fixed step per row (sliding windows,
+  neighbourhood interiors), K and V are read through a strided view with no copy; otherwise the tiles are
+  gathered.
+* Grouped-query attention folds the ``Hq / Hkv`` query heads of one key/value head into the rows of one
+  product, so K and V tiles are read once per group.
+* The backward recomputes ``P = exp(S - lse)`` per chunk (FlashAttention-2 style): ``dV += P^T dO``,
+  ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; key-side
+  gradients are scattered with ``index_add_``.
+* bf16/fp16 inputs are computed in float32 tile by tile and the output is rounded once.
+* A query with no visible key gives ``out = 0`` and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import BlockLayout
+
+_CHUNK_ELEMS = 1 << 18  # score elements per chunk: the chunk's working set stays in L2
+_MAX_KEYS = 2048  # keys per row per segment before the online-softmax merge takes over
+_BIAS_CACHE_BYTES = 64 << 20
+
+
+@dataclass
+class _Chunk:
+    r0: int
+    r1: int
+    segments: list  # [(slot0, slot1, ids (C, s) long, bias (C, 1, bq, s*bk) or None, stride (start, step) or None)]
+
+
+def _bias_for(layout: BlockLayout, mids: torch.Tensor) -> torch.Tensor | None:
+    if bool((mids == -1).all()):
+        return None
+    bq, bk = layout.block_q, layout.block_k
+    neg = torch.full((1, bq, bk), float("-inf"))
+    table = torch.cat(
+        [
+            neg,
+            torch.zeros(1, bq, bk),
+            torch.zeros(layout.tile_masks.shape).masked_fill_(~layout.tile_masks, float("-inf")),
+        ]
+    )
+    C, S = mids.shape
+    return table[mids + 2].permute(0, 2, 1, 3).reshape(C, 1, bq, S * bk)
+
+
+def _plan(layout: BlockLayout, head: int, rows: int) -> list[_Chunk]:
+    """Cut the layout rows of one head group into chunks of similar width; cached on the layout."""
+    key = (head, rows)
+    if key in layout._plans:
+        return layout._plans[key]
+    bk = layout.block_k
+    ids_all, mids_all = layout.kv_ids[head], layout.mask_ids[head]
+    counts = (ids_all >= 0).sum(-1).tolist()
+    cache: dict = {}
+    cached_bytes = 0
+    chunks = []
+    r0, nqb = 0, len(counts)
+    while r0 < nqb:
+        width = counts[r0]
+        cap = max(1, _CHUNK_ELEMS // max(1, rows * width * bk))
+        r1 = r0 + 1
+        while r1 < nqb and r1 - r0 < cap and counts[r1] == width:
+            r1 += 1
+        if r1 - r0 < min(4, cap):
+            # A short uniform run (irregular rows): group rows of similar width instead, padding the slots.
+            while r1 < nqb:
+                c = counts[r1]
+                w = max(width, c)
+                if (r1 - r0 + 1) * rows * w * bk > _CHUNK_ELEMS or c > 2 * width or 2 * c < width:
+                    break
+                width, r1 = w, r1 + 1
+        if width == 0:
+            chunks.append(_Chunk(r0, r1, []))
+            r0 = r1
+            continue
+        seg = max(1, _MAX_KEYS // bk)
+        segments = []
+        for a in range(0, width, seg):
+            b = min(width, a + seg)
+            ids, mids = ids_all[r0:r1, a:b], mids_all[r0:r1, a:b]
+            stride = None
+            if bool((ids >= 0).all()):
+                base = ids[:, :1]
+                steps = base[1:] - base[:-1]
+                contiguous = bool((ids == base + torch.arange(b - a)).all())
+                if contiguous and (len(steps) == 0 or bool((steps == steps[0]).all() and steps[0] >= 0)):
+                    stride = (int(base[0, 0]), int(steps[0]) if len(steps) else 0)
+            mkey = (mids.shape, mids.numpy().tobytes())
+            bias = cache.get(mkey)
+            if bias is None:
+                bias = _bias_for(layout, mids)
+                if bias is not None and cached_bytes + bias.numel() * 4 <= _BIAS_CACHE_BYTES:
+                    cached_bytes += bias.numel() * 4
+                    cache[mkey] = bias
+            segments.append((a, b, ids.clamp(min=0).reshape(-1), bias, stride))
+        chunks.append(_Chunk(r0, r1, segments))
+        r0 = r1
+    layout._plans[key] = chunks
+    return chunks
+
+
+def _keys(kb: torch.Tensor, ids: torch.Tensor, stride, C: int, s: int, bk: int) -> torch.Tensor:
+    """The chunk's key (or value) tiles as ``(C, s * bk, D)``: a strided view when possible, else a gather."""
+    D = kb.shape[-1]
+    if stride is not None:
+        start, step = stride
+        return kb.as_strided((C, s * bk, D), (step * bk * D, D, 1), kb.storage_offset() + start * bk * D)
+    # index_select over rows of a 2-D view is a plain row copy, several times faster than over a 3-D view.
+    return kb.reshape(-1, bk * D).index_select(0, ids).view(C, s * bk, D)
+
+
+def _scores(qc, kc, bias, scale, score, pos, kpm_c):
+    """Masked, modified logits of one segment, ``(C, G * bq, L)``; ``pos`` gives index tensors for mods."""
+    C, R, _ = qc.shape
+    raw = None
+    if bias is not None and bias.dtype != qc.dtype:
+        bias = bias.to(qc.dtype)
+    if score is None and bias is not None and bias.shape[2] == R:
+        s = torch.baddbmm(bias.view(C, R, -1), qc, kc.transpose(1, 2), alpha=scale)
+    else:
+        s = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale)
+        if score is not None:
+            raw = s
+            s = score.score_mod(s, 0, *pos)
+        if bias is not None:
+            sv = s.view(C, -1, bias.shape[2], s.shape[-1])
+            sv.add_(bias)
+    if kpm_c is not None:
+        s.masked_fill_(~kpm_c[:, None, :], float("-inf"))
+    return s, raw
+
+
+def _softmax_v(s: torch.Tensor, vc: torch.Tensor, out: torch.Tensor | None = None):
+    """``softmax(s) @ vc`` and ``logsumexp(s)``, in place on ``s``; rows of only ``-inf`` give 0 and ``-inf``."""
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill_(torch.isinf(m), 0.0)
+    p = s.sub_(m).exp_()
+    denom = p.sum(-1, keepdim=True)
+    o = torch.bmm(p, vc, out=out).div_(denom.clamp(min=torch.finfo(s.dtype).tiny))
+    return o, (m + denom.log()).squeeze(-1)
+
+
+def _units(B: int, Hq: int, Hkv: int, per_head: bool):
+    """(batch, layout head, kv head, first q head, heads folded into rows) for every unit of work."""
+    g = Hq // Hkv
+    for b in range(B):
+        if per_head:
+            for h in range(Hq):
+                yield b, h, h // g, h, 1
+        else:
+            for hk in range(Hkv):
+                yield b, 0, hk, hk * g, g
+
+
+def _fold(x: torch.Tensor, G: int, nqb: int, bq: int) -> torch.Tensor:
+    """``(G, nqb * bq, D)`` -> ``(nqb, G * bq, D)``: the G heads of one block become rows of one product."""
+    if G == 1:
+        return x[0].view(nqb, bq, -1)
+    return x.view(G, nqb, bq, -1).transpose(0, 1).reshape(nqb, G * bq, -1)
+
+
+def _unfold(x: torch.Tensor, G: int, nqb: int, bq: int) -> torch.Tensor:
+    if G == 1:
+        return x.reshape(1, nqb * bq, -1)
+    return x.view(nqb, G, bq, -1).transpose(0, 1).reshape(G, nqb * bq, -1)
+
+
+def _pad_seq(x: torch.Tensor, n: int, dtype) -> torch.Tensor:
+    x = x.to(dtype)
+    if x.shape[2] == n:
+        return x.contiguous()
+    out = x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3])
+    out[:, :, : x.shape[2]] = x
+    return out
+
+
+def _positions(q_offset, r0, r1, G, bq, h0, ids, stride, s, bk, device):
+    """Broadcast index tensors (h, q_idx, kv_idx) for a score mod on a ``(C, G*bq, L)`` segment."""
+    C = r1 - r0
+    h = (h0 + torch.arange(G, device=device)).repeat_interleave(bq)[None, :, None]
+    qi = (q_offset + torch.arange(r0 * bq, r1 * bq, device=device).view(C, 1, bq).expand(C, G, bq)).reshape(
+        C, G * bq, 1
+    )
+    kv = (ids.view(C, s)[:, :, None] * bk + torch.arange(bk, device=device)).view(C, 1, s * bk)
+    if stride is not None:
+        kv = ((stride[0] + torch.arange(C) * stride[1])[:, None] * bk + torch.arange(s * bk)).view(C, 1, s * bk)
+    return h, qi, kv
+
+
+def _compute_dtype(dtype):
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0):
+    """Tiled attention forward; returns ``(out, lse)``, ``lse`` of shape ``(B, Hq, Nq)`` in the compute dtype."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bq, bk = layout.block_q, layout.block_k
+    nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
+    cd = _compute_dtype(q.dtype)
+    qp, kp, vp = _pad_seq(q, nqb * bq, cd), _pad_seq(k, nkb * bk, cd), _pad_seq(v, nkb * bk, cd)
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = torch.zeros(B, nkb * bk, dtype=torch.bool)
+        kpm[:, :Nk] = key_padding_mask
+    per_head = layout.heads > 1
+    g = Hq // Hkv
+    G = 1 if per_head else g
+    units = Hq if per_head else Hkv
+    out_f = torch.empty(B, units, nqb, G * bq, Dv, dtype=cd)
+    lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
+    for b, lh, hk, h0, G in _units(B, Hq, Hkv, per_head):
+        u = h0 if per_head else hk
+        qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
+        kb, vb = kp[b, hk], vp[b, hk]
+        for ch in _plan(layout, lh, G * bq):
+            C = ch.r1 - ch.r0
+            qc = qf[ch.r0 : ch.r1]
+            acc = lse = None
+            for a, e, ids, bias, stride in ch.segments:
+                s_len = e - a
+                kc = _keys(kb, ids, stride, C, s_len, bk)
+                vc = _keys(vb, ids, stride, C, s_len, bk)
+                pos = _positions(q_offset, ch.r0, ch.r1, G, bq, h0, ids, stride, s_len, bk, q.device) if score else None
+                kpm_c = _keys(kpm[b].view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm is not None else None
+                s, _ = _scores(qc, kc, bias, scale, score, pos, kpm_c)
+                single = len(ch.segments) == 1
+                o, lse_s = _softmax_v(s, vc, out_f[b, u, ch.r0 : ch.r1] if single else None)
+                if acc is None:
+                    acc, lse = o, lse_s
+                else:
+                    new = torch.logaddexp(lse, lse_s)
+                    new_safe = new.masked_fill(torch.isinf(new), float("inf"))
+                    acc = acc * (lse - new_safe).exp().unsqueeze(-1) + o * (lse_s - new_safe).exp().unsqueeze(-1)
+                    lse = new
+            if acc is None:
+                out_f[b, u, ch.r0 : ch.r1] = 0
+            elif acc.data_ptr() != out_f[b, u, ch.r0 : ch.r1].data_ptr():
+                out_f[b, u, ch.r0 : ch.r1] = acc
+            if lse is not None:
+                lse_f[b, u, ch.r0 : ch.r1] = lse
+    G = 1 if per_head else g
+    out = out_f.view(B, units, nqb, G, bq, Dv).transpose(2, 3).reshape(B, Hq, nqb * bq, Dv)
+    lse = lse_f.view(B, units, nqb, G, bq).transpose(2, 3).reshape(B, Hq, nqb * bq)
+    return out[:, :, :Nq].to(q.dtype), lse[:, :, :Nq]
+
+
+def backward(
+    dout, q, k, v, out, lse, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0
+):
+    """Gradients ``(dq, dk, dv)`` of :func:`forward`, recomputing the probabilities tile by tile."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bq, bk = layout.block_q, layout.block_k
+    nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
+    cd = _compute_dtype(q.dtype)
+    qp, kp, vp = _pad_seq(q, nqb * bq, cd), _pad_seq(k, nkb * bk, cd), _pad_seq(v, nkb * bk, cd)
+    dop = _pad_seq(dout, nqb * bq, cd)
+    delta = (dop * _pad_seq(out, nqb * bq, cd)).sum(-1)
+    lse_p = torch.full((B, Hq, nqb * bq), float("-inf"), dtype=cd)
+    lse_p[:, :, :Nq] = lse
+    lse_p = lse_p.masked_fill(torch.isinf(lse_p), float("inf"))  # p = exp(s - inf) = 0 on empty rows
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = torch.zeros(B, nkb * bk, dtype=torch.bool)
+        kpm[:, :Nk] = key_padding_mask
+    per_head = layout.heads > 1
+    dq = torch.zeros_like(qp)
+    dk = torch.zeros_like(kp)
+    dv = torch.zeros_like(vp)
+    for b, lh, hk, h0, G in _units(B, Hq, Hkv, per_head):
+        qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
+        dof = _fold(dop[b, h0 : h0 + G], G, nqb, bq)
+        lsef = _fold(lse_p[b, h0 : h0 + G, :, None], G, nqb, bq)[..., 0]
+        deltaf = _fold(delta[b, h0 : h0 + G, :, None], G, nqb, bq)[..., 0]
+        dqf = torch.zeros_like(qf)
+        kb, vb = kp[b, hk], vp[b, hk]
+        dkb, dvb = dk[b, hk].view(nkb, bk, D), dv[b, hk].view(nkb, bk, Dv)
+        for ch in _plan(layout, lh, G * bq):
+            C = ch.r1 - ch.r0
+            qc, doc = qf[ch.r0 : ch.r1], dof[ch.r0 : ch.r1]
+            lse_c, delta_c = lsef[ch.r0 : ch.r1, :, None], deltaf[ch.r0 : ch.r1, :, None]
+            for a, e, ids, bias, stride in ch.segments:
+                s_len = e - a
+                kc = _keys(kb, ids, stride, C, s_len, bk)
+                vc = _keys(vb, ids, stride, C, s_len, bk)
+                pos = _positions(q_offset, ch.r0, ch.r1, G, bq, h0, ids, stride, s_len, bk, q.device) if score else None
+                kpm_c = _keys(kpm[b].view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm is not None else None
+                s, raw = _scores(qc, kc, bias, scale, score, pos, kpm_c)
+                p = s.sub_(lse_c).exp_()
+                dvb.index_add_(0, ids, torch.bmm(p.transpose(1, 2), doc).view(-1, bk, Dv))
+                ds = torch.bmm(doc, vc.transpose(1, 2)).sub_(delta_c).mul_(p)
+                if raw is not None:
+                    ds.mul_(score.grad(raw, *pos))
+                ds.mul_(scale)
+                dqf[ch.r0 : ch.r1].add_(torch.bmm(ds, kc))
+                dkb.index_add_(0, ids, torch.bmm(ds.transpose(1, 2), qc).view(-1, bk, D))
+        dq[b, h0 : h0 + G] = _unfold(dqf, G, nqb, bq)
+    return dq[:, :, :Nq].to(q.dtype), dk[:, :, :Nk].to(k.dtype), dv[:, :, :Nk].to(v.dtype)
+
+
+class _TiledFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, score, key_padding_mask, q_offset):
+        out, lse = forward(q, k, v, layout, scale, score, key_padding_mask, q_offset)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (layout, scale, score, key_padding_mask, q_offset)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def tiled_attention(
+    q, k, v, layout: BlockLayout, *, scale: float | None = None, score=None, key_padding_mask=None, q_offset: int = 0
+):
+    """Run the tiled kernel on an explicit layout (static pattern or dynamic selector); ``(out, lse)``.
+
+    Differentiable in ``q``, ``k``, ``v`` (not through ``lse``).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _TiledFunction.apply(q, k, v, layout, scale, score, key_padding_mask, q_offset)

@@ -1,0 +1,38 @@
+"""PNG pictures of every registered pattern's mask (``attnkit pictures``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import registry
+
+
+def draw_all(folder: Path, n: int = 64) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for rec in registry.records():
+        pat = rec.make(n)
+        heads = pat.num_heads
+        masks = pat.dense_mask(pat.fixed_length or n, pat.fixed_length or n, heads=heads)
+        shown = masks[: min(len(masks), 4)]
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+        for i, m in enumerate(shown):
+            ax = axes[0][i]
+            ax.imshow(m.numpy(), cmap="Greys", interpolation="nearest")
+            ax.set_title(f"head {i}" if heads else f"{rec.name}", fontsize=8)
+            ax.set_xlabel("key", fontsize=7)
+            ax.set_ylabel("query", fontsize=7)
+            ax.tick_params(labelsize=6)
+        fig.suptitle(f"{rec.name}: {rec.summary}\n{repr(pat)[:90]}", fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{rec.name}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        out.append(path)
+    return out

@@ -1,0 +1,139 @@
+"""``attnkit``: list the registry, explain a call, run the benchmark, draw the pattern pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attnkit")
+def main():
+    """attnkit: attention mechanisms of the recent literature behind one API."""
+
+
+@main.command("list")
+@click.option("--family", default=None, help="Only this family letter (A static sparse, B dynamic, ...).")
+def list_cmd(family):
+    """Print the registry: name, family, paper, exact/approximate, supports."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import registry
+
+    t = Table(title="attnkit registry")
+    for col in ("name", "family", "exact", "supports", "what", "paper"):
+        t.add_column(col, overflow="fold")
+    for r in registry.records(family):
+        t.add_row(
+            r.name, r.family, "exact" if r.exact else "approximate", ", ".join(sorted(r.supports)), r.summary, r.paper
+        )
+    Console(width=200).print(t)
+
+
+@main.command()
+@click.option("--pattern", "name", default="sliding_window", show_default=True, help="Registry name.")
+@click.option("-n", "--length", default=4096, show_default=True, help="Sequence length (spatial: about).")
+@click.option("--heads", default=8, show_default=True)
+@click.option("--kv-heads", default=None, type=int, help="Key/value heads (GQA); default = heads.")
+@click.option("--dim", default=64, show_default=True)
+@click.option("--train", is_flag=True, help="Inputs require grad (training).")
+@click.option("--backend", default="auto", show_default=True)
+def explain(name, length, heads, kv_heads, dim, train, backend):
+    """Say which backend attnkit.attention would use for a registered pattern, and why."""
+    import torch
+
+    from . import api, registry
+
+    pat = registry.get(name).make(length)
+    N = pat.fixed_length or length
+    H = pat.num_heads or heads
+    q = torch.empty(1, H, N, dim, requires_grad=train)
+    kv = torch.empty(1, kv_heads or H, N, dim)
+    click.echo(api.explain(q, kv, kv, pattern=pat, backend=backend))
+
+
+@main.command()
+@click.option("--full", is_flag=True, help="Longer sequences (up to 32k), compiled Flex for every pattern.")
+@click.option("--sizes", default=None, help="Comma-separated lengths, e.g. 1024,4096 (overrides the default).")
+@click.option("--pattern", "patterns", multiple=True, help="Only these registry names (repeatable).")
+@click.option(
+    "--out",
+    default="bench-out",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for results.json, report.md and plots/.",
+)
+@click.option("--no-peers", is_flag=True, help="Skip NATTEN, local-attention and raw Flex.")
+@click.option("--no-backward", is_flag=True, help="Forward only.")
+@click.option(
+    "--flex",
+    type=click.Choice(["none", "targets", "all"]),
+    default=None,
+    help="Which cells run compiled FlexAttention (default: targets; --full: all).",
+)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype):
+    """Benchmark every registered static pattern against dense SDPA, the matmul rate and the peers.
+
+    The quick default (N = 1k, 4k, 16k) takes a few minutes on 2 cores.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import registry
+    from .bench import BenchConfig, run_static
+    from .bench.report import print_table, write
+    from .bench.static import FULL_SIZES, QUICK_SIZES
+
+    size_list = tuple(int(s) for s in sizes.split(",")) if sizes else (FULL_SIZES if full else QUICK_SIZES)
+    names = tuple(patterns) or None
+    if names:
+        for n in names:
+            registry.get(n)
+    cfg = BenchConfig(
+        sizes=size_list,
+        patterns=names,
+        peers=not no_peers,
+        backward=not no_backward,
+        flex=flex or ("all" if full else "targets"),
+        dtype=dtype,
+        full=full,
+    )
+    total = len([r for r in registry.records("A") if names is None or r.name in names]) * len(size_list)
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as prog:
+        task = prog.add_task("benchmark", total=total)
+
+        def step(text):
+            prog.update(task, description=text)
+            prog.advance(task)
+
+        res = run_static(cfg, progress=step)
+    print_table(res, console)
+    paths = write(res, out)
+    console.print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots")
+
+
+@main.command()
+@click.option("--out", default="docs/patterns", show_default=True, type=click.Path(path_type=Path))
+def pictures(out):
+    """Draw a PNG of every registered pattern's mask (the pictures in docs/patterns)."""
+    from .bench.pictures import draw_all
+
+    for p in draw_all(out):
+        click.echo(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Error types. Every error names the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+
+class AttnkitError(Exception):
+    """Base class of every error attnkit raises on purpose."""
+
+
+class ShapeError(AttnkitError, ValueError):
+    """A tensor or size argument has the wrong rank, size or relation to another argument."""
+
+
+class DTypeError(AttnkitError, TypeError):
+    """A tensor has a dtype the operation does not accept, or dtypes disagree."""
+
+
+class DeviceError(AttnkitError, ValueError):
+    """Tensors that must live on one device do not."""
+
+
+class PatternError(AttnkitError, ValueError):
+    """A pattern's parameters are invalid, or do not fit the sequence it is applied to."""
+
+
+class NonFiniteError(AttnkitError, ValueError):
+    """An input holds NaN or inf where the mechanism cannot define a result."""
+
+
+class UnsupportedError(AttnkitError, NotImplementedError):
+    """A named backend cannot run this request. The message says why and which backend can."""
+
+
+class MemoryBudgetError(AttnkitError, MemoryError):
+    """A dense path would allocate more than the memory budget. The message names a sparse backend."""
+
+
+def bad(arg: str, expected: str, got: object) -> str:
+    """The one message format: ``argument: expected ..., got ...``."""
+    return f"{arg}: expected {expected}, got {got}"

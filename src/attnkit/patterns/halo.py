@@ -1,0 +1,63 @@
+"""Blocked local attention with a halo (HaloNet).
+
+Paper: "Scaling Local Self-Attention for Parameter Efficient Visual Backbones" (Vaswani et al., 2021).
+The grid is cut into non-overlapping query blocks of ``block`` tokens per dim; each block attends to its
+own block grown by ``halo`` tokens on every side. HaloNet pads the image with zeros; here keys outside
+the grid do not exist, so border blocks see a clipped region (padding keys would only add ``exp(0)``
+terms to the softmax, which changes the result; we choose the clipped form and document it).
+
+Picture, 1-D ``HaloBlocks((8,), block=2, halo=1)``::
+
+    ###.....
+    ###.....
+    .####...
+    .####...
+    ...####.
+    ...####.
+    .....###
+    .....###
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PatternError, bad
+from .base import Pattern, as_tuple, prod
+from .neighborhood import unravel
+
+
+@dataclass(frozen=True)
+class HaloBlocks(Pattern):
+    """Query blocks of ``block`` tokens per dim attend to the block plus ``halo`` tokens around it."""
+
+    shape: tuple
+    block: object = 8
+    halo: object = 2
+
+    def __post_init__(self):
+        shape = as_tuple("shape", self.shape, 1 if isinstance(self.shape, int) else len(tuple(self.shape)))
+        dims = len(shape)
+        if not 1 <= dims <= 3:
+            raise PatternError(bad("shape", "1 to 3 spatial sizes", self.shape))
+        block = as_tuple("block", self.block, dims)
+        halo = as_tuple("halo", self.halo, dims, 0)
+        for i in range(dims):
+            if shape[i] % block[i]:
+                raise PatternError(bad("block", f"a divisor of the input size {shape[i]} in dim {i}", block[i]))
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "halo", halo)
+
+    @property
+    def fixed_length(self) -> int:
+        return prod(self.shape)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
+        ok = None
+        for i in range(len(self.shape)):
+            lo = (qc[i] // self.block[i]) * self.block[i] - self.halo[i]
+            m = (kc[i] >= lo) & (kc[i] < lo + self.block[i] + 2 * self.halo[i])
+            ok = m if ok is None else ok & m
+        return ok

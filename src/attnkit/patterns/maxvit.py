@@ -1,0 +1,93 @@
+"""MaxViT's two axes of multi-axis attention: ``BlockAxis`` (local) and ``GridAxis`` (dilated global).
+
+Paper: "MaxViT: Multi-Axis Vision Transformer" (Tu et al., 2022). On a ``(H, W)`` (or 1-/3-D) grid:
+
+* ``BlockAxis(shape, window)``: non-overlapping windows of ``window`` tokens per dim; a token sees the
+  tokens of its own window (``x // window`` equal in every dim).
+* ``GridAxis(shape, grid)``: the grid is split into ``grid`` cells per dim, each ``n / grid`` tokens wide; a
+  token sees the tokens at the same offset inside every cell (``x % (n / grid)`` equal in every dim): a
+  sparse, dilated, global mixing over a fixed ``grid x grid`` lattice.
+
+MaxViT applies one then the other in consecutive layers; ``BlockAxis | GridAxis`` is their union in one.
+
+Pictures, 1-D on 8 tokens, ``BlockAxis((8,), 4)`` and ``GridAxis((8,), 2)``::
+
+    ####....        #...#...
+    ####....        .#...#..
+    ####....        ..#...#.
+    ####....        ...#...#
+    ....####        #...#...
+    ....####        .#...#..
+    ....####        ..#...#.
+    ....####        ...#...#
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PatternError, bad
+from .base import Pattern, as_tuple, prod
+from .neighborhood import unravel
+
+
+def _spatial(name: str, shape, value, lo: int = 1):
+    shape = as_tuple("shape", shape, 1 if isinstance(shape, int) else len(tuple(shape)))
+    if not 1 <= len(shape) <= 3:
+        raise PatternError(bad("shape", "1 to 3 spatial sizes", shape))
+    vals = as_tuple(name, value, len(shape), lo)
+    for i, (n, w) in enumerate(zip(shape, vals, strict=False)):
+        if n % w:
+            raise PatternError(bad(name, f"a divisor of the input size {n} in dim {i}", w))
+    return shape, vals
+
+
+@dataclass(frozen=True)
+class BlockAxis(Pattern):
+    """MaxViT block attention: tokens attend inside their non-overlapping window."""
+
+    shape: tuple
+    window: object = 7
+
+    def __post_init__(self):
+        shape, w = _spatial("window", self.shape, self.window)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "window", w)
+
+    @property
+    def fixed_length(self) -> int:
+        return prod(self.shape)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
+        ok = None
+        for i, w in enumerate(self.window):
+            m = (qc[i] // w) == (kc[i] // w)
+            ok = m if ok is None else ok & m
+        return ok
+
+
+@dataclass(frozen=True)
+class GridAxis(Pattern):
+    """MaxViT grid attention: tokens attend to the same in-cell offset across a ``grid``-per-dim lattice."""
+
+    shape: tuple
+    grid: object = 7
+
+    def __post_init__(self):
+        shape, g = _spatial("grid", self.shape, self.grid)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "grid", g)
+
+    @property
+    def fixed_length(self) -> int:
+        return prod(self.shape)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
+        ok = None
+        for i, (n, g) in enumerate(zip(self.shape, self.grid, strict=False)):
+            cell = n // g
+            m = (qc[i] % cell) == (kc[i] % cell)
+            ok = m if ok is None else ok & m
+        return ok

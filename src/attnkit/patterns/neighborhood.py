@@ -1,0 +1,116 @@
+"""Neighborhood attention in 1-D, 2-D and 3-D (NA, DiNAT's dilated NA, Generalized NA).
+
+Papers: "Faster Neighborhood Attention" (Hassani et al., 2024); "Dilated Neighborhood Attention
+Transformer" (DiNAT, Hassani & Shi, 2022); "Generalized Neighborhood Attention" (GNA, 2025).
+
+Tokens lie on a grid ``shape`` in row-major order (last dim fastest); the sequence length is
+``prod(shape)``. Per dimension, with size ``n``, ``kernel_size`` ``k``, ``dilation`` ``d`` and
+``stride`` ``s`` (NATTEN's rule, which this module re-derives and the tests compare with ``natten``):
+
+* dilation splits the axis into ``d`` interleaved groups (``x % d``); a query sees keys of its own group
+  only, and inside the group works on the coordinate ``x' = x // d`` over a group of length
+  ``n_g = ceil((n - g) / d)``;
+* stride groups ``s`` consecutive queries; they all use the window of the group's *leader*: the centre
+  query ``(x' // s) * s + s // 2`` (the right one of the two centres when ``s`` is even), clipped to
+  ``n_g - 1``;
+* non-causal: the window is centred on the leader and *shifted inward at the borders*, so every query
+  sees exactly ``k`` keys per dim: ``c = clamp(leader, k // 2, n_g - 1 - r)`` with ``r = k // 2`` for odd
+  ``k`` and ``k // 2 - 1`` for even ``k``; keys ``c - k // 2 <= y' <= c + r``;
+* causal: the leader is the *last* query of the stride group (clipped); keys ``y' <= x'`` and
+  ``leader - y' < k``.
+
+A key is visible when the rule holds in every dimension. ``stride == kernel_size`` gives blocked
+(Swin-like) windows; ``stride == 1`` the sliding neighbourhood.
+
+Picture, 1-D ``Neighborhood((8,), kernel_size=3)``::
+
+    ###.....
+    ###.....
+    .###....
+    ..###...
+    ...###..
+    ....###.
+    .....###
+    .....###
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PatternError, bad
+from .base import Pattern, as_tuple, prod
+
+
+def unravel(idx, shape: tuple[int, ...]):
+    """Row-major coordinates of flat indices (works on tensors under vmap)."""
+    coords = []
+    for n in reversed(shape):
+        coords.append(idx % n)
+        idx = idx // n
+    return tuple(reversed(coords))
+
+
+@dataclass(frozen=True)
+class Neighborhood(Pattern):
+    """NATTEN-compatible neighbourhood attention on a 1-, 2- or 3-D token grid."""
+
+    shape: tuple
+    kernel_size: object = 7
+    dilation: object = 1
+    stride: object = 1
+    is_causal: object = False
+
+    def __post_init__(self):
+        shape = as_tuple("shape", self.shape, len(tuple(self.shape)) if not isinstance(self.shape, int) else 1)
+        dims = len(shape)
+        if not 1 <= dims <= 3:
+            raise PatternError(bad("shape", "1 to 3 spatial sizes", self.shape))
+        ks = as_tuple("kernel_size", self.kernel_size, dims, 2)
+        dil = as_tuple("dilation", self.dilation, dims)
+        st = as_tuple("stride", self.stride, dims)
+        causal = (self.is_causal,) * dims if isinstance(self.is_causal, bool) else tuple(self.is_causal)
+        if len(causal) != dims or not all(isinstance(c, bool) for c in causal):
+            raise PatternError(bad("is_causal", f"a bool or a tuple of {dims} bools", repr(self.is_causal)))
+        for i in range(dims):
+            if ks[i] * dil[i] > shape[i]:
+                raise PatternError(
+                    bad("kernel_size * dilation", f"<= the input size {shape[i]} in dim {i}", f"{ks[i]} * {dil[i]}")
+                )
+            if st[i] > ks[i]:
+                raise PatternError(bad("stride", f"<= kernel_size ({ks[i]}) in dim {i}", st[i]))
+        for name, val in (
+            ("shape", shape),
+            ("kernel_size", ks),
+            ("dilation", dil),
+            ("stride", st),
+            ("is_causal", causal),
+        ):
+            object.__setattr__(self, name, val)
+        object.__setattr__(self, "causal", all(causal))
+
+    @property
+    def fixed_length(self) -> int:
+        return prod(self.shape)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
+        ok = None
+        for i, n in enumerate(self.shape):
+            k, d, s = self.kernel_size[i], self.dilation[i], self.stride[i]
+            gq, gk = qc[i] % d, kc[i] % d
+            xq, xk = qc[i] // d, kc[i] // d
+            n_g = (n - gq + d - 1) // d  # length of the query's dilation group
+            if self.is_causal[i]:
+                leader = torch.minimum((xq // s) * s + s - 1, n_g - 1)
+                m = (xk <= xq) & (leader - xk < k)
+            else:
+                left, right = k // 2, k // 2 + (k % 2) - 1
+                leader = torch.minimum((xq // s) * s + s // 2, n_g - 1)
+                centre = torch.maximum(torch.minimum(leader, n_g - 1 - right), torch.full_like(leader, left))
+                m = (xk >= centre - left) & (xk <= centre + right)
+            m = m & (gq == gk)
+            ok = m if ok is None else ok & m
+        return ok

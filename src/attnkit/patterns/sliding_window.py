@@ -1,0 +1,46 @@
+"""Sliding-window (local, banded) attention.
+
+Query ``i`` sees keys ``j`` with ``i - left <= j <= i + right``; the query itself always.
+``SlidingWindow(left=255, right=0)`` is a causal window of 256 keys (Longformer / Mistral style);
+``SlidingWindow(left=w, right=w)`` is symmetric. With ``q_offset`` the ``i`` is the absolute position.
+
+Picture, ``SlidingWindow(2, 0)`` on 8 tokens::
+
+    #.......
+    ##......
+    ###.....
+    .###....
+    ..###...
+    ...###..
+    ....###.
+    .....###
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Pattern, _require_int
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """Local window of ``left`` keys before and ``right`` keys after each query (plus itself).
+
+    Edges: near the start a query simply has fewer keys (the window is not shifted; compare
+    :class:`~attnkit.patterns.Neighborhood`, which shifts it). A window longer than the sequence is legal
+    (a prompt shorter than the model's window) and then equals causal (or full) attention; unlike a
+    neighbourhood kernel, nothing about it is undefined.
+    """
+
+    left: int
+    right: int = 0
+
+    def __post_init__(self):
+        _require_int("left", self.left, 0)
+        _require_int("right", self.right, 0)
+        object.__setattr__(self, "causal", self.right == 0)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return (d <= self.left) & (d >= -self.right)

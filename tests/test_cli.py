@@ -1,0 +1,76 @@
+"""The command line: list, explain, bench (a tiny run), --help everywhere."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from attnkit import registry
+from attnkit.cli import main
+
+
+def test_help_everywhere():
+    r = CliRunner()
+    for args in ([], ["list"], ["explain"], ["bench"], ["pictures"]):
+        res = r.invoke(main, args + ["--help"])
+        assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_list_prints_every_record():
+    res = CliRunner().invoke(main, ["list"])
+    assert res.exit_code == 0
+    for rec in registry.records():
+        assert rec.name in res.output
+
+
+def test_explain_names_the_backend():
+    res = CliRunner().invoke(main, ["explain", "--pattern", "sliding_window", "-n", "512", "--train"])
+    assert res.exit_code == 0, res.output
+    assert "backend: tiled" in res.output and "no backward" in res.output
+
+
+def test_bench_tiny_run_writes_results(tmp_path):
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--sizes",
+            "256",
+            "--pattern",
+            "sliding_window",
+            "--pattern",
+            "neighborhood_2d",
+            "--flex",
+            "none",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    kinds = {(r["pattern"], r["backend"], r["kind"]) for r in data["rows"]}
+    assert ("sliding_window", "tiled", "fwd") in kinds and ("sliding_window", "tiled", "fwdbwd") in kinds
+    assert ("neighborhood_2d", "natten", "fwd") in kinds  # the peer ran and passed its correctness gate
+    assert data["matmul_gflops"] > 0
+    assert all(c["max_err_vs_tiled"] < 1e-3 for c in data["checks"])
+    assert (tmp_path / "report.md").read_text().startswith("# attnkit bench")
+    assert any(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
+
+
+def test_bench_rejects_an_unknown_pattern():
+    res = CliRunner().invoke(main, ["bench", "--pattern", "nope", "--sizes", "64"])
+    assert res.exit_code != 0 and "name: expected one of" in str(res.exception)
+
+
+def test_pictures_are_drawn_for_every_record(tmp_path):
+    res = CliRunner().invoke(main, ["pictures", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert {p.stem for p in tmp_path.glob("*.png")} == {r.name for r in registry.records()}
+
+
+def test_quickstart_example_runs():
+    import pathlib
+    import runpy
+
+    runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "quickstart.py"), run_name="__main__")
