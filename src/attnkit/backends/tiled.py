@@ -43,8 +43,12 @@ class _Chunk:
 
 
 def _bias_for(layout: BlockLayout, mids: torch.Tensor) -> torch.Tensor | None:
+    """Additive mask ``(C, 1, bq, s*bk)`` of a segment; one row broadcast when every row has the same tiles."""
     if bool((mids == -1).all()):
         return None
+    if mids.shape[0] > 1 and bool((mids == mids[:1]).all()):
+        one = _bias_for(layout, mids[:1])
+        return one.expand(mids.shape[0], *one.shape[1:])
     bq, bk = layout.block_q, layout.block_k
     neg = torch.full((1, bq, bk), float("-inf"))
     table = torch.cat(
@@ -89,29 +93,41 @@ def _plan(layout: BlockLayout, head: int, rows: int) -> list[_Chunk]:
             r0 = r1
             continue
         seg = max(1, _MAX_KEYS // bk)
+        ids_c = ids_all[r0:r1, :width]
+        # Sinks, global columns or power-of-two jumps before a sliding band: the band (the longest affine
+        # suffix) still reads K and V through a view; only the prefix is gathered. The two merge by lse.
+        split = next((a for a in range(width) if _stride(ids_c[:, a:]) is not None), width)
+        ranges = [(a, min(e, a + seg)) for lo, e in ((0, split), (split, width)) if e > lo for a in range(lo, e, seg)]
         segments = []
-        for a in range(0, width, seg):
-            b = min(width, a + seg)
+        for a, b in ranges:
             ids, mids = ids_all[r0:r1, a:b], mids_all[r0:r1, a:b]
-            stride = None
-            if bool((ids >= 0).all()):
-                base = ids[:, :1]
-                steps = base[1:] - base[:-1]
-                contiguous = bool((ids == base + torch.arange(b - a)).all())
-                if contiguous and (len(steps) == 0 or bool((steps == steps[0]).all() and steps[0] >= 0)):
-                    stride = (int(base[0, 0]), int(steps[0]) if len(steps) else 0)
             mkey = (mids.shape, mids.numpy().tobytes())
             bias = cache.get(mkey)
             if bias is None:
                 bias = _bias_for(layout, mids)
-                if bias is not None and cached_bytes + bias.numel() * 4 <= _BIAS_CACHE_BYTES:
-                    cached_bytes += bias.numel() * 4
+                nbytes = bias.untyped_storage().nbytes() if bias is not None else 0
+                if bias is not None and cached_bytes + nbytes <= _BIAS_CACHE_BYTES:
+                    cached_bytes += nbytes
                     cache[mkey] = bias
-            segments.append((a, b, ids.clamp(min=0).reshape(-1), bias, stride))
+            segments.append((a, b, ids.clamp(min=0).reshape(-1), bias, _stride(ids)))
         chunks.append(_Chunk(r0, r1, segments))
         r0 = r1
     layout._plans[key] = chunks
     return chunks
+
+
+def _stride(ids: torch.Tensor):
+    """``(start, step)`` when row ``i`` of ``ids`` is the run ``start + i * step + [0, s)``, else None."""
+    if not bool((ids >= 0).all()):
+        return None
+    base = ids[:, :1]
+    if not bool((ids == base + torch.arange(ids.shape[1])).all()):
+        return None
+    steps = base[1:, 0] - base[:-1, 0]
+    step = int(steps[0]) if len(steps) else 0
+    if step < 0 or not bool((steps == step).all()):
+        return None
+    return int(base[0, 0]), step
 
 
 def _keys(kb: torch.Tensor, ids: torch.Tensor, stride, C: int, s: int, bk: int) -> torch.Tensor:
