@@ -93,3 +93,11 @@ def test_block_layout_picture_and_summary():
     assert str(lay).splitlines()[:2] == ["+...", "++.."]
     s = lay.summary()
     assert s["tiles_partial"] == 7 and s["tiles_full"] == 0
+
+
+@pytest.mark.parametrize("pattern", [None, P.Causal()])
+def test_sdpa_fast_paths_return_the_oracle_lse(pattern):
+    q, k, v = rand_qkv(2, 4, 2, 1500, 1500, 16)
+    out, lse = ak.attention(q, k, v, pattern=pattern, return_lse=True, backend="sdpa")
+    ref, ref_lse = ak.reference.attention(q, k, v, pattern=pattern, return_lse=True)
+    assert (out.double() - ref).abs().max() < 1e-5 and (lse.double() - ref_lse).abs().max() < 1e-4

@@ -146,3 +146,10 @@ def test_named_backend_never_falls_back():
     q, k, v = rand_qkv(1, 2, 2, 16, 16, 8)
     with pytest.raises(ak.UnsupportedError, match=r"SDPA cannot apply it"):
         ak.attention(q, k, v, score=ak.scores.Softcap(5.0), backend="sdpa")
+
+
+def test_tiled_is_cpu_only_and_says_so():
+    q, k, v = (t.to("meta") for t in rand_qkv(1, 2, 2, 64, 64, 8))
+    with pytest.raises(ak.UnsupportedError, match=r"tiled is a CPU kernel"):
+        ak.attention(q, k, v, pattern=P.SlidingWindow(7, 0), backend="tiled")
+    assert ak.explain(q, k, v, pattern=P.SlidingWindow(7, 0)).backend == "flex"

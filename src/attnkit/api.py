@@ -94,7 +94,9 @@ def _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse,
     reasons = {
         "sdpa": _sdpa.why_not(q, k, v, dims, pattern, score, budget),
         "flex": _flex.why_not(q, k, v, dims, pattern, score, return_lse, needs_grad),
-        "tiled": None,
+        "tiled": None
+        if q.device.type == "cpu"
+        else (f"tiled is a CPU kernel; on {q.device.type} use 'flex' (compiled FlexAttention) or 'sdpa'"),
         "reference": "float64 oracle, for tests; never chosen by auto",
     }
     density = 1.0 if pattern is None else pattern.density(dims.q_len, dims.kv_len, q_offset, dims.q_heads)
@@ -111,7 +113,7 @@ def _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse,
             )
     elif q.device.type != "cpu" and reasons["flex"] is None:
         choice = "flex"
-        reasons["tiled"] = "on GPU, compiled FlexAttention is faster"
+        reasons["tiled"] = reasons["tiled"] or "on GPU, compiled FlexAttention is faster"
     else:
         choice = "tiled"
         if reasons["flex"] is None:
@@ -171,8 +173,11 @@ def attention(
     # check runs only when the sum is not finite (a sum can overflow on huge but finite values).
     if out.device.type == "cpu" and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
         raise NonFiniteError(
-            bad("q, k, v", "finite values (attention is undefined with NaN or inf inputs)",
-                "a non-finite output; check the inputs")
+            bad(
+                "q, k, v",
+                "finite values (attention is undefined with NaN or inf inputs)",
+                "a non-finite output; check the inputs",
+            )
         )
     return result
 
@@ -184,59 +189,31 @@ def _dispatch(q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, 
     if reasons.get(choice) and choice != "reference":
         cls = MemoryBudgetError if "memory budget" in reasons[choice] else UnsupportedError
         raise cls(f"backend='{choice}' cannot run this request: {reasons[choice]}")
+    kw = dict(
+        pattern=pattern,
+        score=score,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        q_offset=q_offset,
+        return_lse=return_lse,
+    )
     if choice == "sdpa":
         if _sdpa_causal_fast(pattern, dims, key_padding_mask) and score is None:
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scale, enable_gqa=dims.group > 1
             )
-            return (out, _sdpa._lse(q, k, _causal_mask(dims, q.device), scale, dims.group, None)) if return_lse else out
-        return _sdpa.attention(
-            q,
-            k,
-            v,
-            dims,
-            pattern=pattern,
-            score=score,
-            scale=scale,
-            key_padding_mask=key_padding_mask,
-            q_offset=q_offset,
-            return_lse=return_lse,
-        )
+            return (out, _sdpa._lse(q, k, None, scale, dims.group, causal=True)) if return_lse else out
+        return _sdpa.attention(q, k, v, dims, **kw)
     if choice == "flex":
-        return _flex.attention(
-            q,
-            k,
-            v,
-            dims,
-            pattern=pattern,
-            score=score,
-            scale=scale,
-            key_padding_mask=key_padding_mask,
-            q_offset=q_offset,
-            return_lse=return_lse,
-        )
+        return _flex.attention(q, k, v, dims, **kw)
     if choice == "reference":
-        out = _reference.attention(
-            q,
-            k,
-            v,
-            pattern=pattern,
-            score=score,
-            scale=scale,
-            key_padding_mask=key_padding_mask,
-            q_offset=q_offset,
-            return_lse=return_lse,
-        )
+        out = _reference.attention(q, k, v, **kw)
         return (out[0].to(q.dtype), out[1]) if return_lse else out.to(q.dtype)
     layout = _layout(pattern, dims, needs_grad)
     out, lse = tiled_attention(
         q, k, v, layout, scale=scale, score=score, key_padding_mask=key_padding_mask, q_offset=q_offset
     )
     return (out, lse) if return_lse else out
-
-
-def _causal_mask(dims, device):
-    return torch.ones(dims.q_len, dims.kv_len, dtype=torch.bool, device=device).tril()[None, None]
 
 
 def _layout(pattern, dims, training):

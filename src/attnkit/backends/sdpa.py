@@ -92,16 +92,22 @@ def attention(
         out = torch.where(live, out, torch.zeros((), dtype=out.dtype, device=out.device))
     if not return_lse:
         return out
-    return out, _lse(q, k, attn_mask, scale, g, live)
+    return out, _lse(q, k, attn_mask, scale, g)
 
 
-def _lse(q, k, attn_mask, scale, g, live, chunk: int = 1024):
-    """``logsumexp`` of the masked logits, in chunks of queries (float32, ``-inf`` on empty rows)."""
+def _lse(q, k, attn_mask, scale, g, chunk: int = 1024, causal: bool = False):
+    """``logsumexp`` of the masked logits, in chunks of queries (float32, ``-inf`` on empty rows).
+
+    ``causal`` applies ``kv <= q`` chunk by chunk instead of a dense mask.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kk = k.repeat_interleave(g, 1).float() if g > 1 else k.float()
     out = []
     for i in range(0, q.shape[2], chunk):
         s = torch.matmul(q[:, :, i : i + chunk].float(), kk.transpose(-1, -2)) * scale
+        if causal:
+            qi = torch.arange(i, i + s.shape[2], device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(k.shape[2], device=q.device)[None, :] > qi, float("-inf"))
         if attn_mask is not None:
             m = attn_mask[:, :, i : i + chunk]
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnsupportedError, bad
 from ..layout import BlockLayout
 
 _CHUNK_ELEMS = 1 << 18  # score elements per chunk: the chunk's working set stays in L2
@@ -171,16 +172,40 @@ def _softmax_v(s: torch.Tensor, vc: torch.Tensor, out: torch.Tensor | None = Non
     return o, (m + denom.log()).squeeze(-1)
 
 
+def _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score):
+    """Keys, values and masked logits of one segment of a chunk: ``(s, raw, kc, vc, pos)``."""
+    a, e, ids, bias, stride = seg
+    C, s_len = ch.r1 - ch.r0, e - a
+    kc = _keys(kb, ids, stride, C, s_len, bk)
+    vc = _keys(vb, ids, stride, C, s_len, bk)
+    pos = _positions(q_offset, ch.r0, ch.r1, G, bq, h0, ids, stride, s_len, bk, qc.device) if score else None
+    kpm_c = _keys(kpm_b.view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm_b is not None else None
+    s, raw = _scores(qc, kc, bias, scale, score, pos, kpm_c)
+    return s, raw, kc, vc, pos
+
+
+def _prepare(q, k, v, layout: BlockLayout, key_padding_mask):
+    """Inputs padded to whole blocks in the compute dtype, and the padded key mask (or None)."""
+    cd = _compute_dtype(q.dtype)
+    nq, nk = layout.num_q_blocks * layout.block_q, layout.num_kv_blocks * layout.block_k
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = torch.zeros(q.shape[0], nk, dtype=torch.bool)
+        kpm[:, : k.shape[2]] = key_padding_mask
+    return cd, _pad_seq(q, nq, cd), _pad_seq(k, nk, cd), _pad_seq(v, nk, cd), kpm
+
+
 def _units(B: int, Hq: int, Hkv: int, per_head: bool):
-    """(batch, layout head, kv head, first q head, heads folded into rows) for every unit of work."""
+    """(batch, layout head, kv head, first q head) for every unit of work; a unit folds ``1 if per_head else
+    Hq / Hkv`` query heads into its rows."""
     g = Hq // Hkv
     for b in range(B):
         if per_head:
             for h in range(Hq):
-                yield b, h, h // g, h, 1
+                yield b, h, h // g, h
         else:
             for hk in range(Hkv):
-                yield b, 0, hk, hk * g, g
+                yield b, 0, hk, hk * g
 
 
 def _fold(x: torch.Tensor, G: int, nqb: int, bq: int) -> torch.Tensor:
@@ -224,37 +249,26 @@ def _compute_dtype(dtype):
 
 def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0):
     """Tiled attention forward; returns ``(out, lse)``, ``lse`` of shape ``(B, Hq, Nq)`` in the compute dtype."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    B, Hq, Nq, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
     bq, bk = layout.block_q, layout.block_k
-    nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
-    cd = _compute_dtype(q.dtype)
-    qp, kp, vp = _pad_seq(q, nqb * bq, cd), _pad_seq(k, nkb * bk, cd), _pad_seq(v, nkb * bk, cd)
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = torch.zeros(B, nkb * bk, dtype=torch.bool)
-        kpm[:, :Nk] = key_padding_mask
+    nqb = layout.num_q_blocks
+    cd, qp, kp, vp, kpm = _prepare(q, k, v, layout, key_padding_mask)
     per_head = layout.heads > 1
-    g = Hq // Hkv
-    G = 1 if per_head else g
+    G = 1 if per_head else Hq // Hkv
     units = Hq if per_head else Hkv
     out_f = torch.empty(B, units, nqb, G * bq, Dv, dtype=cd)
     lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
-    for b, lh, hk, h0, G in _units(B, Hq, Hkv, per_head):
+    for b, lh, hk, h0 in _units(B, Hq, Hkv, per_head):
         u = h0 if per_head else hk
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         kb, vb = kp[b, hk], vp[b, hk]
+        kpm_b = kpm[b] if kpm is not None else None
         for ch in _plan(layout, lh, G * bq):
-            C = ch.r1 - ch.r0
             qc = qf[ch.r0 : ch.r1]
             acc = lse = None
-            for a, e, ids, bias, stride in ch.segments:
-                s_len = e - a
-                kc = _keys(kb, ids, stride, C, s_len, bk)
-                vc = _keys(vb, ids, stride, C, s_len, bk)
-                pos = _positions(q_offset, ch.r0, ch.r1, G, bq, h0, ids, stride, s_len, bk, q.device) if score else None
-                kpm_c = _keys(kpm[b].view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm is not None else None
-                s, _ = _scores(qc, kc, bias, scale, score, pos, kpm_c)
+            for seg in ch.segments:
+                s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score)
                 single = len(ch.segments) == 1
                 o, lse_s = _softmax_v(s, vc, out_f[b, u, ch.r0 : ch.r1] if single else None)
                 if acc is None:
@@ -270,7 +284,6 @@ def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_
                 out_f[b, u, ch.r0 : ch.r1] = acc
             if lse is not None:
                 lse_f[b, u, ch.r0 : ch.r1] = lse
-    G = 1 if per_head else g
     out = out_f.view(B, units, nqb, G, bq, Dv).transpose(2, 3).reshape(B, Hq, nqb * bq, Dv)
     lse = lse_f.view(B, units, nqb, G, bq).transpose(2, 3).reshape(B, Hq, nqb * bq)
     return out[:, :, :Nq].to(q.dtype), lse[:, :, :Nq]
@@ -284,40 +297,32 @@ def backward(
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bq, bk = layout.block_q, layout.block_k
     nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
-    cd = _compute_dtype(q.dtype)
-    qp, kp, vp = _pad_seq(q, nqb * bq, cd), _pad_seq(k, nkb * bk, cd), _pad_seq(v, nkb * bk, cd)
+    cd, qp, kp, vp, kpm = _prepare(q, k, v, layout, key_padding_mask)
     dop = _pad_seq(dout, nqb * bq, cd)
     delta = (dop * _pad_seq(out, nqb * bq, cd)).sum(-1)
     lse_p = torch.full((B, Hq, nqb * bq), float("-inf"), dtype=cd)
     lse_p[:, :, :Nq] = lse
     lse_p = lse_p.masked_fill(torch.isinf(lse_p), float("inf"))  # p = exp(s - inf) = 0 on empty rows
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = torch.zeros(B, nkb * bk, dtype=torch.bool)
-        kpm[:, :Nk] = key_padding_mask
     per_head = layout.heads > 1
+    G = 1 if per_head else Hq // Hkv
     dq = torch.zeros_like(qp)
     dk = torch.zeros_like(kp)
     dv = torch.zeros_like(vp)
-    for b, lh, hk, h0, G in _units(B, Hq, Hkv, per_head):
+    for b, lh, hk, h0 in _units(B, Hq, Hkv, per_head):
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         dof = _fold(dop[b, h0 : h0 + G], G, nqb, bq)
         lsef = _fold(lse_p[b, h0 : h0 + G, :, None], G, nqb, bq)[..., 0]
         deltaf = _fold(delta[b, h0 : h0 + G, :, None], G, nqb, bq)[..., 0]
         dqf = torch.zeros_like(qf)
         kb, vb = kp[b, hk], vp[b, hk]
+        kpm_b = kpm[b] if kpm is not None else None
         dkb, dvb = dk[b, hk].view(nkb, bk, D), dv[b, hk].view(nkb, bk, Dv)
         for ch in _plan(layout, lh, G * bq):
-            C = ch.r1 - ch.r0
             qc, doc = qf[ch.r0 : ch.r1], dof[ch.r0 : ch.r1]
             lse_c, delta_c = lsef[ch.r0 : ch.r1, :, None], deltaf[ch.r0 : ch.r1, :, None]
-            for a, e, ids, bias, stride in ch.segments:
-                s_len = e - a
-                kc = _keys(kb, ids, stride, C, s_len, bk)
-                vc = _keys(vb, ids, stride, C, s_len, bk)
-                pos = _positions(q_offset, ch.r0, ch.r1, G, bq, h0, ids, stride, s_len, bk, q.device) if score else None
-                kpm_c = _keys(kpm[b].view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm is not None else None
-                s, raw = _scores(qc, kc, bias, scale, score, pos, kpm_c)
+            for seg in ch.segments:
+                s, raw, kc, vc, pos = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score)
+                ids = seg[2]
                 p = s.sub_(lse_c).exp_()
                 dvb.index_add_(0, ids, torch.bmm(p.transpose(1, 2), doc).view(-1, bk, Dv))
                 ds = torch.bmm(doc, vc.transpose(1, 2)).sub_(delta_c).mul_(p)
@@ -353,5 +358,9 @@ def tiled_attention(
 
     Differentiable in ``q``, ``k``, ``v`` (not through ``lse``).
     """
+    if q.device.type != "cpu":
+        raise UnsupportedError(
+            bad("q", "tensors on the CPU (tiled is a CPU kernel; on GPU use backend='flex')", q.device)
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _TiledFunction.apply(q, k, v, layout, scale, score, key_padding_mask, q_offset)

@@ -9,6 +9,7 @@ Every timed output is first checked against attnkit's tiled result (itself teste
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import time
@@ -84,7 +85,7 @@ class _Baselines:
         return self.cache[key]
 
 
-def _row(rec, pat, N, H, cfg, backend, kind, t, dense_t, pairs, rate, **extra):
+def _row(rec, pat, N, H, cfg, backend, kind, t, dense_t, *, pairs, rate, **extra):
     ideal = _pairs_dense(N, pat.causal) / max(pairs, 1)
     achieved = dense_t["median"] / t["median"] if dense_t else None
     useful = 4.0 * cfg.head_dim * pairs * cfg.batch * H * (3.5 if kind == "fwdbwd" else 1.0) / t["median"]
@@ -181,22 +182,16 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
     first = time.perf_counter() - t0
     pairs = pat.density(N, N, 0, H) * N * N  # interacting pairs per head (mean over heads)
     dims = Dims(B, H, H, N, N, D, D, 0)
+    row = functools.partial(_row, rec, pat, N, H, cfg, pairs=pairs, rate=rate)
     with torch.no_grad():
         t = measure(lambda: api.attention(q, k, v, pattern=pat, backend="tiled"))
     lookup = measure(lambda: api._layout(pat, dims, False), min_time=0.05, min_runs=5)
     out.append(
-        _row(
-            rec,
-            pat,
-            N,
-            H,
-            cfg,
+        row(
             "tiled",
             "fwd",
             t,
             dense["fwd"],
-            pairs,
-            rate,
             first_call_ms=first * 1e3,
             second_call_build_share=lookup["median"] / t["median"],
             block=list(api._layout(pat, dims, False).summary()["block"]),
@@ -211,18 +206,11 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
         fb()
         tb = measure(fb, min_runs=2, max_runs=5)
         out.append(
-            _row(
-                rec,
-                pat,
-                N,
-                H,
-                cfg,
+            row(
                 "tiled",
                 "fwdbwd",
                 tb,
                 dense.get("fwdbwd"),
-                pairs,
-                rate,
                 peak_mib=(peak_memory(fb) or 0) / 2**20,
                 dense_peak_mib=(dense.get("peak") or 0) / 2**20,
             )
@@ -233,7 +221,7 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
             got = api.attention(q, k, v, pattern=pat, backend="sdpa")
             checks.append({"pattern": rec.name, "N": N, "backend": "sdpa", "max_err_vs_tiled": _err(got, ref)})
             t = measure(lambda: api.attention(q, k, v, pattern=pat, backend="sdpa"))
-        out.append(_row(rec, pat, N, H, cfg, "sdpa-mask", "fwd", t, dense["fwd"], pairs, rate))
+        out.append(row("sdpa-mask", "fwd", t, dense["fwd"]))
     # -- compiled FlexAttention through attnkit and raw ------------------------------------------------
     want_flex = cfg.flex == "all" or (cfg.flex == "targets" and (rec.name, N) in _TARGET_FLEX)
     if want_flex and dtype in (torch.float32, torch.bfloat16):
@@ -247,18 +235,11 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
 
             bm_t = measure(lambda: _flex.block_mask(pat, B, H, N, N, 0, q.device), min_time=0.05, min_runs=5)
         out.append(
-            _row(
-                rec,
-                pat,
-                N,
-                H,
-                cfg,
+            row(
                 "flex",
                 "fwd",
                 t,
                 dense["fwd"],
-                pairs,
-                rate,
                 first_call_ms=compile_s * 1e3,
                 second_call_build_share=bm_t["median"] / t["median"],
             )
@@ -284,7 +265,7 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
                 if not e < 1e-3:
                     continue
                 t = measure(fn, max_runs=5, warmup=False)  # the correctness call above was the warm-up
-            out.append(_row(rec, pat, N, H, cfg, name, "fwd", t, dense["fwd"], pairs, rate, peer=True))
+            out.append(row(name, "fwd", t, dense["fwd"], peer=True))
     return out
 
 

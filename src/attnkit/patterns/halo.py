@@ -23,12 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PatternError, bad
-from .base import Pattern, as_tuple, prod
-from .neighborhood import unravel
+from ._grid import GridPattern, every_dim, grid_shape
+from .base import as_tuple
 
 
 @dataclass(frozen=True)
-class HaloBlocks(Pattern):
+class HaloBlocks(GridPattern):
     """Query blocks of ``block`` tokens per dim attend to the block plus ``halo`` tokens around it."""
 
     shape: tuple
@@ -36,10 +36,8 @@ class HaloBlocks(Pattern):
     halo: object = 2
 
     def __post_init__(self):
-        shape = as_tuple("shape", self.shape, 1 if isinstance(self.shape, int) else len(tuple(self.shape)))
+        shape = grid_shape(self.shape)
         dims = len(shape)
-        if not 1 <= dims <= 3:
-            raise PatternError(bad("shape", "1 to 3 spatial sizes", self.shape))
         block = as_tuple("block", self.block, dims)
         halo = as_tuple("halo", self.halo, dims, 0)
         for i in range(dims):
@@ -49,15 +47,9 @@ class HaloBlocks(Pattern):
         object.__setattr__(self, "block", block)
         object.__setattr__(self, "halo", halo)
 
-    @property
-    def fixed_length(self) -> int:
-        return prod(self.shape)
-
     def mask_mod(self, b, h, q_idx, kv_idx):
-        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
-        ok = None
-        for i in range(len(self.shape)):
-            lo = (qc[i] // self.block[i]) * self.block[i] - self.halo[i]
-            m = (kc[i] >= lo) & (kc[i] < lo + self.block[i] + 2 * self.halo[i])
-            ok = m if ok is None else ok & m
-        return ok
+        def rule(i, xq, xk):
+            lo = (xq // self.block[i]) * self.block[i] - self.halo[i]
+            return (xk >= lo) & (xk < lo + self.block[i] + 2 * self.halo[i])
+
+        return every_dim(q_idx, kv_idx, self.shape, rule)

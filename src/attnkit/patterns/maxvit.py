@@ -27,14 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PatternError, bad
-from .base import Pattern, as_tuple, prod
-from .neighborhood import unravel
+from ._grid import GridPattern, every_dim, grid_shape
+from .base import as_tuple
 
 
 def _spatial(name: str, shape, value, lo: int = 1):
-    shape = as_tuple("shape", shape, 1 if isinstance(shape, int) else len(tuple(shape)))
-    if not 1 <= len(shape) <= 3:
-        raise PatternError(bad("shape", "1 to 3 spatial sizes", shape))
+    shape = grid_shape(shape)
     vals = as_tuple(name, value, len(shape), lo)
     for i, (n, w) in enumerate(zip(shape, vals, strict=False)):
         if n % w:
@@ -43,7 +41,7 @@ def _spatial(name: str, shape, value, lo: int = 1):
 
 
 @dataclass(frozen=True)
-class BlockAxis(Pattern):
+class BlockAxis(GridPattern):
     """MaxViT block attention: tokens attend inside their non-overlapping window."""
 
     shape: tuple
@@ -54,21 +52,12 @@ class BlockAxis(Pattern):
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "window", w)
 
-    @property
-    def fixed_length(self) -> int:
-        return prod(self.shape)
-
     def mask_mod(self, b, h, q_idx, kv_idx):
-        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
-        ok = None
-        for i, w in enumerate(self.window):
-            m = (qc[i] // w) == (kc[i] // w)
-            ok = m if ok is None else ok & m
-        return ok
+        return every_dim(q_idx, kv_idx, self.shape, lambda i, xq, xk: xq // self.window[i] == xk // self.window[i])
 
 
 @dataclass(frozen=True)
-class GridAxis(Pattern):
+class GridAxis(GridPattern):
     """MaxViT grid attention: tokens attend to the same in-cell offset across a ``grid``-per-dim lattice."""
 
     shape: tuple
@@ -79,15 +68,6 @@ class GridAxis(Pattern):
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "grid", g)
 
-    @property
-    def fixed_length(self) -> int:
-        return prod(self.shape)
-
     def mask_mod(self, b, h, q_idx, kv_idx):
-        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
-        ok = None
-        for i, (n, g) in enumerate(zip(self.shape, self.grid, strict=False)):
-            cell = n // g
-            m = (qc[i] % cell) == (kc[i] % cell)
-            ok = m if ok is None else ok & m
-        return ok
+        cells = [n // g for n, g in zip(self.shape, self.grid, strict=True)]
+        return every_dim(q_idx, kv_idx, self.shape, lambda i, xq, xk: xq % cells[i] == xk % cells[i])

@@ -41,20 +41,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatternError, bad
-from .base import Pattern, as_tuple, prod
-
-
-def unravel(idx, shape: tuple[int, ...]):
-    """Row-major coordinates of flat indices (works on tensors under vmap)."""
-    coords = []
-    for n in reversed(shape):
-        coords.append(idx % n)
-        idx = idx // n
-    return tuple(reversed(coords))
+from ._grid import GridPattern, every_dim, grid_shape
+from .base import as_tuple
 
 
 @dataclass(frozen=True)
-class Neighborhood(Pattern):
+class Neighborhood(GridPattern):
     """NATTEN-compatible neighbourhood attention on a 1-, 2- or 3-D token grid."""
 
     shape: tuple
@@ -64,10 +56,8 @@ class Neighborhood(Pattern):
     is_causal: object = False
 
     def __post_init__(self):
-        shape = as_tuple("shape", self.shape, len(tuple(self.shape)) if not isinstance(self.shape, int) else 1)
+        shape = grid_shape(self.shape)
         dims = len(shape)
-        if not 1 <= dims <= 3:
-            raise PatternError(bad("shape", "1 to 3 spatial sizes", self.shape))
         ks = as_tuple("kernel_size", self.kernel_size, dims, 2)
         dil = as_tuple("dilation", self.dilation, dims)
         st = as_tuple("stride", self.stride, dims)
@@ -91,26 +81,20 @@ class Neighborhood(Pattern):
             object.__setattr__(self, name, val)
         object.__setattr__(self, "causal", all(causal))
 
-    @property
-    def fixed_length(self) -> int:
-        return prod(self.shape)
-
     def mask_mod(self, b, h, q_idx, kv_idx):
-        qc, kc = unravel(q_idx, self.shape), unravel(kv_idx, self.shape)
-        ok = None
-        for i, n in enumerate(self.shape):
-            k, d, s = self.kernel_size[i], self.dilation[i], self.stride[i]
-            gq, gk = qc[i] % d, kc[i] % d
-            xq, xk = qc[i] // d, kc[i] // d
-            n_g = (n - gq + d - 1) // d  # length of the query's dilation group
-            if self.is_causal[i]:
-                leader = torch.minimum((xq // s) * s + s - 1, n_g - 1)
-                m = (xk <= xq) & (leader - xk < k)
-            else:
-                left, right = k // 2, k // 2 + (k % 2) - 1
-                leader = torch.minimum((xq // s) * s + s // 2, n_g - 1)
-                centre = torch.maximum(torch.minimum(leader, n_g - 1 - right), torch.full_like(leader, left))
-                m = (xk >= centre - left) & (xk <= centre + right)
-            m = m & (gq == gk)
-            ok = m if ok is None else ok & m
-        return ok
+        return every_dim(q_idx, kv_idx, self.shape, self._rule)
+
+    def _rule(self, i, xq_full, xk_full):
+        n, k, d, s = self.shape[i], self.kernel_size[i], self.dilation[i], self.stride[i]
+        gq, gk = xq_full % d, xk_full % d
+        xq, xk = xq_full // d, xk_full // d
+        n_g = (n - gq + d - 1) // d  # length of the query's dilation group
+        if self.is_causal[i]:
+            leader = torch.minimum((xq // s) * s + s - 1, n_g - 1)
+            m = (xk <= xq) & (leader - xk < k)
+        else:
+            left, right = k // 2, k // 2 + (k % 2) - 1
+            leader = torch.minimum((xq // s) * s + s // 2, n_g - 1)
+            centre = torch.maximum(torch.minimum(leader, n_g - 1 - right), torch.full_like(leader, left))
+            m = (xk >= centre - left) & (xk <= centre + right)
+        return m & (gq == gk)
