@@ -18,6 +18,7 @@ from .scores import ScoreMod
 from .shapes import Dims, validate
 
 _SPARSE_BELOW = 0.5  # auto prefers the tiled kernel when fewer than this fraction of pairs interact
+_SHORT_QUERIES = 16  # decode steps and short chunks: a q_len x kv_len mask is cheap, SDPA wins
 
 
 @dataclass
@@ -99,28 +100,38 @@ def _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse,
         else (f"tiled is a CPU kernel; on {q.device.type} use 'flex' (compiled FlexAttention) or 'sdpa'"),
         "reference": "float64 oracle, for tests; never chosen by auto",
     }
-    density = 1.0 if pattern is None else pattern.density(dims.q_len, dims.kv_len, q_offset, dims.q_heads)
     if backend != "auto":
-        return backend, reasons, density, needs_grad
+        return backend, reasons, needs_grad
     dense_fast = pattern is None or _sdpa_causal_fast(pattern, dims, key_padding_mask)
-    if reasons["sdpa"] is None and (dense_fast or density >= _SPARSE_BELOW):
+    short = reasons["sdpa"] is None and dims.q_len <= _SHORT_QUERIES and not needs_grad
+    density = None if dense_fast or short else _density(pattern, dims)
+    if short:
         choice = "sdpa"
-        for other in ("tiled", "flex"):
-            reasons[other] = reasons[other] or (
-                "dense or near-dense request: fused SDPA is faster"
-                if dense_fast
-                else f"density {density:.2f} >= {_SPARSE_BELOW}: dense SDPA with a mask is faster"
-            )
+        why = f"{dims.q_len} queries (decode): the {dims.q_len} x {dims.kv_len} mask is cheap, no layout to build"
+    elif reasons["sdpa"] is None and (dense_fast or density >= _SPARSE_BELOW):
+        choice = "sdpa"
+        why = (
+            "dense or near-dense request: fused SDPA is faster"
+            if dense_fast
+            else f"density {density:.2f} >= {_SPARSE_BELOW}: dense SDPA with a mask is faster"
+        )
     elif q.device.type != "cpu" and reasons["flex"] is None:
-        choice = "flex"
-        reasons["tiled"] = reasons["tiled"] or "on GPU, compiled FlexAttention is faster"
+        choice, why = "flex", "on GPU, compiled FlexAttention is faster"
     else:
         choice = "tiled"
         if reasons["flex"] is None:
             reasons["flex"] = "on CPU the first compile takes ~20 s; auto does not make a call wait for it"
-        if reasons["sdpa"] is None:
-            reasons["sdpa"] = f"density {density:.3f}: a dense mask computes every pair; tiled skips empty tiles"
-    return choice, reasons, density, needs_grad
+        why = f"density {_density(pattern, dims):.3f}: a dense mask computes every pair; tiled skips empty tiles"
+    for name in ("sdpa", "flex", "tiled"):
+        if name != choice and reasons[name] is None:
+            reasons[name] = why
+    return choice, reasons, needs_grad
+
+
+def _density(pattern, dims) -> float:
+    if pattern is None:
+        return 1.0
+    return pattern.density(dims.q_len, dims.kv_len, dims.q_offset, dims.q_heads)
 
 
 def _sdpa_causal_fast(pattern, dims, kpm) -> bool:
@@ -183,9 +194,7 @@ def attention(
 
 
 def _dispatch(q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, return_lse, backend):
-    choice, reasons, _, needs_grad = _plan(
-        q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend
-    )
+    choice, reasons, needs_grad = _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend)
     if reasons.get(choice) and choice != "reference":
         cls = MemoryBudgetError if "memory budget" in reasons[choice] else UnsupportedError
         raise cls(f"backend='{choice}' cannot run this request: {reasons[choice]}")
@@ -240,9 +249,8 @@ def explain(
     """Say which backend :func:`attention` uses for these arguments, why the others are not used, the
     pattern's density, the useful FLOPs and the bytes moved. Runs no attention."""
     dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend)
-    choice, reasons, density, needs_grad = _plan(
-        q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend
-    )
+    choice, reasons, needs_grad = _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend)
+    density = _density(pattern, dims)
     layout = _layout(pattern, dims, needs_grad)
     flops = 4.0 * dims.batch * dims.q_heads * dims.q_len * dims.kv_len * density * dims.head_dim
     elt = q.element_size()

@@ -60,9 +60,10 @@ class BlockLayout:
 
     @property
     def tile_density(self) -> float:
-        """Fraction of the pairs that the kernel computes (non-empty tiles, padding included)."""
-        n = int((self.kv_ids >= 0).sum())
-        return n * self.block_q * self.block_k / (self.heads * self.q_len * self.kv_len)
+        """Pairs the kernel computes (non-empty tiles, padded keys included) over ``q_len x kv_len``."""
+        rows = (self.q_len - torch.arange(self.num_q_blocks) * self.block_q).clamp(max=self.block_q)
+        n = ((self.kv_ids >= 0).sum(-1) * rows).sum().item()
+        return n * self.block_k / (self.heads * self.q_len * self.kv_len)
 
     def summary(self) -> dict:
         full = int((self.mask_ids == FULL).sum())

@@ -26,7 +26,9 @@ from ..layout import BlockLayout
 _ROW_BUDGET = 1 << 23  # mask elements evaluated at once while building a layout
 _FINE = 16  # tile size of the stats that every block size is derived from
 _LAYOUT_CACHE: OrderedDict[tuple, object] = OrderedDict()
-_LAYOUT_CACHE_SIZE = 64
+_LAYOUT_CACHE_SIZE = 32
+_DECODE_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+_DECODE_CACHE_SIZE = 8
 
 
 class Pattern:
@@ -176,27 +178,37 @@ class Pattern:
         return self.dense_mask(q_len or n, kv_len or n, heads=heads)[0]
 
 
+def _cache_for(key) -> OrderedDict:
+    # Keys are (kind, pattern, q_len, kv_len, q_offset, ...). Decode steps (q_offset > 0) change the key on
+    # every token: they get a small cache of their own so they never evict the layouts of whole sequences.
+    return _DECODE_CACHE if len(key) > 4 and isinstance(key[4], int) and key[4] > 0 else _LAYOUT_CACHE
+
+
 def _cache_get(key):
+    cache = _cache_for(key)
     try:
-        val = _LAYOUT_CACHE[key]
+        val = cache[key]
     except (KeyError, TypeError):
         return None
-    _LAYOUT_CACHE.move_to_end(key)
+    cache.move_to_end(key)
     return val
 
 
 def _cache_put(key, val) -> None:
+    cache = _cache_for(key)
     try:
-        _LAYOUT_CACHE[key] = val
+        cache[key] = val
     except TypeError:  # an unhashable pattern is simply not cached
         return
-    while len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-        _LAYOUT_CACHE.popitem(last=False)
+    limit = _LAYOUT_CACHE_SIZE if cache is _LAYOUT_CACHE else _DECODE_CACHE_SIZE
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def clear_cache() -> None:
-    """Forget every cached tile statistic and layout."""
+    """Forget every cached tile statistic, layout and mask."""
     _LAYOUT_CACHE.clear()
+    _DECODE_CACHE.clear()
 
 
 # -- composition ------------------------------------------------------------------------------------
