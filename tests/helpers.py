@@ -6,7 +6,9 @@ import torch
 
 from attnkit import reference
 
-FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float64: 1e-12}
+# Absolute floor: an exactly-zero gradient (a query that sees only itself: p = 1) comes out of the tiled backward
+# as a difference of two fp32 dot products of O(10) size, i.e. ~1e-6, where the naive form cancels exactly.
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float64: 1e-12}
 
 
 def rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=torch.float32, Dv=None, seed=0, grad=False):
@@ -25,6 +27,19 @@ def err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+# The tiny floor of the 2x-naive rule, in units of eps x the largest reference value. bf16: one rounding of the
+# result (a result rounded once to bf16 cannot be closer, however lucky the naive implementation was on a tiny
+# problem). fp32: 32 ulps (4e-6 relative), for the order of accumulation: the tiled backward sums key gradients
+# tile by tile (measured over every registered pattern x 6 seeds: at most 7.1 ulps), and PyTorch's own blocked
+# SDPA backward reached 28 ulps on a GQA + padding case found by hypothesis. FlexAttention's own test suite
+# allows 10x the naive fp32 error for the same reason.
+ULPS = {torch.bfloat16: 2, torch.float32: 32, torch.float64: 32}
+
+
+def _floor(dtype, ref) -> float:
+    return max(FLOOR[dtype], ULPS[dtype] * torch.finfo(dtype).eps * ref.abs().max().item())
+
+
 def check_against_oracle(run, q, k, v, *, grads=True, label="", **kw):
     """``run(q, k, v)`` must be within 2x the naive same-dtype error of the float64 oracle (+ a floor)."""
     dtype = q.dtype
@@ -34,18 +49,18 @@ def check_against_oracle(run, q, k, v, *, grads=True, label="", **kw):
     ref = reference.attention(q64, k64, v64, **kw)
     qn, kn, vn = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
     naive = reference.attention(qn, kn, vn, dtype=dtype, **kw)
-    floor = FLOOR[dtype]
     e, en = err(out, ref), err(naive, ref)
+    floor = _floor(dtype, ref)
     assert torch.isfinite(out).all(), f"{label}: non-finite output"
     assert e <= 2 * en + floor, f"{label}: output error {e:.3e} > 2 x naive {en:.3e} + {floor:.0e}"
     if not grads:
         return out
-    go = torch.randn_like(ref)
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1234), dtype=ref.dtype)
     g_out = torch.autograd.grad(out, (qs, ks, vs), go.to(dtype))
     g_ref = torch.autograd.grad(ref, (q64, k64, v64), go)
     g_nv = torch.autograd.grad(naive, (qn, kn, vn), go.to(dtype))
     for name, a, r, n in zip("qkv", g_out, g_ref, g_nv, strict=False):
         e, en = err(a, r), err(n, r)
-        scale = max(r.abs().max().item(), 1.0)
-        assert e <= 2 * en + floor * scale, f"{label}: d{name} error {e:.3e} > 2 x naive {en:.3e}"
+        floor = _floor(dtype, r)
+        assert e <= 2 * en + floor, f"{label}: d{name} error {e:.3e} > 2 x naive {en:.3e} + {floor:.1e}"
     return out

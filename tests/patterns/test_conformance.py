@@ -6,6 +6,8 @@ mask, causality, GQA, cross lengths, key padding, decode with ``q_offset``, full
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -58,7 +60,7 @@ def test_layout_covers_exactly_the_mask(rec):
 @pytest.mark.parametrize("rec", RECORDS, ids=IDS)
 def test_forward_and_grads_against_oracle_fp32(rec, backend):
     pat, N, H = _setup(rec)
-    q, k, v = rand_qkv(2, H, H // 2 if H % 2 == 0 else H, N, N, 16, seed=hash(rec.name) % 1000)
+    q, k, v = rand_qkv(2, H, H // 2 if H % 2 == 0 else H, N, N, 16, seed=zlib.crc32(rec.name.encode()) % 1000)
     check_against_oracle(
         lambda a, b, c: ak.attention(a, b, c, pattern=pat, backend=backend),
         q,

@@ -248,7 +248,7 @@ def _compute_dtype(dtype):
 
 
 def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0):
-    """Tiled attention forward; returns ``(out, lse)``, ``lse`` of shape ``(B, Hq, Nq)`` in the compute dtype."""
+    """Tiled attention forward; ``(out, lse)`` in the compute dtype (float32 for bf16/fp16 inputs)."""
     B, Hq, Nq, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     bq, bk = layout.block_q, layout.block_k
@@ -286,7 +286,7 @@ def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_
                 lse_f[b, u, ch.r0 : ch.r1] = lse
     out = out_f.view(B, units, nqb, G, bq, Dv).transpose(2, 3).reshape(B, Hq, nqb * bq, Dv)
     lse = lse_f.view(B, units, nqb, G, bq).transpose(2, 3).reshape(B, Hq, nqb * bq)
-    return out[:, :, :Nq].to(q.dtype), lse[:, :, :Nq]
+    return out[:, :, :Nq], lse[:, :, :Nq]
 
 
 def backward(
@@ -339,10 +339,12 @@ class _TiledFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, score, key_padding_mask, q_offset):
         out, lse = forward(q, k, v, layout, scale, score, key_padding_mask, q_offset)
+        # The backward's delta = rowsum(dO * O) cancels against dO V^T: it needs O before the rounding to
+        # bf16, so the compute-dtype output is what is saved.
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, scale, score, key_padding_mask, q_offset)
         ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
