@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import api, registry
 from ..shapes import Dims
 from . import peers as _peers
-from .timing import matmul_rate, measure, peak_memory, setup_allocator
+from .timing import matmul_rate, measure, peak_memory
 
 QUICK_SIZES = (1024, 4096, 16384)
 FULL_SIZES = (1024, 4096, 16384, 32768)
@@ -113,7 +113,6 @@ def _row(rec, pat, N, H, cfg, backend, kind, t, dense_t, *, pairs, rate, **extra
 
 def run_static(cfg: BenchConfig, progress=None) -> dict:
     """Run the suite; ``progress(advance_text)`` is called once per measured item."""
-    setup_allocator()
     torch.manual_seed(0)
     dtype = getattr(torch, cfg.dtype)
     started = time.time()

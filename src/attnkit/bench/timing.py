@@ -28,11 +28,6 @@ def _libc():
         return None
 
 
-def setup_allocator() -> bool:
-    """Kept for callers: glibc's defaults are used for timing (see :func:`peak_memory`)."""
-    return _libc() is not None
-
-
 def measure(fn, *, min_time: float = 0.6, min_runs: int = 2, max_runs: int = 9, warmup: bool = True) -> dict:
     """Median and 20th/80th percentiles of ``fn``'s wall time. A call whose warm-up takes over 2 s is timed
     once more only (the percentiles then equal the median; ``runs`` says so)."""

@@ -309,12 +309,6 @@ class Full(Pattern):
         return (q_idx >= 0) & (kv_idx >= 0)
 
 
-def isqrt_exact(n: int, dims: int) -> int | None:
-    """The side of an n-token square (dims=2) or cube (dims=3), or None."""
-    side = round(n ** (1.0 / dims))
-    return side if side**dims == n else None
-
-
 def _require_int(name: str, value, lo: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < lo:
         raise PatternError(bad(name, f"an int >= {lo}", repr(value)))
