@@ -31,7 +31,7 @@ import torch
 from ..errors import UnsupportedError, bad
 from ..layout import BlockLayout
 
-_CHUNK_ELEMS = 1 << 18  # score elements per chunk: the chunk's working set stays in L2
+_CHUNK_ELEMS = 1 << 19  # score elements per chunk (2 MiB): fewer ops, still cache-resident (measured 2^17..2^20)
 _MAX_KEYS = 2048  # keys per row per segment before the online-softmax merge takes over
 _BIAS_CACHE_BYTES = 64 << 20
 

@@ -35,4 +35,14 @@ def draw_all(folder: Path, n: int = 64) -> list[Path]:
         fig.savefig(path, dpi=80)
         plt.close(fig)
         out.append(path)
+    index = [
+        "# Pattern pictures",
+        "",
+        "Drawn by `attnkit pictures` from each registry record's `factory(64)`: black = "
+        "the query (row) attends to the key (column).",
+        "",
+    ]
+    for rec in registry.records():
+        index += [f"## {rec.name}", "", f"{rec.summary}. {rec.paper}.", "", f"![{rec.name}]({rec.name}.png)", ""]
+    (folder / "README.md").write_text("\n".join(index))
     return out

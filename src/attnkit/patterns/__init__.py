@@ -2,7 +2,8 @@
 
 Every pattern is a frozen dataclass with a FlexAttention-compatible ``mask_mod``, a dense mask for the
 oracle, a cached :class:`~attnkit.layout.BlockLayout` for the tiled kernel, ``density()`` and ``flops()``.
-Patterns compose with ``&``, ``|`` and :class:`PerHead`.
+Patterns compose with ``&``, ``|`` and :class:`PerHead`. A picture of every registered pattern:
+``docs/patterns/README.md`` (drawn by ``attnkit pictures``).
 """
 
 from .base import And, Full, Or, Pattern, PerHead, clear_cache
