@@ -181,3 +181,15 @@ def test_lse_matches_oracle_tiled_with_segments():
     out, lse = tiled.tiled_attention(q, k, v, lay)
     ref, ref_lse = ak.reference.attention(q, k, v, pattern=pat, return_lse=True)
     assert err(out, ref) < 1e-12 and err(lse, ref_lse) < 1e-12
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=IDS)
+def test_causal_flag_and_registry_claims_are_true(rec):
+    """A pattern that says it is causal never lets a query see a later key; 'causal' in supports agrees."""
+    pat, N, H = _setup(rec, 64)
+    dense = pat.dense_mask(N, N, heads=H)
+    is_causal = not bool((dense & ~torch.ones(N, N, dtype=torch.bool).tril()).any())
+    assert pat.causal == is_causal, rec.name
+    assert ("causal" in rec.supports) == pat.causal, rec.name
+    assert ("per_head" in rec.supports) == (pat.num_heads is not None), rec.name
+    assert "spatial" not in rec.supports or pat.fixed_length is not None, rec.name
