@@ -12,7 +12,7 @@ from .backends import flex as _flex
 from .backends import sdpa as _sdpa
 from .backends.tiled import tiled_attention
 from .errors import DTypeError, MemoryBudgetError, NonFiniteError, ShapeError, UnsupportedError, bad
-from .patterns.base import _FINE, Pattern
+from .patterns.base import _FINE, Pattern, _cache_get, _cache_put
 from .patterns.causal import Causal
 from .scores import ScoreMod
 from .shapes import Dims, validate
@@ -74,6 +74,10 @@ def choose_block(pattern, dims: Dims, training: bool) -> int:
     """Tile size for ``tiled``: the candidate with the least computed area, weighted by per-tile overhead."""
     if pattern is None:
         return 64
+    key = ("block", pattern, dims.q_len, dims.kv_len, dims.q_offset, dims.q_heads, training)
+    hit = _cache_get(key)
+    if hit is not None:
+        return hit
     any_, _, _ = pattern.tile_stats(dims.q_len, dims.kv_len, dims.q_offset, dims.q_heads)
     # Measured on 2 cores (fwd): time ~ computed area x (1 + 8 / b) across windows, neighbourhoods, grids and
     # power-of-two patterns; the backward's per-tile scatter favours larger tiles (1 + 32 / b).
@@ -88,6 +92,7 @@ def choose_block(pattern, dims: Dims, training: bool) -> int:
         cost = tiles * b * b * (1 + overhead / b)
         if cost < best_cost:
             best, best_cost = b, cost
+    _cache_put(key, best)
     return best
 
 
@@ -253,7 +258,8 @@ def explain(
     dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend)
     choice, reasons, needs_grad = _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend)
     density = _density(pattern, dims)
-    layout = _layout(pattern, dims, needs_grad)
+    # Only the tiled backend has a layout; building one for an sdpa or flex answer would be work for nothing.
+    layout = _layout(pattern, dims, needs_grad) if choice == "tiled" else None
     flops = 4.0 * dims.batch * dims.q_heads * dims.q_len * dims.kv_len * density * dims.head_dim
     elt = q.element_size()
     nbytes = (
@@ -267,6 +273,6 @@ def explain(
     notes = []
     if reasons.get(choice) and choice != "reference":
         notes.append(f"the named backend cannot run this: {reasons[choice]}")
-    return Explanation(
-        choice, reasons, density, layout.tile_density, (layout.block_q, layout.block_k), flops, nbytes, dims, notes
-    )
+    computed = layout.tile_density if layout is not None else None
+    block = (layout.block_q, layout.block_k) if layout is not None else None
+    return Explanation(choice, reasons, density, computed, block, flops, nbytes, dims, notes)
