@@ -5,7 +5,7 @@
 >>> out = ak.attention(q, k, v, pattern=ak.patterns.SlidingWindow(left=255, right=0))
 """
 
-from . import patterns, reference, registry, scores
+from . import linear, patterns, reference, registry, scores
 from .api import Explanation, attention, explain
 from .backends.tiled import tiled_attention
 from .errors import (
@@ -35,6 +35,7 @@ __all__ = [
     "UnsupportedError",
     "attention",
     "explain",
+    "linear",
     "patterns",
     "reference",
     "registry",

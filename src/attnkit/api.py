@@ -14,7 +14,7 @@ from .backends.tiled import tiled_attention
 from .errors import DTypeError, MemoryBudgetError, NonFiniteError, ShapeError, UnsupportedError, bad
 from .patterns.base import _FINE, Pattern, _cache_get, _cache_put
 from .patterns.causal import Causal
-from .scores import ScoreMod
+from .scores import Normalizer, ScoreMod
 from .shapes import Dims, validate
 
 _SPARSE_BELOW = 0.5  # auto prefers the tiled kernel when fewer than this fraction of pairs interact
@@ -55,7 +55,7 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend):
+def _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend, normalizer=None):
     dims = validate(q, k, v, key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale)
     if backend not in ("auto",) + BACKENDS:
         raise ShapeError(bad("backend", f"'auto' or one of {BACKENDS}", repr(backend)))
@@ -67,6 +67,8 @@ def _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, back
         if not isinstance(score, ScoreMod):
             raise DTypeError(bad("score", "an attnkit.scores.ScoreMod or None", type(score).__name__))
         score.check(dims.q_heads)
+    if normalizer is not None and not isinstance(normalizer, Normalizer):
+        raise DTypeError(bad("normalizer", "an attnkit.scores.Normalizer or None", type(normalizer).__name__))
     return dims
 
 
@@ -96,7 +98,7 @@ def choose_block(pattern, dims: Dims, training: bool) -> int:
     return best
 
 
-def _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend):
+def _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend, normalizer=None):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     budget = _sdpa.DEFAULT_BUDGET
     reasons = {
@@ -107,6 +109,9 @@ def _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse,
         else (f"tiled is a CPU kernel; on {q.device.type} use 'flex' (compiled FlexAttention) or 'sdpa'"),
         "reference": "float64 oracle, for tests; never chosen by auto",
     }
+    if normalizer is not None:
+        reasons["sdpa"] = f"normalizer {normalizer!r} replaces the softmax, which SDPA has built in; use 'tiled'"
+        reasons["flex"] = f"normalizer {normalizer!r} replaces the softmax, which FlexAttention has built in"
     if backend != "auto":
         return backend, reasons, needs_grad
     dense_fast = pattern is None or _sdpa_causal_fast(pattern, dims, key_padding_mask)
@@ -156,9 +161,10 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     q_offset: int = 0,
     return_lse: bool = False,
+    normalizer: Normalizer | None = None,
     backend: str = "auto",
 ):
-    r"""Attention over any pattern, score modification and backend.
+    r"""Attention over any pattern, score modification, normaliser and backend.
 
     .. math::
         \mathrm{out}_i = \sum_{j \in P(i)} \frac{\exp(s_{ij})}{\sum_{j' \in P(i)} \exp(s_{ij'})} v_j,\qquad
@@ -176,6 +182,10 @@ def attention(
         key_padding_mask: bool ``(B, Nk)``, True where the key is real.
         q_offset: absolute position of the first query (decode with a KV cache: ``Nk - Nq``).
         return_lse: also return ``lse`` ``(B, Hq, Nq)`` (float32 for low-precision inputs).
+        normalizer: a :class:`~attnkit.scores.Normalizer` (:class:`~attnkit.scores.Sigmoid`,
+            :class:`~attnkit.scores.Softplus`) in place of the softmax: the weights become ``p(s_ij)``, divided
+            by their row sum when the normaliser is ``l1``, and ``lse = log sum_j p(s_ij)``. Runs on ``tiled``
+            (and ``reference``).
         backend: ``"auto"``, ``"sdpa"``, ``"flex"``, ``"tiled"`` or ``"reference"``. A named backend that cannot
             run the request raises :class:`~attnkit.errors.UnsupportedError`; nothing falls back silently.
 
@@ -184,8 +194,10 @@ def attention(
         ``out = 0`` and ``lse = -inf``. Non-finite inputs raise :class:`~attnkit.errors.NonFiniteError` (checked
         on CPU with one pass over the output).
     """
-    dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend)
-    result = _dispatch(q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, return_lse, backend)
+    dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend, normalizer)
+    result = _dispatch(
+        q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, return_lse, backend, normalizer
+    )
     out = result[0] if return_lse else result
     # One cheap reduction over the output (not the inputs): NaN/inf in q, k or v reaches it. The exact
     # check runs only when the sum is not finite (a sum can overflow on huge but finite values).
@@ -200,8 +212,10 @@ def attention(
     return result
 
 
-def _dispatch(q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, return_lse, backend):
-    choice, reasons, needs_grad = _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend)
+def _dispatch(q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, return_lse, backend, normalizer=None):
+    choice, reasons, needs_grad = _plan(
+        q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend, normalizer
+    )
     if reasons.get(choice) and choice != "reference":
         cls = MemoryBudgetError if "memory budget" in reasons[choice] else UnsupportedError
         raise cls(f"backend='{choice}' cannot run this request: {reasons[choice]}")
@@ -223,11 +237,20 @@ def _dispatch(q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, 
     if choice == "flex":
         return _flex.attention(q, k, v, dims, **kw)
     if choice == "reference":
-        out = _reference.attention(q, k, v, **kw)
+        out = _reference.attention(q, k, v, normalizer=normalizer, **kw)
         return (out[0].to(q.dtype), out[1]) if return_lse else out.to(q.dtype)
     layout = _layout(pattern, dims, needs_grad)
+    bound = normalizer.bind(dims.kv_len) if normalizer is not None else None
     out, lse = tiled_attention(
-        q, k, v, layout, scale=scale, score=score, key_padding_mask=key_padding_mask, q_offset=q_offset
+        q,
+        k,
+        v,
+        layout,
+        scale=scale,
+        score=score,
+        key_padding_mask=key_padding_mask,
+        q_offset=q_offset,
+        normalizer=bound,
     )
     return (out, lse) if return_lse else out
 
@@ -251,12 +274,15 @@ def explain(
     key_padding_mask=None,
     q_offset=0,
     return_lse=False,
+    normalizer=None,
     backend="auto",
 ) -> Explanation:
     """Say which backend :func:`attention` uses for these arguments, why the others are not used, the
     pattern's density, the useful FLOPs and the bytes moved. Runs no attention."""
-    dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend)
-    choice, reasons, needs_grad = _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend)
+    dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend, normalizer)
+    choice, reasons, needs_grad = _plan(
+        q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend, normalizer
+    )
     density = _density(pattern, dims)
     # Only the tiled backend has a layout; building one for an sdpa or flex answer would be work for nothing.
     layout = _layout(pattern, dims, needs_grad) if choice == "tiled" else None

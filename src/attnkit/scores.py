@@ -86,3 +86,89 @@ def _alibi_slopes(n: int) -> list[float]:
         return pow2(n)
     p = 2 ** math.floor(math.log2(n))
     return pow2(p) + pow2(2 * p)[0::2][: n - p]
+
+
+class Normalizer:
+    r"""How a row of logits becomes weights, in place of the softmax.
+
+    ``weights(s, n)`` maps the (masked, modified) logits ``s`` of a row elementwise to non-negative weights
+    ``p`` given the row's number of visible keys ``n`` (broadcastable to ``s``); ``l1`` says whether the row is
+    then divided by :math:`\sum_j p_{ij}`. Masked pairs (``s = -inf``) get weight 0. The kernels report
+    ``lse = log sum_j p_ij`` (for the softmax this is the usual log-sum-exp). A row with no visible key gives 0.
+    """
+
+    l1: bool = False
+    #: True when ``weights`` needs the per-row count ``n`` (the kernels then count visible keys first).
+    needs_count: bool = False
+
+    def bind(self, kv_len: int) -> Normalizer:
+        """This normaliser with its length-dependent constants fixed for ``kv_len`` keys."""
+        return self
+
+    def weights(self, s: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grad(self, s: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
+        """``d weights / d s`` at finite ``s``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Sigmoid(Normalizer):
+    r"""Sigmoid attention ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention", Ramapuram et al.,
+    2024): :math:`p_{ij} = \sigma(s_{ij} + b)` with no row normalisation.
+
+    ``bias=None`` uses the paper's :math:`b = -\log n` with ``n`` the number of keys of the call (``kv_len``),
+    which keeps the initial output norm close to softmax attention's. The paper's other practices (LayerScale,
+    QK-norm) belong to the layer, not to the kernel.
+    """
+
+    bias: float | None = None
+
+    def __post_init__(self):
+        if self.bias is not None and (not isinstance(self.bias, (int, float)) or not math.isfinite(self.bias)):
+            raise PatternError(bad("bias", "a finite float or None (= -log kv_len)", repr(self.bias)))
+
+    def bind(self, kv_len):
+        return self if self.bias is not None else Sigmoid(-math.log(kv_len))
+
+    def weights(self, s, n):
+        return torch.sigmoid(s + self.bias)
+
+    def grad(self, s, n):
+        p = torch.sigmoid(s + self.bias)
+        return p * (1 - p)
+
+
+@dataclass(frozen=True)
+class Softplus(Normalizer):
+    r"""Length-scaled softplus attention, LSSA ("Softplus Attention with Re-weighting Boosts Length
+    Extrapolation in Large Language Models", Gao & Spratling, 2025):
+
+    .. math:: p_{ij} = \mathrm{softplus}(\log(n_i)\, s_{ij}), \qquad w_{ij} = p_{ij} / \textstyle\sum_j p_{ij}
+
+    The softmax's exponential is replaced by softplus and its :math:`\ell_1` normalisation is kept; the dynamic
+    scale :math:`\log n_i` (``n_i`` = number of keys query ``i`` sees, so ``i + 1`` under a causal mask)
+    comes from the paper's invariance-entropy argument and keeps the weights from flattening as the context
+    grows. ``length_scale=False`` gives plain softplus attention. A row with a single visible key gets weight
+    1 whatever its scale. The paper's second stage (a sharpening re-weighting at inference) is not part of
+    this normaliser.
+    """
+
+    length_scale: bool = True
+
+    @property
+    def needs_count(self):
+        return self.length_scale
+
+    l1 = True
+
+    def _z(self, s, n):
+        return s * torch.log(n.clamp_min(1)).to(s.dtype) if self.length_scale else s
+
+    def weights(self, s, n):
+        return torch.nn.functional.softplus(self._z(s, n))
+
+    def grad(self, s, n):
+        z = self._z(s, n)
+        return torch.sigmoid(z) * (torch.log(n.clamp_min(1)).to(s.dtype) if self.length_scale else 1)

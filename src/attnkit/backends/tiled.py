@@ -247,7 +247,43 @@ def _compute_dtype(dtype):
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0):
+def _row_counts(ch, seg_list, kpm_b, bk, bq, G, dtype):
+    """Visible keys per row of a chunk, ``(C, G * bq, 1)``: from the tile masks and the key padding alone."""
+    C = ch.r1 - ch.r0
+    n = torch.zeros(C, 1, bq, dtype=dtype)
+    for a, e, ids, bias, stride in seg_list:
+        vis = torch.ones(C, 1, 1, (e - a) * bk, dtype=torch.bool) if bias is None else torch.isfinite(bias)
+        if kpm_b is not None:
+            vis = vis & _keys(kpm_b.view(-1, 1), ids, stride, C, e - a, bk)[..., 0][:, None, None, :]
+        n += vis.sum(-1).expand(C, 1, bq)
+    return n.expand(C, G, bq).reshape(C, G * bq, 1)
+
+
+def _probs(normalizer, s, cnt):
+    """Elementwise weights of a segment; masked pairs (``-inf``) get 0."""
+    fin = torch.isfinite(s)
+    return normalizer.weights(s.masked_fill(~fin, 0.0), cnt).mul_(fin)
+
+
+def _elementwise(ch, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, normalizer):
+    """One chunk under a non-softmax normaliser: ``(out, log sum_j p_ij)``; segments simply add up."""
+    if not ch.segments:
+        return 0.0, float("-inf")
+    cnt = _row_counts(ch, ch.segments, kpm_b, bk, bq, G, qc.dtype) if normalizer.needs_count else None
+    acc = den = None
+    for seg in ch.segments:
+        s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score)
+        p = _probs(normalizer, s, cnt)
+        o, d = torch.bmm(p, vc), p.sum(-1)
+        acc, den = (o, d) if acc is None else (acc + o, den + d)
+    if normalizer.l1:
+        acc = acc / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+    return acc, den.log()
+
+
+def forward(
+    q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0, normalizer=None
+):
     """Tiled attention forward; ``(out, lse)`` in the compute dtype (float32 for bf16/fp16 inputs)."""
     B, Hq, Nq, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -266,6 +302,11 @@ def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_
         kpm_b = kpm[b] if kpm is not None else None
         for ch in _plan(layout, lh, G * bq):
             qc = qf[ch.r0 : ch.r1]
+            if normalizer is not None:
+                o, lse = _elementwise(ch, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, normalizer)
+                out_f[b, u, ch.r0 : ch.r1] = o
+                lse_f[b, u, ch.r0 : ch.r1] = lse
+                continue
             acc = lse = None
             for seg in ch.segments:
                 s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score)
@@ -290,7 +331,18 @@ def forward(q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_
 
 
 def backward(
-    dout, q, k, v, out, lse, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    layout: BlockLayout,
+    scale: float,
+    score=None,
+    key_padding_mask=None,
+    q_offset: int = 0,
+    normalizer=None,
 ):
     """Gradients ``(dq, dk, dv)`` of :func:`forward`, recomputing the probabilities tile by tile."""
     B, Hq, Nq, D = q.shape
@@ -320,12 +372,18 @@ def backward(
         for ch in _plan(layout, lh, G * bq):
             qc, doc = qf[ch.r0 : ch.r1], dof[ch.r0 : ch.r1]
             lse_c, delta_c = lsef[ch.r0 : ch.r1, :, None], deltaf[ch.r0 : ch.r1, :, None]
+            cnt = None
+            if normalizer is not None and normalizer.needs_count and ch.segments:
+                cnt = _row_counts(ch, ch.segments, kpm_b, bk, bq, G, qc.dtype)
             for seg in ch.segments:
                 s, raw, kc, vc, pos = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score)
                 ids = seg[2]
-                p = s.sub_(lse_c).exp_()
-                dvb.index_add_(0, ids, torch.bmm(p.transpose(1, 2), doc).view(-1, bk, Dv))
-                ds = torch.bmm(doc, vc.transpose(1, 2)).sub_(delta_c).mul_(p)
+                if normalizer is None:
+                    p = s.sub_(lse_c).exp_()
+                    dvb.index_add_(0, ids, torch.bmm(p.transpose(1, 2), doc).view(-1, bk, Dv))
+                    ds = torch.bmm(doc, vc.transpose(1, 2)).sub_(delta_c).mul_(p)
+                else:
+                    ds = _elementwise_grad(normalizer, s, cnt, doc, vc, lse_c, delta_c, dvb, ids, bk, Dv)
                 if raw is not None:
                     ds.mul_(score.grad(raw, *pos))
                 ds.mul_(scale)
@@ -335,14 +393,32 @@ def backward(
     return dq[:, :, :Nq].to(q.dtype), dk[:, :, :Nk].to(k.dtype), dv[:, :, :Nk].to(v.dtype)
 
 
+def _elementwise_grad(normalizer, s, cnt, doc, vc, lse_c, delta_c, dvb, ids, bk, Dv):
+    """``dS`` of one segment under a non-softmax normaliser (``dV`` is accumulated here).
+
+    Without ``l1``: ``out = sum p v``, so ``dS = (dO V^T) * p'(s)``. With ``l1`` (``den = exp(lse)``):
+    ``dS = (dO V^T - delta) / den * p'(s)``, the softmax rule with ``p'`` in place of ``p``.
+    """
+    fin = torch.isfinite(s)
+    sc = s.masked_fill(~fin, 0.0)
+    p = normalizer.weights(sc, cnt).mul_(fin)
+    dp = torch.bmm(doc, vc.transpose(1, 2))
+    if normalizer.l1:
+        den = lse_c.exp()  # rows without keys were given lse = +inf: their weights and gradients are 0
+        p = p / den
+        dp = dp.sub_(delta_c).div_(den)
+    dvb.index_add_(0, ids, torch.bmm(p.transpose(1, 2), doc).view(-1, bk, Dv))
+    return dp.mul_(normalizer.grad(sc, cnt)).mul_(fin)
+
+
 class _TiledFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, score, key_padding_mask, q_offset):
-        out, lse = forward(q, k, v, layout, scale, score, key_padding_mask, q_offset)
+    def forward(ctx, q, k, v, layout, scale, score, key_padding_mask, q_offset, normalizer):
+        out, lse = forward(q, k, v, layout, scale, score, key_padding_mask, q_offset, normalizer)
         # The backward's delta = rowsum(dO * O) cancels against dO V^T: it needs O before the rounding to
         # bf16, so the compute-dtype output is what is saved.
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, scale, score, key_padding_mask, q_offset)
+        ctx.args = (layout, scale, score, key_padding_mask, q_offset, normalizer)
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
@@ -350,19 +426,29 @@ class _TiledFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def tiled_attention(
-    q, k, v, layout: BlockLayout, *, scale: float | None = None, score=None, key_padding_mask=None, q_offset: int = 0
+    q,
+    k,
+    v,
+    layout: BlockLayout,
+    *,
+    scale: float | None = None,
+    score=None,
+    key_padding_mask=None,
+    q_offset: int = 0,
+    normalizer=None,
 ):
     """Run the tiled kernel on an explicit layout (static pattern or dynamic selector); ``(out, lse)``.
 
-    Differentiable in ``q``, ``k``, ``v`` (not through ``lse``).
+    ``normalizer`` (a bound :class:`~attnkit.scores.Normalizer`) replaces the softmax; ``lse`` is then
+    ``log sum_j p_ij``. Differentiable in ``q``, ``k``, ``v`` (not through ``lse``).
     """
     if q.device.type != "cpu":
         raise UnsupportedError(
             bad("q", "tensors on the CPU (tiled is a CPU kernel; on GPU use backend='flex')", q.device)
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _TiledFunction.apply(q, k, v, layout, scale, score, key_padding_mask, q_offset)
+    return _TiledFunction.apply(q, k, v, layout, scale, score, key_padding_mask, q_offset, normalizer)

@@ -1,14 +1,12 @@
-"""The float64 oracle: naive attention, the truth every backend is compared with.
-
-Written for clarity, not speed: it builds the full ``(B, H, Nq, Nk)`` score matrix. The same function run in
-the input dtype (``dtype=q.dtype``) is the *naive implementation* of the 2x-naive-error rule: a backend's
-error against the float64 result must be at most twice the naive one's (plus a tiny absolute floor).
+"""Naive softmax (and re-normalised) attention, the truth every backend is compared with.
 
 Conventions, identical on every backend:
 
 * ``out = softmax(mod(scale * q k^T) + mask) v`` with ``scale = 1 / sqrt(D)`` unless given;
 * grouped-query attention repeats each key/value head for ``Hq / Hkv`` consecutive query heads;
-* a query row with no visible key gives ``out = 0`` and ``lse = -inf`` (never NaN).
+* a query row with no visible key gives ``out = 0`` and ``lse = -inf`` (never NaN);
+* with a ``normalizer`` (:class:`~attnkit.scores.Sigmoid`, :class:`~attnkit.scores.Softplus`) the softmax is
+  replaced by its elementwise weights ``p`` (divided by their row sum when ``l1``) and ``lse = log sum_j p``.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     q_offset: int = 0,
     return_lse: bool = False,
+    normalizer=None,
     dtype: torch.dtype = torch.float64,
 ):
     """Naive attention in ``dtype`` (float64 by default); returns ``out`` in ``dtype`` (and ``lse``).
@@ -54,6 +53,8 @@ def attention(
         visible = visible & mask
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
+    if normalizer is not None:
+        return _renormalised(s, visible, vd, normalizer.bind(Nk), return_lse)
     s = s.masked_fill(~visible, float("-inf"))
     # Rows with no visible key: softmax over zeros, then zeroed, so neither values nor gradients are NaN.
     live = visible.any(-1, keepdim=True)
@@ -62,3 +63,13 @@ def attention(
     lse = torch.logsumexp(s, dim=-1).masked_fill(~live[..., 0], float("-inf"))
     out = torch.matmul(p, vd)
     return (out, lse) if return_lse else out
+
+
+def _renormalised(s, visible, vd, normalizer, return_lse):
+    visible = visible.expand(s.shape)
+    n = visible.sum(-1, keepdim=True).to(s.dtype)
+    p = normalizer.weights(s.masked_fill(~visible, 0.0), n) * visible
+    den = p.sum(-1, keepdim=True)
+    w = p / den.clamp_min(torch.finfo(s.dtype).tiny) if normalizer.l1 else p
+    out = torch.matmul(w, vd)
+    return (out, den[..., 0].log()) if return_lse else out

@@ -1,0 +1,19 @@
+"""Argument checks shared by the family-C functions."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import ShapeError, bad
+from ..shapes import Dims, validate
+
+
+def check_qkv(q, k, v, *, causal: bool, key_padding_mask=None, scale=None) -> Dims:
+    """Validate ``q, k, v`` like the softmax call; causal attention needs as many queries as keys, non-causal
+    allows any number of queries (cross attention)."""
+    qv = q if causal or not hasattr(q, "shape") or q.dim() != 4 or q.shape[2] <= k.shape[2] else q[:, :, : k.shape[2]]
+    dims = validate(qv, k, v, key_padding_mask=key_padding_mask, scale=scale)
+    dims = replace(dims, q_len=q.shape[2])
+    if causal and dims.q_len != dims.kv_len:
+        raise ShapeError(bad("q", f"{dims.kv_len} tokens (those of k) for causal attention", dims.q_len))
+    return dims

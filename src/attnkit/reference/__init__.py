@@ -1,0 +1,30 @@
+"""The float64 oracle: naive implementations of every mechanism, the truth every test compares with.
+
+Written for clarity, not speed: they build the full ``(B, H, Nq, Nk)`` weight matrix. The same function run in
+the input dtype (``dtype=q.dtype``) is the *naive implementation* of the 2x-naive-error rule: an implementation's
+error against the float64 result must be at most twice the naive one's (plus a tiny absolute floor).
+
+* :func:`attention`: softmax attention over any pattern, score mod and normaliser (sigmoid, softplus).
+* :func:`linear_attention`, :func:`flow_attention`, :func:`agent_attention`, :func:`rat_attention`,
+  :func:`local_linear_attention`, :func:`gaussian_adaptive`: the linear / re-normalised family (C).
+"""
+
+from .linear import (
+    agent_attention,
+    flow_attention,
+    gaussian_adaptive,
+    linear_attention,
+    local_linear_attention,
+    rat_attention,
+)
+from .softmax import attention
+
+__all__ = [
+    "agent_attention",
+    "attention",
+    "flow_attention",
+    "gaussian_adaptive",
+    "linear_attention",
+    "local_linear_attention",
+    "rat_attention",
+]
