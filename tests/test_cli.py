@@ -66,7 +66,7 @@ def test_bench_rejects_an_unknown_pattern():
 def test_pictures_are_drawn_for_every_record(tmp_path):
     res = CliRunner().invoke(main, ["pictures", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert {p.stem for p in tmp_path.glob("*.png")} == {r.name for r in registry.records()}
+    assert {p.stem for p in tmp_path.glob("*.png")} == {r.name for r in registry.records(kind="pattern")}
 
 
 def test_quickstart_example_runs():

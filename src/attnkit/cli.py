@@ -46,7 +46,10 @@ def explain(name, length, heads, kv_heads, dim, train, backend):
 
     from . import api, registry
 
-    pat = registry.get(name).make(length)
+    rec = registry.get(name)
+    if rec.kind != "pattern":
+        raise click.BadParameter(f"expected a pattern (family A) name, got {name!r}, a {rec.kind}", param_hint="NAME")
+    pat = rec.make(length)
     N = pat.fixed_length or length
     H = pat.num_heads or heads
     q = torch.empty(1, H, N, dim, requires_grad=train)

@@ -2,7 +2,10 @@
 
 A record says what a mechanism is (name, family letter of the catalogue, paper), whether it is exact, what it
 supports, and how to make a small instance for a sequence of about ``n`` tokens (``factory(n)``; spatial
-patterns choose their grid from ``n`` and report the real length as ``fixed_length``).
+patterns choose their grid from ``n`` and report the real length as ``fixed_length``). ``kind`` says what the
+factory makes: a ``"pattern"`` (:class:`~attnkit.patterns.Pattern`, run by :func:`attnkit.attention`), a
+``"function"`` (a :class:`Mechanism`: ``m(q, k, v)`` and its float64 ``m.reference(q, k, v)``), or a
+``"module"`` (an ``nn.Module`` over ``(B, N, dim)`` with its own reference).
 
 Families: A static sparse, B dynamic sparse, C linear/normalisation, D heads, E KV cache, F token pruning,
 G interventions, H analysis, I vision modules.
@@ -10,13 +13,21 @@ G interventions, H analysis, I vision modules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
+
+from . import linear as L
 from . import patterns as P
+from . import reference as R
+from .api import attention
 from .errors import ShapeError, bad
+from .scores import Sigmoid, Softplus
 
-SUPPORT_KEYS = ("causal", "cross", "gqa", "backward", "decode", "bf16", "per_head", "spatial")
+SUPPORT_KEYS = ("causal", "cross", "gqa", "backward", "decode", "bf16", "per_head", "spatial", "padding")
+KINDS = ("pattern", "function", "module")
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,7 @@ class Record:
     supports: frozenset
     factory: Callable
     summary: str
+    kind: str = "pattern"
 
     def make(self, n: int = 256):
         return self.factory(n)
@@ -36,13 +48,17 @@ class Record:
 _REGISTRY: dict[str, Record] = {}
 
 
-def register(name: str, *, family: str, paper: str, exact: bool, supports, factory, summary: str) -> Record:
+def register(
+    name: str, *, family: str, paper: str, exact: bool, supports, factory, summary: str, kind: str = "pattern"
+) -> Record:
     unknown = set(supports) - set(SUPPORT_KEYS)
     if unknown:
         raise ShapeError(bad("supports", f"a subset of {SUPPORT_KEYS}", sorted(unknown)))
     if name in _REGISTRY:
         raise ShapeError(bad("name", "a name not yet registered", name))
-    rec = Record(name, family, paper, exact, frozenset(supports), factory, summary)
+    if kind not in KINDS:
+        raise ShapeError(bad("kind", f"one of {KINDS}", repr(kind)))
+    rec = Record(name, family, paper, exact, frozenset(supports), factory, summary, kind)
     _REGISTRY[name] = rec
     return rec
 
@@ -54,8 +70,45 @@ def get(name: str) -> Record:
         raise ShapeError(bad("name", f"one of {sorted(_REGISTRY)}", repr(name))) from None
 
 
-def records(family: str | None = None) -> list[Record]:
-    return [r for r in _REGISTRY.values() if family is None or r.family == family]
+def records(family: str | None = None, kind: str | None = None) -> list[Record]:
+    return [
+        r for r in _REGISTRY.values() if (family is None or r.family == family) and (kind is None or r.kind == kind)
+    ]
+
+
+@dataclass
+class Mechanism:
+    """A family-C function bound to its arguments, with its float64 oracle.
+
+    ``m(q, k, v, **kw)`` runs ``fn``; ``m.reference(q, k, v, dtype=..., **kw)`` runs the naive reference in
+    ``dtype`` (float64: the oracle; the input dtype: the naive implementation of the 2x-naive rule). ``setup``
+    derives shape-dependent arguments (a per-head decay, a learnable map) from ``q``; they are built once per
+    shape, so the function and its reference see the same objects. ``extras`` derives extra inputs (agent
+    tokens, forget gates) from ``q, k, v`` differentiably.
+    """
+
+    fn: Callable
+    ref: Callable
+    kwargs: dict = field(default_factory=dict)
+    setup: Callable | None = None
+    extras: Callable | None = None
+    _built: dict = field(default_factory=dict, repr=False)
+
+    def _args(self, q):
+        if self.setup is None:
+            return self.kwargs
+        key = (q.shape[1], q.shape[3])
+        if key not in self._built:
+            self._built[key] = {**self.kwargs, **self.setup(q.shape[1], q.shape[3])}
+        return self._built[key]
+
+    def __call__(self, q, k, v, **kw):
+        extra = self.extras(q, k, v) if self.extras else {}
+        return self.fn(q, k, v, **self._args(q), **extra, **kw)
+
+    def reference(self, q, k, v, *, dtype=torch.float64, **kw):
+        extra = self.extras(q, k, v) if self.extras else {}
+        return self.ref(q, k, v, **self._args(q), **extra, dtype=dtype, **kw)
 
 
 def _w(n: int, frac: int, cap: int) -> int:
@@ -67,8 +120,8 @@ def _side(n: int, dims: int, lo: int) -> int:
     return max(lo, round(n ** (1 / dims)))
 
 
-_SEQ = {"cross", "gqa", "backward", "decode", "bf16"}
-_SPATIAL = {"gqa", "backward", "bf16", "spatial"}
+_SEQ = {"cross", "gqa", "backward", "decode", "bf16", "padding"}
+_SPATIAL = {"gqa", "backward", "bf16", "spatial", "padding"}
 
 register(
     "causal",
@@ -240,4 +293,179 @@ register(
     supports=_SPATIAL - {"spatial"},
     factory=lambda n: P.ModalityMutual(n, ((n // 8, n // 8 + n // 4),)),
     summary="causal, image tokens also see later text",
+)
+
+
+# ---- family C: linear, kernelised and re-normalised attention (kind "function" / "module") ----------------
+
+_LIN = {"gqa", "backward", "bf16", "padding"}
+
+
+def _linear(name, paper, summary, *, exact=True, causal=True, setup=None, **kwargs):
+    supports = _LIN | ({"causal", "decode"} if causal else {"cross"})
+    register(
+        name,
+        family="C",
+        paper=paper,
+        exact=exact,
+        supports=supports,
+        kind="function",
+        factory=lambda n: Mechanism(L.linear_attention, R.linear_attention, {"causal": causal, **kwargs}, setup),
+        summary=summary,
+    )
+
+
+def _hedgehog(heads, head_dim):
+    fmap = L.Hedgehog(heads, head_dim)
+    with torch.no_grad():  # a trained-looking map: the identity initialisation would hide per-head mistakes
+        g = torch.Generator().manual_seed(0)
+        fmap.weight.add_(0.3 * torch.randn(fmap.weight.shape, generator=g))
+    return {"feature_map": fmap}
+
+
+_KATHAROPOULOS = (
+    "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention (Katharopoulos et al., 2020)"
+)
+_linear("linear_elu", _KATHAROPOULOS, "causal linear attention, phi = elu + 1, sum-normalised", feature_map="elu+1")
+_linear(
+    "linear_elu_bidirectional",
+    _KATHAROPOULOS,
+    "non-causal linear attention, phi = elu + 1 (cross attention allowed)",
+    causal=False,
+    feature_map="elu+1",
+)
+_linear("linear_relu", _KATHAROPOULOS, "causal linear attention, phi = relu", feature_map="relu")
+_linear(
+    "performer_favor",
+    "Rethinking Attention with Performers (Choromanski et al., 2021)",
+    "FAVOR+ positive orthogonal random features (2D of them): an unbiased estimate of softmax",
+    exact=False,
+    setup=lambda h, d: {"feature_map": L.FAVOR(d, 2 * d)},
+)
+_linear(
+    "hedgehog",
+    "The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry (Zhang et al., 2024)",
+    "learnable per-head softmax-mimicking map [softmax(Wx), softmax(-Wx)]; fit with fit_hedgehog",
+    setup=_hedgehog,
+)
+_linear(
+    "mala",
+    "Rectifying Magnitude Neglect in Linear Attention (MALA, Fan et al., 2025)",
+    "magnitude-aware weights (1 + 1/z) phi.phi - z/n, phi = elu + 1",
+    feature_map="elu+1",
+    normalize="mala",
+)
+_linear(
+    "inline",
+    "Bridging the Divide: Reconsidering Softmax and Linear Attention (InLine, Han et al., 2024)",
+    "injective weights phi.phi - mean + 1/n, phi = relu",
+    feature_map="relu",
+    normalize="inline",
+)
+_linear(
+    "retnet",
+    "Retentive Network: A Successor to Transformer for Large Language Models (Sun et al., 2023)",
+    "retention: q.k / sqrt(D) with per-head decay 1 - 2^(-5-h), unnormalised",
+    feature_map="identity",
+    normalize=False,
+    setup=lambda h, d: {"decay": L.retnet_decay(h), "scale": d**-0.5},
+)
+_linear(
+    "lightning_transnormer",
+    "Lightning Attention-2 (Qin et al., 2024); TransNormerLLM (Qin et al., 2023)",
+    "TransNormerLLM: per-head decay exp(-8h/H (1 - l/L)) (layer 0 of 2), RMS-normalised output",
+    feature_map="identity",
+    normalize="rms",
+    setup=lambda h, d: {"decay": L.transnormer_decay(h, 0, 2), "scale": d**-0.5},
+)
+
+_FLOW = "Flowformer: Linearizing Transformers with Conservation Flows (Wu et al., ICML 2022)"
+register(
+    "flowformer",
+    family="C",
+    paper=_FLOW,
+    exact=True,
+    supports=_LIN | {"cross"},
+    kind="function",
+    factory=lambda n: Mechanism(L.flow_attention, R.flow_attention, {"causal": False}),
+    summary="flow conservation: competition (softmax over sources), allocation (sigmoid gate on sinks)",
+)
+register(
+    "flowformer_causal",
+    family="C",
+    paper=_FLOW,
+    exact=True,
+    supports={"causal", "gqa", "backward", "bf16"},
+    kind="function",
+    factory=lambda n: Mechanism(L.flow_attention, R.flow_attention, {"causal": True}),
+    summary="causal flow attention (cumulative flows normalised by position)",
+)
+register(
+    "agent_attention",
+    family="C",
+    paper="Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)",
+    exact=True,
+    supports={"cross", "gqa", "backward", "bf16"},
+    kind="function",
+    factory=lambda n: Mechanism(
+        L.agent_attention,
+        R.agent_attention,
+        extras=lambda q, k, v: {"agents": L.pool_agents(q, max(1, min(q.shape[2], 49) // 7))},
+    ),
+    summary="n agents pooled from q: softmax(Q A^T) softmax(A K^T) V",
+)
+register(
+    "rat",
+    family="C",
+    paper="RAT: Bridging RNN Efficiency and Attention Accuracy in Language Modeling (Wei et al., 2025)",
+    exact=True,
+    supports={"causal", "gqa", "backward", "bf16"},
+    kind="function",
+    factory=lambda n: Mechanism(
+        L.rat_attention,
+        R.rat_attention,
+        {"chunk_size": max(2, min(16, n // 8))},
+        extras=lambda q, k, v: {"forget": torch.sigmoid(k.mean(-1, keepdim=True))},
+    ),
+    summary="gated recurrence inside chunks of min(n/8, 16), softmax across chunk states",
+)
+register(
+    "local_linear",
+    family="C",
+    paper="Local Linear Attention: An Optimal Interpolation of Linear and Softmax Attention (Zuo et al., 2025)",
+    exact=True,
+    supports={"causal", "gqa", "backward", "bf16"},
+    kind="function",
+    factory=lambda n: Mechanism(L.local_linear_attention, R.local_linear_attention, {"causal": True, "ridge": 1.0}),
+    summary="softmax-weighted local linear regression per query (ridge 1); quadratic",
+)
+register(
+    "sigmoid_attention",
+    family="C",
+    paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al., 2024)",
+    exact=True,
+    supports={"causal", "gqa", "backward", "bf16", "padding"},
+    kind="function",
+    factory=lambda n: Mechanism(attention, R.attention, {"pattern": P.Causal(), "normalizer": Sigmoid(-math.log(n))}),
+    summary="causal sigmoid(s - log n) weights (n = the training length) on the tiled kernel, no row normalisation",
+)
+register(
+    "softplus_attention",
+    family="C",
+    paper="Softplus Attention with Re-weighting Boosts Length Extrapolation in LLMs (Gao & Spratling, 2025)",
+    exact=True,
+    supports={"causal", "gqa", "backward", "bf16", "padding"},
+    kind="function",
+    factory=lambda n: Mechanism(attention, R.attention, {"pattern": P.Causal(), "normalizer": Softplus()}),
+    summary="causal softplus(log(n_i) s) weights, l1-normalised (LSSA) on the tiled kernel",
+)
+register(
+    "gaussian_adaptive",
+    family="C",
+    paper="Gaussian Adaptive Attention is All You Need (GAAM, Ioannides et al., 2024)",
+    exact=True,
+    supports={"backward", "bf16"},
+    kind="module",
+    factory=lambda n: L.GaussianAdaptiveAttention(32, 4),
+    summary="per-head learnable Gaussian (mean offset, variance scale) re-weighting features over the sequence",
 )

@@ -118,8 +118,10 @@ class Sigmoid(Normalizer):
     r"""Sigmoid attention ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention", Ramapuram et al.,
     2024): :math:`p_{ij} = \sigma(s_{ij} + b)` with no row normalisation.
 
-    ``bias=None`` uses the paper's :math:`b = -\log n` with ``n`` the number of keys of the call (``kv_len``),
-    which keeps the initial output norm close to softmax attention's. The paper's other practices (LayerScale,
+    The paper sets :math:`b = -\log n` with ``n`` the (training) sequence length, which keeps the initial
+    output norm close to softmax attention's: pass ``bias=-math.log(n)``. ``bias=None`` takes ``n`` from each
+    call's ``kv_len``, convenient for fixed-length inputs; a causal model should fix ``n``, or its outputs would
+    change with the length of the sequence they are part of. The paper's other practices (LayerScale,
     QK-norm) belong to the layer, not to the kernel.
     """
 

@@ -16,7 +16,7 @@ def draw_all(folder: Path, n: int = 64) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for rec in registry.records():
+    for rec in registry.records(kind="pattern"):
         pat = rec.make(n)
         heads = pat.num_heads
         masks = pat.dense_mask(pat.fixed_length or n, pat.fixed_length or n, heads=heads)
@@ -42,7 +42,7 @@ def draw_all(folder: Path, n: int = 64) -> list[Path]:
         "the query (row) attends to the key (column).",
         "",
     ]
-    for rec in registry.records():
+    for rec in registry.records(kind="pattern"):
         index += [f"## {rec.name}", "", f"{rec.summary}. {rec.paper}.", "", f"![{rec.name}]({rec.name}.png)", ""]
     (folder / "README.md").write_text("\n".join(index))
     return out

@@ -166,7 +166,9 @@ def local_linear_attention(q, k, v, *, causal=True, ridge=1.0, scale=None, dtype
     xtw = x.transpose(-1, -2) * w[..., None, :]
     lhs = xtw @ x + ridge * torch.diag(torch.cat([torch.zeros(1, dtype=dtype), torch.ones(D, dtype=dtype)]))
     rhs = xtw @ vd[:, :, None]
-    theta = torch.linalg.solve(lhs, rhs)
+    # LAPACK has no bf16 solve: a low-precision naive run solves in float32 (everything else stays in dtype)
+    sd = torch.promote_types(dtype, torch.float32)
+    theta = torch.linalg.solve(lhs.to(sd), rhs.to(sd)).to(dtype)
     return theta[..., 0, :]
 
 
