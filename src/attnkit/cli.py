@@ -77,24 +77,36 @@ def explain(name, length, heads, kv_heads, dim, train, backend):
     help="Which cells run compiled FlexAttention (default: targets; --full: all).",
 )
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype):
-    """Benchmark every registered static pattern against dense SDPA, the matmul rate and the peers.
+@click.option(
+    "--suite",
+    type=click.Choice(["all", "static", "linear"]),
+    default="all",
+    show_default=True,
+    help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); all: both, sharing SDPA timings.",
+)
+@click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
+def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):
+    """Benchmark every registered static pattern and linear mechanism against dense SDPA, the matmul rate and
+    the peers.
 
-    The quick default (N = 1k, 4k, 16k) takes a few minutes on 2 cores.
+    The quick default (static N = 1k, 4k, 16k; linear N = 1k to 64k) takes about six minutes on 2 cores.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    import torch
+
     from . import registry
     from .bench import BenchConfig, run_static
+    from .bench import linear as _linear
     from .bench.report import print_table, write
-    from .bench.static import FULL_SIZES, QUICK_SIZES
+    from .bench.static import FULL_SIZES, QUICK_SIZES, _Baselines, baseline_summary
 
     size_list = tuple(int(s) for s in sizes.split(",")) if sizes else (FULL_SIZES if full else QUICK_SIZES)
     names = tuple(patterns) or None
-    if names:
-        for n in names:
-            registry.get(n)
+    mechs = tuple(mechanisms) or None
+    for n in (names or ()) + (mechs or ()):
+        registry.get(n)
     cfg = BenchConfig(
         sizes=size_list,
         patterns=names,
@@ -104,7 +116,19 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype):
         dtype=dtype,
         full=full,
     )
-    total = len([r for r in registry.records("A") if names is None or r.name in names]) * len(size_list)
+    lcfg = _linear.LinearConfig(
+        sizes=tuple(int(s) for s in sizes.split(",")) if sizes else _linear.SIZES,
+        mechanisms=mechs,
+        backward=not no_backward,
+        peers=not no_peers,
+        full=full,
+        dtype=dtype,
+    )
+    total = 0
+    if suite in ("all", "static"):
+        total += len([r for r in registry.records("A") if names is None or r.name in names]) * len(size_list)
+    if suite in ("all", "linear"):
+        total += _linear.cells(lcfg)
     import sys
 
     console = Console(width=None if sys.stdout.isatty() else 200)
@@ -122,7 +146,14 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype):
             prog.update(task, description=text)
             prog.advance(task)
 
-        res = run_static(cfg, progress=step)
+        base = _Baselines(cfg, getattr(torch, dtype))
+        if suite == "linear":
+            res = run_static(BenchConfig(sizes=(), dtype=dtype), progress=step, baselines=base)
+        else:
+            res = run_static(cfg, progress=step, baselines=base)
+        if suite in ("all", "linear"):
+            res["linear"] = _linear.run_linear(lcfg, base, progress=step)
+        res["baselines"] = baseline_summary(base)
     print_table(res, console)
     paths = write(res, out)
     console.print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots")

@@ -48,6 +48,26 @@ HEADER = [
 ]
 
 
+LINEAR_HEADER = ["mechanism", "mode", "N", "kind", "ms median [p20, p80]", "dense", "dense ms", "speed-up", "peak MiB"]
+
+
+def linear_rows(lin: dict) -> list[list[str]]:
+    return [
+        [
+            r["mechanism"] + (" (peer)" if r.get("peer") else ""),
+            r["mode"],
+            str(r["N"]),
+            r["kind"],
+            f"{r['ms']:.2f} [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}]",
+            r["dense"],
+            _fmt(r.get("dense_ms"), ".1f"),
+            _fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
+            _fmt(r.get("peak_mib"), ".0f"),
+        ]
+        for r in lin["rows"]
+    ]
+
+
 def print_table(res: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -62,7 +82,15 @@ def print_table(res: dict, console=None) -> None:
     for row in table_rows(res):
         t.add_row(*row)
     console.print(t)
-    for tg in res["targets"]:
+    lin = res.get("linear")
+    if lin:
+        t = Table(title="attnkit bench: linear family (C)")
+        for h in LINEAR_HEADER:
+            t.add_column(h, justify="left" if h in ("mechanism", "mode", "kind", "dense") else "right")
+        for row in linear_rows(lin):
+            t.add_row(*row)
+        console.print(t)
+    for tg in res["targets"] + (lin["targets"] if lin else []):
         console.print(
             f"[{'green' if tg['met'] else 'red'}]{'MET ' if tg['met'] else 'MISS'}[/] {tg['target']}: {tg['value']}"
         )
@@ -105,8 +133,46 @@ def markdown(res: dict) -> str:
     if res.get("skipped"):
         lines += ["", "## Skipped in this run", ""]
         lines += [f"- {s['pattern']} at N={s['N']} (density {s['density']:.3f}): {s['why']}" for s in res["skipped"]]
+    if res.get("linear"):
+        lines += linear_markdown(res["linear"])
     lines += ["", "Plots: `plots/*.png` (time against N, log-log)."]
     return "\n".join(lines) + "\n"
+
+
+def linear_markdown(lin: dict) -> list[str]:
+    cfg = lin["config"]
+    lines = [
+        "",
+        "# Linear family (C)",
+        "",
+        f"B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, {cfg['dtype']}; inputs N(0, 0.25). Speed-up is "
+        "against dense SDPA of the same kind (causal or full) timed in this run; SDPA is measured up to "
+        f"N={cfg['sdpa_max_n']} (quadratic beyond). Peers that compute the same function were checked against "
+        "attnkit first.",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += [f"- {'**met**' if t['met'] else '**missed**'}: {t['target']} — {t['value']}" for t in lin["targets"]]
+    lines += ["", "## Fitted log-log slopes of time against N (N >= 4k)", "", "| series | slope |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in sorted(lin["slopes"].items())]
+    lines += ["", "## All measurements", "", "| " + " | ".join(LINEAR_HEADER) + " |", "|" + "---|" * len(LINEAR_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in linear_rows(lin)]
+    same = [r for r in lin["rows"] if r.get("attnkit_same_fn_ms")]
+    if same:
+        lines += ["", "Peers with another feature map, against attnkit running that same function:", ""]
+        lines += [
+            f"- {r['mechanism']} N={r['N']}: {r['ms']:.1f} ms vs attnkit {r['attnkit_same_fn_ms']:.1f} ms" for r in same
+        ]
+    lines += ["", "## Peer correctness gate (max relative |Δ| against attnkit)", ""]
+    for c in lin["checks"]:
+        e = c.get("max_rel_err_vs_attnkit")
+        lines.append(f"- {c['peer']} N={c['N']}: " + (f"{e:.1e}" if e is not None else c.get("note", "-")))
+    if lin.get("skipped"):
+        lines += ["", "## Skipped", ""] + [
+            f"- {s['mechanism']} {s['mode']} N={s['N']}: {s['why']}" for s in lin["skipped"]
+        ]
+    return lines
 
 
 def plots(res: dict, folder: Path) -> list[Path]:
@@ -122,13 +188,20 @@ def plots(res: dict, folder: Path) -> list[Path]:
     by_pattern: dict = {}
     for r in res["rows"]:
         by_pattern.setdefault(r["pattern"], []).append(r)
+    for r in (res.get("linear") or {}).get("rows", []):
+        # one plot for the linear family: each mechanism's best form, plus its dense baseline
+        by_pattern.setdefault("linear_family", []).append(
+            {**r, "backend": f"{r['mechanism']} {r['mode']}", "dense_ms": r["dense_ms"] if r["kind"] == "fwd" else None}
+        )
     for name, rows in by_pattern.items():
         fig, ax = plt.subplots(figsize=(5.5, 4))
         series: dict = {}
         for r in rows:
             series.setdefault(f"{r['backend']} {r['kind']}", []).append((r["N"], r["ms"]))
             if r.get("dense_ms"):
-                series.setdefault(f"dense SDPA {r['kind']}", []).append((r["N"], r["dense_ms"]))
+                series.setdefault(f"dense SDPA {r.get('dense', '')} {r['kind']}".replace("  ", " "), []).append(
+                    (r["N"], r["dense_ms"])
+                )
         for label, pts in sorted(series.items()):
             pts = sorted(set(pts))
             ax.plot(

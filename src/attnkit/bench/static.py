@@ -111,14 +111,26 @@ def _row(rec, pat, N, H, cfg, backend, kind, t, dense_t, *, pairs, rate, **extra
     }
 
 
-def run_static(cfg: BenchConfig, progress=None) -> dict:
-    """Run the suite; ``progress(advance_text)`` is called once per measured item."""
+def baseline_summary(base: _Baselines) -> dict:
+    return {
+        f"N={k[0]} H={k[1]} {'causal' if k[2] else 'full'}": {
+            "fwd_ms": v["fwd"]["median"] * 1e3,
+            "fwdbwd_ms": v["fwdbwd"]["median"] * 1e3 if "fwdbwd" in v else None,
+            "peak_mib": v["peak"] / 2**20 if v.get("peak") else None,
+        }
+        for k, v in base.cache.items()
+    }
+
+
+def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = None) -> dict:
+    """Run the suite; ``progress(advance_text)`` is called once per measured item. ``baselines`` lets a later
+    suite (the linear one) reuse the dense SDPA timings."""
     torch.manual_seed(0)
     dtype = getattr(torch, cfg.dtype)
     started = time.time()
     rate = matmul_rate(dtype=dtype)
     recs = [r for r in registry.records("A") if cfg.patterns is None or r.name in cfg.patterns]
-    base = _Baselines(cfg, dtype)
+    base = baselines if baselines is not None else _Baselines(cfg, dtype)
     rows, checks, skipped = [], [], []
     for rec in recs:
         for n in cfg.sizes:
@@ -152,14 +164,7 @@ def run_static(cfg: BenchConfig, progress=None) -> dict:
             "torch": torch.__version__,
         },
         "matmul_gflops": rate / 1e9,
-        "baselines": {
-            f"N={k[0]} H={k[1]} {'causal' if k[2] else 'full'}": {
-                "fwd_ms": v["fwd"]["median"] * 1e3,
-                "fwdbwd_ms": v["fwdbwd"]["median"] * 1e3 if "fwdbwd" in v else None,
-                "peak_mib": v["peak"] / 2**20 if v.get("peak") else None,
-            }
-            for k, v in base.cache.items()
-        },
+        "baselines": baseline_summary(base),
         "rows": rows,
         "checks": checks,
         "skipped": skipped,

@@ -114,27 +114,20 @@ def linear_attention(
     s, t = (None, None) if initial_state is None else _state_in(initial_state, B, Hq, Dv, normalize, cd)
     totals = normalize in ("inline", "mala")
 
-    def features(a, b):
-        """Features, scaled queries and values with the ones column of queries ``[a, b)`` and their keys
-        (the same tokens when causal, all keys otherwise), GQA expanded."""
-        qf = fmap(q[:, :, a:b].to(cd), True)
-        if scale is not None:
-            qf = qf * scale
-        ka, kb = (a, b) if causal else (0, dims.kv_len)
-        kx, vx = k[:, :, ka:kb].to(cd), v[:, :, ka:kb].to(cd)
-        va = torch.nn.functional.pad(vx, (0, 1), value=1.0)
-        if key_padding_mask is not None:
-            va = va * key_padding_mask[:, None, ka:kb, None].to(cd)
-        if dims.group > 1:
-            kx, va = kx.repeat_interleave(dims.group, 1), va.repeat_interleave(dims.group, 1)
-        return qf, fmap(kx, False), va
-
     # The chunked form runs slab by slab (Lightning attention's tiling): the features and every temporary
-    # exist for one slab only, so memory stays O(slab) beyond the output and the running state.
+    # exist for one slab only, so memory stays O(slab) beyond the output and the running state. The inputs
+    # are split once (not sliced per slab): the backward of a split is one concatenation, while each slice's
+    # backward would write a full-length zero tensor.
     step = max(chunk_size, _SLAB // chunk_size * chunk_size) if form == "chunk" and causal else max(N, 1)
+    q_sl = q.split(step, 2)
+    if causal:
+        k_sl, v_sl = k.split(step, 2), v.split(step, 2)
+        m_sl = key_padding_mask.split(step, 1) if key_padding_mask is not None else [None] * len(q_sl)
+    else:
+        k_sl, v_sl, m_sl = [k] * len(q_sl), [v] * len(q_sl), [key_padding_mask] * len(q_sl)
     outs = []
-    for a in range(0, N, step):
-        qf, kf, va = features(a, min(N, a + step))
+    for qs, ks, vs, ms in zip(q_sl, k_sl, v_sl, m_sl, strict=True):
+        qf, kf, va = _features(fmap, qs, ks, vs, ms, scale, dims.group, cd)
         if s is not None and s.shape[-2] != qf.shape[-1]:
             raise ShapeError(bad("initial_state.kv", f"{qf.shape[-1]} features in dim -2", tuple(s.shape)))
         y, s = _run(form, qf, kf, va, logd, causal, s, chunk_size)
@@ -148,6 +141,20 @@ def linear_attention(
         return out
     pos = (initial_state.position if initial_state is not None else 0) + dims.kv_len
     return out, LinearState(s, t if totals else None, pos)
+
+
+def _features(fmap, q, k, v, kpm, scale, group, cd):
+    """Features of the queries (scaled) and keys, and the values with their ones column; GQA expanded."""
+    qf = fmap(q.to(cd), True)
+    if scale is not None:
+        qf = qf * scale
+    kx = k.to(cd)
+    va = torch.nn.functional.pad(v.to(cd), (0, 1), value=1.0)
+    if kpm is not None:
+        va = va * kpm[:, None, :, None].to(cd)
+    if group > 1:
+        kx, va = kx.repeat_interleave(group, 1), va.repeat_interleave(group, 1)
+    return qf, fmap(kx, False), va
 
 
 def _check(q, k, v, fmap, decay, normalize, causal, mode, chunk_size, initial_state, kpm, scale):
@@ -233,9 +240,16 @@ def _run(form, qf, kf, va, logd, causal, s0, chunk_size):
 
 
 def _powers(logd, exps: torch.Tensor) -> torch.Tensor:
-    """``gamma_h ** exps`` as ``(H, *exps.shape)``; exponents < 0 give 0 (the causal mask)."""
+    """``gamma_h ** exps`` as ``(H, *exps.shape)``; exponents < 0 give 0 (the causal mask).
+
+    In float32, powers below 1e-30 are set to 0: they are below the precision of any sum they enter (the
+    diagonal term has power 1), and as subnormal numbers they would slow every product that reads them tenfold.
+    """
     p = torch.exp(logd.view(-1, *([1] * exps.dim())) * exps.clamp(min=0).to(logd.dtype))
-    return p * (exps >= 0).to(p.dtype)
+    keep = exps >= 0
+    if p.dtype == torch.float32:
+        keep = keep & (p >= 1e-30)
+    return p * keep.to(p.dtype)
 
 
 def _parallel(qf, kf, va, logd, s0):
@@ -302,7 +316,7 @@ def _chunk(qf, kf, va, logd, s0, C):
         if s0 is not None:
             prev = prev + s0[:, :, None]
     else:
-        g = torch.exp(logd * C).view(1, H, 1, 1)
+        g = _powers(logd, torch.tensor(C)).view(1, H, 1, 1)
         s = qf.new_zeros(B, H, F, E) if s0 is None else s0
         states = []
         for c in range(n):

@@ -63,26 +63,29 @@ class FAVOR(FeatureMap):
     2021).
 
     .. math::
-        \phi(x) = \frac{1}{\sqrt{m}} \exp\!\big(W x' - \tfrac{\|x'\|^2}{2} - c\big),\qquad x' = x D^{-1/4}
+        \phi(x) = \frac{1}{\sqrt{m}} \exp\!\big(W x' - \tfrac{\|x'\|^2}{2} - c_x\big),\qquad x' = x D^{-1/4}
 
-    so that :math:`\mathbb{E}[\phi(q)\cdot\phi(k)] = e^{-2c} \exp(q \cdot k / \sqrt{D})`: the softmax kernel up to a
-    constant, which the sum normaliser cancels. ``W`` ``(m, D)`` holds blocks of orthogonal rows with norms drawn
+    so that :math:`\mathbb{E}[\phi(q)\cdot\phi(k)] = e^{-c_q} \exp(q \cdot k / \sqrt{D})`: the softmax kernel up
+    to the query's stabiliser :math:`c_q` (keys: :math:`c_k = 0`), which the sum normaliser cancels.
+    ``W`` ``(m, D)`` holds blocks of orthogonal rows with norms drawn
     from the chi distribution (the paper's orthogonal random features), fixed by ``seed``.
 
-    The paper subtracts a data-dependent maximum for stability; over the keys that maximum would look at future
-    tokens and break causality. We subtract the data-independent ``c = max_r ||W_r||^2 / 2`` instead, the
-    largest value the exponent can take, so nothing overflows and token ``t``'s features depend on ``t`` alone.
-    Call :meth:`redraw` to draw new features (the paper redraws during training).
+    The paper subtracts a data-dependent maximum for stability. Over the keys that maximum would look at future
+    tokens and break causality, so keys get none (``c = 0``; the exponent is at most ``||W_r||^2 / 2``, far from
+    float32's limit for head dims up to a few hundred). Each query subtracts its own maximum, which cancels under
+    the sum normaliser (``normalize=True``) and keeps the products away from subnormal numbers; pass
+    ``stabilize_queries=False`` with any other normaliser. Call :meth:`redraw` to draw new features (the paper
+    redraws during training).
     """
 
-    def __init__(self, head_dim: int, num_features: int | None = None, seed: int = 0):
+    def __init__(self, head_dim: int, num_features: int | None = None, seed: int = 0, stabilize_queries: bool = True):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim < 1:
             raise PatternError(bad("head_dim", "an int >= 1", repr(head_dim)))
         m = num_features if num_features is not None else head_dim * 2
         if not isinstance(m, int) or m < 1:
             raise PatternError(bad("num_features", "an int >= 1", repr(num_features)))
-        self.head_dim, self.num_features = head_dim, m
+        self.head_dim, self.num_features, self.stabilize_queries = head_dim, m, stabilize_queries
         self.register_buffer("weight", torch.empty(m, head_dim, dtype=torch.float64))
         self.redraw(seed)
 
@@ -104,8 +107,9 @@ class FAVOR(FeatureMap):
     def forward(self, x, is_query):
         w = self.weight.to(x.dtype)
         xs = x * self.head_dim**-0.25
-        c = 0.5 * float((self.weight * self.weight).sum(1).max())
-        proj = xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True) - c
+        proj = xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)
+        if is_query and self.stabilize_queries:
+            proj = proj - proj.amax(-1, keepdim=True).detach()
         return proj.exp() * self.num_features**-0.5
 
     def extra_repr(self):
