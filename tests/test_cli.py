@@ -35,6 +35,8 @@ def test_bench_tiny_run_writes_results(tmp_path):
         main,
         [
             "bench",
+            "--suite",
+            "static",
             "--sizes",
             "256",
             "--pattern",
@@ -63,6 +65,21 @@ def test_bench_rejects_an_unknown_pattern():
     assert res.exit_code != 0 and "name: expected one of" in str(res.exception)
 
 
+def test_bench_linear_suite_tiny_run(tmp_path):
+    args = ["bench", "--suite", "linear", "--sizes", "256", "--mechanism", "linear_elu", "--mechanism", "mala"]
+    res = CliRunner().invoke(main, args + ["--no-backward", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lin = json.loads((tmp_path / "results.json").read_text())["linear"]
+    cells = {(r["mechanism"], r["mode"], r["N"]) for r in lin["rows"]}
+    for mode in ("chunk", "recurrent", "parallel"):
+        assert ("linear_elu", mode, 256) in cells
+    assert ("mala", "chunk", 256) not in cells  # quick mode runs the other mechanisms at 4k and 16k only
+    assert ("fla-naive-chunk", "chunk", 256) in cells  # the peer ran and passed its correctness gate
+    assert all(c["max_rel_err_vs_attnkit"] < 1e-3 for c in lin["checks"] if c["max_rel_err_vs_attnkit"] is not None)
+    assert any(t["target"].startswith("report the crossover") and t["met"] for t in lin["targets"])
+    assert "# Linear family (C)" in (tmp_path / "report.md").read_text()
+
+
 def test_pictures_are_drawn_for_every_record(tmp_path):
     res = CliRunner().invoke(main, ["pictures", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
@@ -74,3 +91,10 @@ def test_quickstart_example_runs():
     import runpy
 
     runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "quickstart.py"), run_name="__main__")
+
+
+def test_linear_example_runs():
+    import pathlib
+    import runpy
+
+    runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "linear_attention.py"), run_name="__main__")
