@@ -125,7 +125,10 @@ def linear_attention(
         m_sl = key_padding_mask.split(step, 1) if key_padding_mask is not None else [None] * len(q_sl)
     else:
         k_sl, v_sl, m_sl = [k] * len(q_sl), [v] * len(q_sl), [key_padding_mask] * len(q_sl)
-    outs = []
+    # Without autograd the slabs are written straight into the output (no list, no concatenation pass).
+    direct = len(q_sl) > 1 and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    out = q.new_empty(B, Hq, N, Dv) if direct else None
+    outs, a = [], 0
     for qs, ks, vs, ms in zip(q_sl, k_sl, v_sl, m_sl, strict=True):
         qf, kf, va = _features(fmap, qs, ks, vs, ms, scale, dims.group, cd)
         if s is not None and s.shape[-2] != qf.shape[-1]:
@@ -135,8 +138,14 @@ def linear_attention(
         if totals:
             one = torch.ones_like(va[..., :1])
             tot, t = _run(form, one, one, va, logd, causal, t, chunk_size)
-        outs.append(_normalise(y, tot, normalize, Dv))
-    out = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).to(q.dtype)
+        o = _normalise(y, tot, normalize, Dv)
+        if direct:
+            out[:, :, a : a + o.shape[2]] = o
+            a += o.shape[2]
+        else:
+            outs.append(o)
+    if not direct:
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).to(q.dtype)
     if not return_state:
         return out
     pos = (initial_state.position if initial_state is not None else 0) + dims.kv_len
