@@ -18,6 +18,7 @@ def main():
 def list_cmd(family):
     """Print the registry: name, family, paper, exact/approximate, supports."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from . import registry
@@ -27,7 +28,12 @@ def list_cmd(family):
         t.add_column(col, overflow="fold")
     for r in registry.records(family):
         t.add_row(
-            r.name, r.family, "exact" if r.exact else "approximate", ", ".join(sorted(r.supports)), r.summary, r.paper
+            r.name,
+            r.family,
+            "exact" if r.exact else "approximate",
+            ", ".join(sorted(r.supports)),
+            escape(r.summary),
+            escape(r.paper),
         )
     Console(width=200).print(t)
 

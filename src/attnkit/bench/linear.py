@@ -71,6 +71,8 @@ def cells(cfg: LinearConfig) -> int:
     """How many progress steps :func:`run_linear` reports (for a progress bar)."""
     recs = [r for r in registry.records("C", kind="function") if cfg.mechanisms is None or r.name in cfg.mechanisms]
     n = sum(len(_plan(r.name, cfg)) for r in recs)
+    mods = [r for r in registry.records("C", kind="module") if cfg.mechanisms is None or r.name in cfg.mechanisms]
+    n += len(mods) * len([x for x in cfg.sizes if 4096 <= x <= 16384])
     small = [x for x in cfg.sizes if x <= cfg.sdpa_max_n]
     return n + (2 * len(small) + 2 if cfg.peers else 0)
 
@@ -106,6 +108,10 @@ def run_linear(cfg: LinearConfig, baselines, progress=None) -> dict:
                 rows.append(
                     _row(rec.name, mode, N, "fwdbwd", tb, peak_memory(fb), dense and dense.get("fwdbwd"), causal)
                 )
+    for rec in registry.records("C", kind="module"):
+        if cfg.mechanisms is not None and rec.name not in cfg.mechanisms:
+            continue
+        rows += _module_rows(rec, cfg, dtype, baselines, progress)
     if cfg.mechanisms is None or "linear_elu" in cfg.mechanisms:
         m = registry.get("linear_elu").make(1024)
         for N in _CROSSOVER_SIZES:
@@ -124,6 +130,27 @@ def run_linear(cfg: LinearConfig, baselines, progress=None) -> dict:
         "crossover": crossover(rows),
         "targets": targets(rows),
     }
+
+
+def _module_rows(rec, cfg, dtype, baselines, progress) -> list:
+    """A family-C module over ``(B, N, H * D)`` (GAAM), timed at 4k and 16k beside full SDPA of that size."""
+    rows = []
+    dim = cfg.heads * cfg.head_dim
+    layer = type(rec.make(64))(dim, cfg.heads).to(dtype)
+    for N in [n for n in cfg.sizes if 4096 <= n <= 16384]:
+        if progress:
+            progress(f"{rec.name} N={N}")
+        x = torch.randn(cfg.batch, N, dim, generator=torch.Generator().manual_seed(N)).to(dtype)
+        dense = baselines.get(N, cfg.heads, False)
+        with torch.no_grad():
+            t = measure(lambda x=x: layer(x), max_runs=5)
+            peak = peak_memory(lambda x=x: layer(x))
+        rows.append(_row(rec.name, "module", N, "fwd", t, peak, dense["fwd"], False))
+        if cfg.backward and N == 4096:
+            xg = x.clone().requires_grad_()
+            tb = measure(lambda xg=xg: layer(xg).sum().backward(), min_runs=2, max_runs=3)
+            rows.append(_row(rec.name, "module", N, "fwdbwd", tb, None, dense.get("fwdbwd"), False))
+    return rows
 
 
 def _row(name, mode, N, kind, t, peak, dense_t, causal):
