@@ -172,7 +172,7 @@ def _check(q, k, v, fmap, decay, normalize, causal, mode, chunk_size, initial_st
         raise ShapeError(bad("mode", f"one of {MODES}", repr(mode)))
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ShapeError(bad("chunk_size", "an int >= 1", repr(chunk_size)))
-    if not any(normalize is n for n in NORMALIZERS if isinstance(n, bool)) and normalize not in NORMALIZERS[2:]:
+    if not (normalize is True or normalize is False or (isinstance(normalize, str) and normalize in NORMALIZERS)):
         raise PatternError(bad("normalize", f"one of {NORMALIZERS}", repr(normalize)))
     if normalize is True and isinstance(fmap, Identity):
         raise PatternError(
