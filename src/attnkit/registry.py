@@ -301,8 +301,8 @@ register(
 _LIN = {"gqa", "backward", "bf16", "padding"}
 
 
-def _linear(name, paper, summary, *, exact=True, causal=True, setup=None, **kwargs):
-    supports = _LIN | ({"causal", "decode"} if causal else {"cross"})
+def _function(name, paper, summary, supports, fn, ref, kwargs=None, *, exact=True, setup=None, extras=None):
+    """Register a family-C function bound to its float64 reference."""
     register(
         name,
         family="C",
@@ -310,9 +310,15 @@ def _linear(name, paper, summary, *, exact=True, causal=True, setup=None, **kwar
         exact=exact,
         supports=supports,
         kind="function",
-        factory=lambda n: Mechanism(L.linear_attention, R.linear_attention, {"causal": causal, **kwargs}, setup),
+        factory=lambda n: Mechanism(fn, ref, kwargs(n) if callable(kwargs) else dict(kwargs or {}), setup, extras),
         summary=summary,
     )
+
+
+def _linear(name, paper, summary, *, exact=True, causal=True, setup=None, **kwargs):
+    supports = _LIN | ({"causal", "decode"} if causal else {"cross"})
+    args = {"causal": causal, **kwargs}
+    _function(name, paper, summary, supports, L.linear_attention, R.linear_attention, args, exact=exact, setup=setup)
 
 
 def _hedgehog(heads, head_dim):
@@ -380,84 +386,70 @@ _linear(
 )
 
 _FLOW = "Flowformer: Linearizing Transformers with Conservation Flows (Wu et al., ICML 2022)"
-register(
+_NOPAD = {"gqa", "backward", "bf16"}
+_function(
     "flowformer",
-    family="C",
-    paper=_FLOW,
-    exact=True,
-    supports=_LIN | {"cross"},
-    kind="function",
-    factory=lambda n: Mechanism(L.flow_attention, R.flow_attention, {"causal": False}),
-    summary="flow conservation: competition (softmax over sources), allocation (sigmoid gate on sinks)",
+    _FLOW,
+    "flow conservation: competition (softmax over sources), allocation (sigmoid gate on sinks)",
+    _LIN | {"cross"},
+    L.flow_attention,
+    R.flow_attention,
+    {"causal": False},
 )
-register(
+_function(
     "flowformer_causal",
-    family="C",
-    paper=_FLOW,
-    exact=True,
-    supports={"causal", "gqa", "backward", "bf16"},
-    kind="function",
-    factory=lambda n: Mechanism(L.flow_attention, R.flow_attention, {"causal": True}),
-    summary="causal flow attention (cumulative flows normalised by position)",
+    _FLOW,
+    "causal flow attention (cumulative flows normalised by position)",
+    _NOPAD | {"causal"},
+    L.flow_attention,
+    R.flow_attention,
+    {"causal": True},
 )
-register(
+_function(
     "agent_attention",
-    family="C",
-    paper="Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)",
-    exact=True,
-    supports={"cross", "gqa", "backward", "bf16"},
-    kind="function",
-    factory=lambda n: Mechanism(
-        L.agent_attention,
-        R.agent_attention,
-        extras=lambda q, k, v: {"agents": L.pool_agents(q, max(1, min(q.shape[2], 49) // 7))},
-    ),
-    summary="n agents pooled from q: softmax(Q A^T) softmax(A K^T) V",
+    "Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)",
+    "n agents pooled from q: softmax(Q A^T) softmax(A K^T) V",
+    _NOPAD | {"cross"},
+    L.agent_attention,
+    R.agent_attention,
+    extras=lambda q, k, v: {"agents": L.pool_agents(q, max(1, min(q.shape[2], 49) // 7))},
 )
-register(
+_function(
     "rat",
-    family="C",
-    paper="RAT: Bridging RNN Efficiency and Attention Accuracy in Language Modeling (Wei et al., 2025)",
-    exact=True,
-    supports={"causal", "gqa", "backward", "bf16"},
-    kind="function",
-    factory=lambda n: Mechanism(
-        L.rat_attention,
-        R.rat_attention,
-        {"chunk_size": max(2, min(16, n // 8))},
-        extras=lambda q, k, v: {"forget": torch.sigmoid(k.mean(-1, keepdim=True))},
-    ),
-    summary="gated recurrence inside chunks of min(n/8, 16), softmax across chunk states",
+    "RAT: Bridging RNN Efficiency and Attention Accuracy in Language Modeling (Wei et al., 2025)",
+    "gated recurrence inside chunks of min(n/8, 16), softmax across chunk states",
+    _NOPAD | {"causal"},
+    L.rat_attention,
+    R.rat_attention,
+    lambda n: {"chunk_size": max(2, min(16, n // 8))},
+    extras=lambda q, k, v: {"forget": torch.sigmoid(k.mean(-1, keepdim=True))},
 )
-register(
+_function(
     "local_linear",
-    family="C",
-    paper="Local Linear Attention: An Optimal Interpolation of Linear and Softmax Attention (Zuo et al., 2025)",
-    exact=True,
-    supports={"causal", "gqa", "backward", "bf16"},
-    kind="function",
-    factory=lambda n: Mechanism(L.local_linear_attention, R.local_linear_attention, {"causal": True, "ridge": 1.0}),
-    summary="softmax-weighted local linear regression per query (ridge 1); quadratic",
+    "Local Linear Attention: An Optimal Interpolation of Linear and Softmax Attention (Zuo et al., 2025)",
+    "softmax-weighted local linear regression per query (ridge 1); quadratic",
+    _NOPAD | {"causal"},
+    L.local_linear_attention,
+    R.local_linear_attention,
+    {"causal": True, "ridge": 1.0},
 )
-register(
+_function(
     "sigmoid_attention",
-    family="C",
-    paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al., 2024)",
-    exact=True,
-    supports={"causal", "gqa", "backward", "bf16", "padding"},
-    kind="function",
-    factory=lambda n: Mechanism(attention, R.attention, {"pattern": P.Causal(), "normalizer": Sigmoid(-math.log(n))}),
-    summary="causal sigmoid(s - log n) weights (n = the training length) on the tiled kernel, no row normalisation",
+    "Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al., 2024)",
+    "causal sigmoid(s - log n) weights (n = the training length) on the tiled kernel, no row normalisation",
+    _NOPAD | {"causal", "padding"},
+    attention,
+    R.attention,
+    lambda n: {"pattern": P.Causal(), "normalizer": Sigmoid(-math.log(n))},
 )
-register(
+_function(
     "softplus_attention",
-    family="C",
-    paper="Softplus Attention with Re-weighting Boosts Length Extrapolation in LLMs (Gao & Spratling, 2025)",
-    exact=True,
-    supports={"causal", "gqa", "backward", "bf16", "padding"},
-    kind="function",
-    factory=lambda n: Mechanism(attention, R.attention, {"pattern": P.Causal(), "normalizer": Softplus()}),
-    summary="causal softplus(log(n_i) s) weights, l1-normalised (LSSA) on the tiled kernel",
+    "Softplus Attention with Re-weighting Boosts Length Extrapolation in LLMs (Gao & Spratling, 2025)",
+    "causal softplus(log(n_i) s) weights, l1-normalised (LSSA) on the tiled kernel",
+    _NOPAD | {"causal", "padding"},
+    attention,
+    R.attention,
+    {"pattern": P.Causal(), "normalizer": Softplus()},
 )
 register(
     "gaussian_adaptive",

@@ -48,7 +48,7 @@ import torch
 from ..backends.sdpa import DEFAULT_BUDGET
 from ..errors import DTypeError, MemoryBudgetError, PatternError, ShapeError, bad
 from ._common import check_qkv
-from .feature_maps import FeatureMap, Identity, resolve
+from .feature_maps import Identity, resolve
 
 MODES = ("auto", "parallel", "chunk", "recurrent")
 _SLAB = 2048  # tokens per slab of the chunked form (temporaries of a few MiB: cache-resident, no page faults)
@@ -186,8 +186,6 @@ def _check(q, k, v, fmap, decay, normalize, causal, mode, chunk_size, initial_st
             raise PatternError(bad("initial_state", "None for non-causal attention", type(initial_state).__name__))
         if not isinstance(initial_state, LinearState):
             raise DTypeError(bad("initial_state", "a LinearState or None", type(initial_state).__name__))
-    if not isinstance(fmap, FeatureMap):  # pragma: no cover - resolve() guarantees it
-        raise DTypeError(bad("feature_map", "a FeatureMap", type(fmap).__name__))
     return dims
 
 

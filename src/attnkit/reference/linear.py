@@ -88,10 +88,10 @@ def flow_attention(q, k, v, *, causal=False, key_padding_mask=None, eps=1e-6, dt
     incoming = flow.sum(-1) + eps  # I_i
     if causal:
         # a source's outgoing flow goes to the sinks up to its own position
-        outgoing = (pk @ pq.transpose(-1, -2)).mul(torch.tril(torch.ones(nk, nq, dtype=dtype))).sum(-1) + eps
+        out_flow = (pk @ pq.transpose(-1, -2)) * torch.tril(torch.ones(nk, nq, dtype=dtype))
+        outgoing = out_flow.sum(-1) + eps
         pos = torch.arange(1, nq + 1, dtype=dtype)
         c_sink = (flow * (pos / outgoing)[..., None, :]).sum(-1) / pos
-        out_flow = (pk @ pq.transpose(-1, -2)) * torch.tril(torch.ones(nk, nq, dtype=dtype))
         c_source = (out_flow * (pos / incoming)[..., None, :]).sum(-1) / pos
         e = torch.exp(c_source)
         comp = e / torch.cumsum(e, -1) * pos
