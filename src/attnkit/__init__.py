@@ -5,7 +5,7 @@
 >>> out = ak.attention(q, k, v, pattern=ak.patterns.SlidingWindow(left=255, right=0))
 """
 
-from . import linear, patterns, reference, registry, scores
+from . import linear, patterns, reference, registry, scores, sparse
 from .api import Explanation, attention, explain
 from .backends.tiled import tiled_attention
 from .errors import (
@@ -36,6 +36,7 @@ __all__ = [
     "attention",
     "explain",
     "linear",
+    "sparse",
     "patterns",
     "reference",
     "registry",

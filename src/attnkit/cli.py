@@ -85,10 +85,11 @@ def explain(name, length, heads, kv_heads, dim, train, backend):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["all", "static", "linear"]),
+    type=click.Choice(["all", "static", "linear", "dynamic"]),
     default="all",
     show_default=True,
-    help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); all: both, sharing SDPA timings.",
+    help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); dynamic: family-B selectors on "
+    "real SmolLM2 q, k, v (4k, 16k); all: every suite, sharing SDPA timings.",
 )
 @click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
 def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):
@@ -135,6 +136,11 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
         total += len([r for r in registry.records("A") if names is None or r.name in names]) * len(size_list)
     if suite in ("all", "linear"):
         total += _linear.cells(lcfg)
+    from .bench import dynamic as _dynamic
+
+    dcfg = _dynamic.DynamicConfig(peers=not no_peers, full=full)
+    if suite in ("all", "dynamic"):
+        total += _dynamic.cells(dcfg)
     import sys
 
     console = Console(width=None if sys.stdout.isatty() else 200)
@@ -153,12 +159,14 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
             prog.advance(task)
 
         base = _Baselines(cfg, getattr(torch, dtype))
-        if suite == "linear":
+        if suite in ("linear", "dynamic"):
             res = run_static(BenchConfig(sizes=(), dtype=dtype), progress=step, baselines=base)
         else:
             res = run_static(cfg, progress=step, baselines=base)
         if suite in ("all", "linear"):
             res["linear"] = _linear.run_linear(lcfg, base, progress=step)
+        if suite in ("all", "dynamic"):
+            res["dynamic"] = _dynamic.run_dynamic(dcfg, progress=step)
         res["baselines"] = baseline_summary(base)
     print_table(res, console)
     paths = write(res, out)

@@ -9,6 +9,14 @@ Layout, per head group ``g`` (``heads == 1`` when every head shares the layout):
 * ``kv_ids[g, i, s]``: the key block in slot ``s`` of query block ``i``, ascending, ``-1`` past the last;
 * ``mask_ids[g, i, s]``: ``-1`` for a full tile, ``-2`` for an empty slot, else a row of ``tile_masks``;
 * ``tile_masks[m]``: a ``(block_q, block_k)`` bool mask (True = the pair interacts).
+
+A layout has ``batch * heads`` head groups (row ``b * heads + h``). ``heads`` is 1 (every head shares the
+layout), the number of key/value heads (one layout per GQA group; the group's query heads are folded into
+one product) or the number of query heads. ``batch`` is 1 (every batch row shares it) or the batch size:
+dynamic selectors look at the content, so their layouts differ between batch rows and heads.
+
+A dynamic selector that chooses at a finer grain than a tile adds a :class:`TokenSelect`: inside a tile the
+pair ``(i, j)`` interacts only where the tile mask *and* the selection allow it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,53 @@ EMPTY = -2
 
 
 @dataclass(eq=False)
+class TokenSelect:
+    """Token-grain selection inside the tiles of a layout; a pair interacts where *any* present term allows it.
+
+    * ``rows``: ``(groups, q_len, num_kv_blocks)`` bool: query token ``i`` reads key block ``J``
+      (MoBA-style per-token block gating);
+    * ``cols``: ``(groups, num_q_blocks, kv_len)`` bool: the queries of block ``I`` read key token ``j``
+      (stripes, vertical lines);
+    * ``diags``: ``(groups, 2 * kv_len)`` bool: query ``i`` reads key ``j`` when
+      ``diags[q_offset + i - j + kv_len - 1]`` (slash lines; index ``kv_len - 1`` is the main diagonal);
+    * ``labels``: ``(q_labels (groups, q_len), k_labels (groups, kv_len))``: query ``i`` reads key ``j`` when
+      their labels are equal (clusters), and with ``positions`` ``(q_pos, k_pos)`` only when
+      ``k_pos[j] <= q_pos[i]`` (causal order of tokens that were permuted).
+    """
+
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    diags: torch.Tensor | None = None
+    labels: tuple | None = None
+    positions: tuple | None = None
+
+    def allowed(
+        self, g: int, qi: torch.Tensor, kj: torch.Tensor, *, block_q: int, block_k: int, q_offset: int, kv_len: int
+    ):
+        """Bool mask of group ``g`` for query indices ``qi`` (``(..., R, 1)``) and key indices ``kj`` (``(..., 1, L)``)."""  # noqa: E501
+        out = None
+        if self.rows is not None:
+            r = self.rows[g]
+            out = r[qi.clamp(max=r.shape[0] - 1), (kj // block_k).clamp(max=r.shape[1] - 1)]
+        if self.cols is not None:
+            c = self.cols[g]
+            t = c[(qi // block_q).clamp(max=c.shape[0] - 1), kj.clamp(max=c.shape[1] - 1)]
+            out = t if out is None else out | t
+        if self.diags is not None:
+            d = self.diags[g]
+            idx = (q_offset + qi - kj + kv_len - 1).clamp(0, d.shape[0] - 1)
+            out = d[idx] if out is None else out | d[idx]
+        if self.labels is not None:
+            ql, kl = self.labels[0][g], self.labels[1][g]
+            t = ql[qi.clamp(max=ql.shape[0] - 1)] == kl[kj.clamp(max=kl.shape[0] - 1)]
+            if self.positions is not None:
+                qp, kp = self.positions[0][g], self.positions[1][g]
+                t = t & (kp[kj.clamp(max=kp.shape[0] - 1)] <= qp[qi.clamp(max=qp.shape[0] - 1)])
+            out = t if out is None else out | t
+        return out
+
+
+@dataclass(eq=False)
 class BlockLayout:
     q_len: int
     kv_len: int
@@ -34,10 +89,17 @@ class BlockLayout:
     tile_masks: torch.Tensor
     pairs: int
     """Number of interacting (query, key) pairs, summed over head groups."""
+    batch: int = 1
+    select: TokenSelect | None = None
+    q_offset: int = 0
     _plans: dict = field(default_factory=dict, repr=False)
 
     @property
     def heads(self) -> int:
+        return self.kv_ids.shape[0] // self.batch
+
+    @property
+    def groups(self) -> int:
         return self.kv_ids.shape[0]
 
     @property
@@ -56,14 +118,14 @@ class BlockLayout:
     @property
     def density(self) -> float:
         """Fraction of the ``q_len x kv_len`` pairs that interact (mean over head groups)."""
-        return self.pairs / (self.heads * self.q_len * self.kv_len)
+        return self.pairs / (self.groups * self.q_len * self.kv_len)
 
     @property
     def tile_density(self) -> float:
         """Pairs the kernel computes (non-empty tiles, padded keys included) over ``q_len x kv_len``."""
         rows = (self.q_len - torch.arange(self.num_q_blocks) * self.block_q).clamp(max=self.block_q)
         n = ((self.kv_ids >= 0).sum(-1) * rows).sum().item()
-        return n * self.block_k / (self.heads * self.q_len * self.kv_len)
+        return n * self.block_k / (self.groups * self.q_len * self.kv_len)
 
     def summary(self) -> dict:
         full = int((self.mask_ids == FULL).sum())
@@ -131,3 +193,101 @@ class BlockLayout:
             masks = uniq.reshape(-1, block_q, block_k)
         tile_masks = masks if len(masks) else torch.zeros(0, block_q, block_k, dtype=torch.bool)
         return cls(q_len, kv_len, block_q, block_k, kv_ids.contiguous(), mask_ids.contiguous(), tile_masks, pairs)
+
+    def dense_mask(self) -> torch.Tensor:
+        """The ``(batch, heads, q_len, kv_len)`` bool mask the layout stands for (tests and the oracle: O(N^2))."""
+        G, nqb, _ = self.kv_ids.shape
+        nkb, bq, bk = self.num_kv_blocks, self.block_q, self.block_k
+        tilemap = torch.full((G, nqb, nkb + 1), EMPTY, dtype=torch.long)
+        ids = torch.where(self.kv_ids >= 0, self.kv_ids, torch.full_like(self.kv_ids, nkb))
+        tilemap.scatter_(2, ids, self.mask_ids)
+        table = torch.cat(
+            [torch.zeros(1, bq, bk, dtype=torch.bool), torch.ones(1, bq, bk, dtype=torch.bool), self.tile_masks]
+        )
+        m = table[tilemap[..., :nkb] + 2].permute(0, 1, 3, 2, 4).reshape(G, nqb * bq, nkb * bk)
+        m = m[:, : self.q_len, : self.kv_len].clone()
+        if self.select is not None:
+            qi = torch.arange(self.q_len)[:, None]
+            kj = torch.arange(self.kv_len)[None, :]
+            for g in range(G):
+                m[g] &= self.select.allowed(
+                    g, qi, kj, block_q=bq, block_k=bk, q_offset=self.q_offset, kv_len=self.kv_len
+                )
+        return m.view(self.batch, G // self.batch, self.q_len, self.kv_len)
+
+    @classmethod
+    def from_blocks(
+        cls,
+        blocks: torch.Tensor,
+        q_len: int,
+        kv_len: int,
+        block: int,
+        *,
+        causal: bool,
+        q_offset: int = 0,
+        select: TokenSelect | None = None,
+    ) -> BlockLayout:
+        """A layout from a block selection ``blocks`` ``(batch, heads, num_q_blocks, num_kv_blocks)`` bool.
+
+        Square tiles of ``block``. Tiles crossed by the causal diagonal or by the end of the keys get an element
+        mask; with ``causal`` a tile wholly in the future is dropped even if selected. ``select`` refines the
+        tiles at token grain. ``pairs`` counts the pairs of the tiles (before ``select``), exactly.
+        """
+        if blocks.dim() != 4 or blocks.dtype != torch.bool:
+            raise ShapeError(
+                bad("blocks", "a bool (batch, heads, nqb, nkb) tensor", (blocks.dtype, tuple(blocks.shape)))
+            )
+        Bt, H, nqb, nkb = blocks.shape
+        if nqb != -(-q_len // block) or nkb != -(-kv_len // block):
+            raise ShapeError(bad("blocks", f"{-(-q_len // block)} x {-(-kv_len // block)} blocks", (nqb, nkb)))
+        q0 = q_offset + torch.arange(nqb) * block  # absolute position of each query block's first row
+        k0 = torch.arange(nkb) * block
+        rows = (q_len - torch.arange(nqb) * block).clamp(max=block)
+        cols = (kv_len - k0).clamp(max=block)
+        sel = blocks.reshape(Bt * H, nqb, nkb).clone()
+        delta = q0[:, None] - k0[None, :]  # causal: row r of the tile sees column c when c <= r + delta
+        if causal:
+            sel &= (q0[:, None] + rows[:, None] - 1 >= k0[None, :])[None]  # drop tiles wholly in the future
+        partial_t = (cols < block)[None, :].expand(nqb, nkb)
+        if causal:
+            partial_t = partial_t | (delta < block - 1)
+        is_full = sel & ~partial_t[None]
+        # Pairs: full tiles count rows x cols, partial ones are counted from their masks below.
+        pairs = int((is_full.sum((0,)) * (rows[:, None] * cols[None, :])).sum())
+        counts = sel.sum(-1)
+        S = max(int(counts.max()) if counts.numel() else 0, 1)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)[..., :S]
+        valid = torch.arange(S)[None, None, :] < counts[..., None]
+        kv_ids = torch.where(valid, order, torch.full_like(order, -1))
+        full_slot = torch.gather(is_full, -1, order) & valid
+        mask_ids = torch.full_like(kv_ids, EMPTY)
+        mask_ids[full_slot] = FULL
+        part = valid & ~full_slot
+        masks = torch.zeros(0, block, block, dtype=torch.bool)
+        if part.any():
+            gg, ii, ss = part.nonzero(as_tuple=True)
+            jj = kv_ids[gg, ii, ss]
+            # A partial tile's mask depends on its causal offset (clamped) and its number of real columns only.
+            d = delta[ii, jj].clamp(-block, block) if causal else torch.full_like(ii, block)
+            key = torch.stack([d, cols[jj]], 1)
+            uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+            r = torch.arange(block)[:, None]
+            c = torch.arange(block)[None, :]
+            masks = (c[None] <= r[None] + uniq[:, 0, None, None]) & (c[None] < uniq[:, 1, None, None])
+            mask_ids[gg, ii, ss] = inverse
+            real = masks[inverse].clone()
+            real &= r < rows[ii, None, None]
+            pairs += int(real.sum())
+        return cls(
+            q_len,
+            kv_len,
+            block,
+            block,
+            kv_ids.contiguous(),
+            mask_ids.contiguous(),
+            masks,
+            pairs,
+            batch=Bt,
+            select=select,
+            q_offset=q_offset,
+        )

@@ -26,8 +26,20 @@ from .api import attention
 from .errors import ShapeError, bad
 from .scores import Sigmoid, Softplus
 
-SUPPORT_KEYS = ("causal", "cross", "gqa", "backward", "decode", "bf16", "per_head", "spatial", "padding")
-KINDS = ("pattern", "function", "module")
+SUPPORT_KEYS = (
+    "causal",
+    "cross",
+    "gqa",
+    "backward",
+    "decode",
+    "bf16",
+    "per_head",
+    "spatial",
+    "padding",
+    "trainable",
+    "grid",
+)
+KINDS = ("pattern", "function", "module", "selector")
 
 
 @dataclass(frozen=True)
@@ -460,4 +472,132 @@ register(
     kind="module",
     factory=lambda n: L.GaussianAdaptiveAttention(32, 4),
     summary="per-head learnable Gaussian (mean offset, variance scale) re-weighting features over the sequence",
+)
+
+
+# ---- family B: dynamic, content-based selectors (kind "selector") ------------------------------------------
+# factory(budget, *, heads, kv_heads, head_dim, block, n) -> a Selector for q (B, heads, n, head_dim).
+
+from . import sparse as S  # noqa: E402
+
+_SEL = {"gqa", "backward", "bf16", "padding", "cross"}
+
+
+def _selector(name, paper, summary, factory, *, supports=_SEL | {"causal"}):
+    register(
+        name, family="B", paper=paper, exact=False, supports=supports, kind="selector", factory=factory, summary=summary
+    )
+
+
+def _grid(n):
+    side = int(round(n**0.5))
+    return (1, side, n // side) if side * (n // side) == n else None
+
+
+_selector(
+    "moba",
+    S.MoBA.paper,
+    "per-token top-k key blocks by mean-pooled key gates, own block forced",
+    lambda budget, *, block=64, **_: S.MoBA(block_size=block, budget=budget, keep_first=1),
+)
+_selector(
+    "vmoba",
+    S.VMoBA.paper,
+    "MoBA over 1-D/2-D/3-D blocks of a (T, H, W) grid, top-k / global / threshold",
+    lambda budget, *, block=64, n=256, **_: S.VMoBA(grid=(1, 16, n // 16), block=(1, 4, 4), budget=budget),
+    supports={"gqa", "backward", "bf16", "grid"},
+)
+_selector(
+    "seer_attention",
+    S.SeerAttention.paper,
+    "block gate on pooled q and pooled [max, min, mean] k (training-free: mean); fit_gate distils it",
+    lambda budget, *, block=64, heads=4, head_dim=16, **_: S.SeerAttention(
+        None, block_size=block, budget=budget, keep_first=1
+    ),
+    supports=_SEL | {"causal", "trainable"},
+)
+_selector(
+    "bilevel_routing",
+    S.BiLevelRouting.paper,
+    "region-to-region top-k routing, token attention in routed regions (1-D)",
+    lambda budget, *, block=64, **_: S.BiLevelRouting(block_size=block, budget=budget, keep_first=1),
+)
+_selector(
+    "bilevel_routing_2d",
+    S.BiLevelRouting.paper,
+    "bi-level routing over 2-D regions of an image grid (non-causal)",
+    lambda budget, *, block=64, n=256, **_: S.BiLevelRouting(
+        block_size=16, budget=budget, grid=(16, n // 16), region=(4, 4)
+    ),
+    supports={"gqa", "backward", "bf16", "grid"},
+)
+_selector(
+    "routing_kmeans",
+    S.KMeansRouting.paper,
+    "online k-means over unit q and k, attention inside each cluster (1/budget clusters)",
+    lambda budget, *, block=64, heads=4, head_dim=16, **_: S.KMeansRouting(
+        heads, head_dim, max(1, round(1 / budget)), block_size=block
+    ),
+    supports={"gqa", "backward", "bf16", "padding", "causal", "trainable"},
+)
+_selector(
+    "hip",
+    S.HierarchicalPruning.paper,
+    "training-free tree search for the top-k key blocks, O(N k log N)",
+    lambda budget, *, block=64, **_: S.HierarchicalPruning(block_size=block, budget=budget, keep_first=1),
+)
+_selector(
+    "sea",
+    S.LinearEstimate.paper,
+    "linear-attention (elu+1) estimate of each query's block mass, top-k blocks",
+    lambda budget, *, block=64, **_: S.LinearEstimate(block_size=block, budget=budget),
+)
+_selector(
+    "sale",
+    S.QuantizedEstimate.paper,
+    "4-bit q.k estimate, relative attention score per tile, top-k blocks",
+    lambda budget, *, block=64, **_: S.QuantizedEstimate(block_size=block, budget=budget),
+)
+_selector(
+    "anchor_attention",
+    S.AnchorStripes.paper,
+    "anchor from initial + local keys, key stripes nearest the anchor",
+    lambda budget, *, block=64, **_: S.AnchorStripes(block_size=block, budget=budget, init=block),
+)
+_selector(
+    "minference_vertical_slash",
+    S.VerticalSlash.paper,
+    "vertical and slash lines estimated from the last 64 queries",
+    lambda budget, *, block=64, **_: S.VerticalSlash(budget=budget, last_q=block, local=block, block_size=block),
+    supports={"gqa", "backward", "bf16", "padding", "causal"},
+)
+_selector(
+    "minference_block_sparse",
+    S.BlockTopK.paper,
+    "top-k blocks from mean-pooled 64-token q and k blocks",
+    lambda budget, *, block=64, **_: S.BlockTopK(block_size=block, budget=budget, keep_first=1),
+)
+_selector(
+    "sparsifiner",
+    S.Sparsifiner.paper,
+    "low-rank connectivity predictor, top-k keys per query (token level)",
+    lambda budget, *, heads=4, head_dim=16, **_: S.Sparsifiner(
+        heads, head_dim, rank=max(1, head_dim // 4), budget=budget
+    ),
+    supports=_SEL | {"causal", "trainable"},
+)
+_selector(
+    "dynamic_mask",
+    S.DynamicMask.paper,
+    "key mask and bias from the values, top-k keys per query block (token level)",
+    lambda budget, *, block=64, kv_heads=2, head_dim=16, **_: S.DynamicMask(
+        kv_heads, head_dim, budget=budget, query_block=block
+    ),
+    supports=_SEL | {"causal", "trainable"},
+)
+_selector(
+    "longheads",
+    S.LongHeads.paper,
+    "per-head, per-token chunk choice: first + own + best chunks",
+    lambda budget, *, block=64, **_: S.LongHeads(chunk_size=block, budget=budget),
 )

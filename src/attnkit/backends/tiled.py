@@ -172,8 +172,10 @@ def _softmax_v(s: torch.Tensor, vc: torch.Tensor, out: torch.Tensor | None = Non
     return o, (m + denom.log()).squeeze(-1)
 
 
-def _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score):
-    """Keys, values and masked logits of one segment of a chunk: ``(s, raw, kc, vc, pos)``."""
+def _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, sel=None):
+    """Keys, values and masked logits of one segment of a chunk: ``(s, raw, kc, vc, pos)``.
+
+    ``sel`` is ``(layout, group)`` when the layout carries a token-grain :class:`~attnkit.layout.TokenSelect`."""
     a, e, ids, bias, stride = seg
     C, s_len = ch.r1 - ch.r0, e - a
     kc = _keys(kb, ids, stride, C, s_len, bk)
@@ -181,6 +183,12 @@ def _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score):
     pos = _positions(q_offset, ch.r0, ch.r1, G, bq, h0, ids, stride, s_len, bk, qc.device) if score else None
     kpm_c = _keys(kpm_b.view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm_b is not None else None
     s, raw = _scores(qc, kc, bias, scale, score, pos, kpm_c)
+    if sel is not None:
+        layout, g = sel
+        qi = torch.arange(ch.r0 * bq, ch.r1 * bq).view(C, 1, bq, 1)
+        kj = (ids.view(C, s_len)[:, :, None] * bk + torch.arange(bk)).view(C, 1, 1, s_len * bk)
+        ok = layout.select.allowed(g, qi, kj, block_q=bq, block_k=bk, q_offset=layout.q_offset, kv_len=layout.kv_len)
+        s.view(C, G, bq, -1).masked_fill_(~ok, float("-inf"))
     return s, raw, kc, vc, pos
 
 
@@ -195,17 +203,26 @@ def _prepare(q, k, v, layout: BlockLayout, key_padding_mask):
     return cd, _pad_seq(q, nq, cd), _pad_seq(k, nk, cd), _pad_seq(v, nk, cd), kpm
 
 
-def _units(B: int, Hq: int, Hkv: int, per_head: bool):
-    """(batch, layout head, kv head, first q head) for every unit of work; a unit folds ``1 if per_head else
-    Hq / Hkv`` query heads into its rows."""
+def _grouping(layout: BlockLayout, B: int, Hq: int, Hkv: int) -> int:
+    """Query heads folded into one unit of work: 1 for per-query-head layouts, ``Hq / Hkv`` otherwise."""
+    if layout.batch not in (1, B):
+        raise UnsupportedError(bad("layout", f"a layout for batch 1 or {B}", f"batch {layout.batch}"))
+    if layout.heads == Hq:
+        return 1
+    if layout.heads in (1, Hkv):
+        return Hq // Hkv
+    raise UnsupportedError(bad("layout", f"a layout for 1, {Hkv} (kv) or {Hq} (query) heads", layout.heads))
+
+
+def _units(B: int, Hq: int, Hkv: int, G: int, layout: BlockLayout):
+    """(batch, layout group, kv head, first q head) for every unit of work; a unit folds G query heads."""
     g = Hq // Hkv
+    LH = layout.heads
     for b in range(B):
-        if per_head:
-            for h in range(Hq):
-                yield b, h, h // g, h
-        else:
-            for hk in range(Hkv):
-                yield b, 0, hk, hk * g
+        base = b * LH if layout.batch > 1 else 0
+        for h0 in range(0, Hq, G):
+            lh = 0 if LH == 1 else (h0 if G == 1 and LH == Hq else h0 // g)
+            yield b, base + lh, h0 // g, h0
 
 
 def _fold(x: torch.Tensor, G: int, nqb: int, bq: int) -> torch.Tensor:
@@ -290,13 +307,13 @@ def forward(
     bq, bk = layout.block_q, layout.block_k
     nqb = layout.num_q_blocks
     cd, qp, kp, vp, kpm = _prepare(q, k, v, layout, key_padding_mask)
-    per_head = layout.heads > 1
-    G = 1 if per_head else Hq // Hkv
-    units = Hq if per_head else Hkv
+    G = _grouping(layout, B, Hq, Hkv)
+    units = Hq // G
     out_f = torch.empty(B, units, nqb, G * bq, Dv, dtype=cd)
     lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
-    for b, lh, hk, h0 in _units(B, Hq, Hkv, per_head):
-        u = h0 if per_head else hk
+    for b, lh, hk, h0 in _units(B, Hq, Hkv, G, layout):
+        u = h0 // G
+        sel = (layout, lh) if layout.select is not None else None
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         kb, vb = kp[b, hk], vp[b, hk]
         kpm_b = kpm[b] if kpm is not None else None
@@ -309,7 +326,7 @@ def forward(
                 continue
             acc = lse = None
             for seg in ch.segments:
-                s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score)
+                s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, sel)
                 single = len(ch.segments) == 1
                 o, lse_s = _softmax_v(s, vc, out_f[b, u, ch.r0 : ch.r1] if single else None)
                 if acc is None:
@@ -355,12 +372,12 @@ def backward(
     lse_p = torch.full((B, Hq, nqb * bq), float("-inf"), dtype=cd)
     lse_p[:, :, :Nq] = lse
     lse_p = lse_p.masked_fill(torch.isinf(lse_p), float("inf"))  # p = exp(s - inf) = 0 on empty rows
-    per_head = layout.heads > 1
-    G = 1 if per_head else Hq // Hkv
+    G = _grouping(layout, B, Hq, Hkv)
     dq = torch.zeros_like(qp)
     dk = torch.zeros_like(kp)
     dv = torch.zeros_like(vp)
-    for b, lh, hk, h0 in _units(B, Hq, Hkv, per_head):
+    for b, lh, hk, h0 in _units(B, Hq, Hkv, G, layout):
+        sel = (layout, lh) if layout.select is not None else None
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         dof = _fold(dop[b, h0 : h0 + G], G, nqb, bq)
         lsef = _fold(lse_p[b, h0 : h0 + G, :, None], G, nqb, bq)[..., 0]
@@ -376,7 +393,7 @@ def backward(
             if normalizer is not None and normalizer.needs_count and ch.segments:
                 cnt = _row_counts(ch, ch.segments, kpm_b, bk, bq, G, qc.dtype)
             for seg in ch.segments:
-                s, raw, kc, vc, pos = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score)
+                s, raw, kc, vc, pos = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, sel)
                 ids = seg[2]
                 if normalizer is None:
                     p = s.sub_(lse_c).exp_()
@@ -451,4 +468,10 @@ def tiled_attention(
             bad("q", "tensors on the CPU (tiled is a CPU kernel; on GPU use backend='flex')", q.device)
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if layout.select is not None and normalizer is not None:
+        raise UnsupportedError(
+            bad("normalizer", "None with a token-grain selection (the row counts ignore it)", normalizer)
+        )
+    if layout.select is not None and layout.q_offset != q_offset:
+        raise UnsupportedError(bad("q_offset", f"the layout's q_offset {layout.q_offset}", q_offset))
     return _TiledFunction.apply(q, k, v, layout, scale, score, key_padding_mask, q_offset, normalizer)

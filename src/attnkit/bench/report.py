@@ -135,6 +135,10 @@ def markdown(res: dict) -> str:
         lines += [f"- {s['pattern']} at N={s['N']} (density {s['density']:.3f}): {s['why']}" for s in res["skipped"]]
     if res.get("linear"):
         lines += linear_markdown(res["linear"])
+    if res.get("dynamic"):
+        from .dynamic import markdown as dynamic_markdown
+
+        lines += dynamic_markdown(res["dynamic"])
     lines += ["", "Plots: `plots/*.png` (time against N, log-log)."]
     return "\n".join(lines) + "\n"
 
@@ -231,4 +235,8 @@ def write(res: dict, out: Path) -> dict:
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "report.md").write_text(markdown(res))
     pngs = plots(res, out / "plots")
+    if res.get("dynamic"):
+        from .dynamic import pareto_plots
+
+        pngs += pareto_plots(res["dynamic"], out / "plots")
     return {"json": out / "results.json", "markdown": out / "report.md", "plots": pngs}

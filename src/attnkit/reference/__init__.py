@@ -7,6 +7,7 @@ error against the float64 result must be at most twice the naive one's (plus a t
 * :func:`attention`: softmax attention over any pattern, score mod and normaliser (sigmoid, softplus).
 * :func:`linear_attention`, :func:`flow_attention`, :func:`agent_attention`, :func:`rat_attention`,
   :func:`local_linear_attention`, :func:`gaussian_adaptive`: the linear / re-normalised family (C).
+* :func:`selected_attention`: dense attention over a dynamic selector's pairs (family B).
 """
 
 from .linear import (
@@ -18,6 +19,7 @@ from .linear import (
     rat_attention,
 )
 from .softmax import attention
+from .sparse import selected_attention
 
 __all__ = [
     "agent_attention",
@@ -27,4 +29,5 @@ __all__ = [
     "linear_attention",
     "local_linear_attention",
     "rat_attention",
+    "selected_attention",
 ]

@@ -1,0 +1,41 @@
+"""Dynamic, content-based sparse attention (family B): selectors that look at q and k and choose what to compute.
+
+``selector.select(q, k, v, causal=...)`` returns a :class:`Selection` (a per-batch, per-head block layout, a
+permuted layout, or token indices); :func:`sparse_attention` runs it on the CPU kernels. Every selector reaches
+dense attention when its budget covers every key.
+"""
+
+from ._core import Selection, Selector, gather_attention, sparse_attention
+from .block_topk import BiLevelRouting, BlockTopK
+from .estimate import AnchorStripes, LinearEstimate, QuantizedEstimate, VerticalSlash
+from .hip import HierarchicalPruning
+from .moba import LongHeads, MoBA
+from .routing import KMeansRouting
+from .seer import SeerAttention, SeerGate, block_attention_target, fit_gate
+from .token import DynamicMask, Sparsifiner, fit_sparsifiner
+from .vmoba import VMoBA
+
+__all__ = [
+    "AnchorStripes",
+    "BiLevelRouting",
+    "BlockTopK",
+    "DynamicMask",
+    "HierarchicalPruning",
+    "KMeansRouting",
+    "LinearEstimate",
+    "LongHeads",
+    "MoBA",
+    "QuantizedEstimate",
+    "SeerAttention",
+    "SeerGate",
+    "Selection",
+    "Selector",
+    "Sparsifiner",
+    "VMoBA",
+    "VerticalSlash",
+    "block_attention_target",
+    "fit_gate",
+    "fit_sparsifiner",
+    "gather_attention",
+    "sparse_attention",
+]

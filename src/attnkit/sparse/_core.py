@@ -1,0 +1,384 @@
+"""What every dynamic selector shares: the :class:`Selection` it returns, the runner, budgets and top-k.
+
+A selector looks at ``q`` and ``k`` (sometimes ``v``) and decides which pairs to compute; the kernels then
+compute exactly those pairs. Selection is split from attention so that each can be timed on its own:
+
+.. code-block:: python
+
+    sel = selector.select(q, k, v, causal=True)      # no gradient, the selector's cost
+    out = sparse_attention(q, k, v, sel, causal=True)  # the kernel's cost, differentiable in q, k, v
+
+``sparse_attention(q, k, v, selector)`` does both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends.tiled import tiled_attention
+from ..errors import PatternError, ShapeError, UnsupportedError, bad
+from ..layout import BlockLayout, TokenSelect
+from ..shapes import validate
+
+_GATHER_ELEMS = 1 << 22  # gathered key elements per chunk of the token-level executor (16 MiB in fp32)
+
+
+@dataclass(eq=False)
+class Selection:
+    """The pairs a selector chose, in one of three forms the kernels run.
+
+    * ``layout``: a per-batch, per-head :class:`~attnkit.layout.BlockLayout` (blocks, optionally refined at
+      token grain by its ``select``), run by the ``tiled`` kernel;
+    * ``layout`` with ``q_order`` / ``k_order`` ``(B, H, N)``: the layout is over the sequences permuted by
+      these orders (cluster-sorted tokens, 2-D regions made contiguous); outputs are permuted back;
+    * ``indices`` ``(B, H, ceil(Nq / query_block), K)`` long, ``-1`` = none: the keys of each query (or of each
+      block of ``query_block`` queries), run by :func:`gather_attention`; ``key_bias`` ``(B, H, Nk)`` is
+      added to the logits when the mechanism has one (Dynamic Mask Attention).
+
+    ``q_offset`` (block-shared indices under ``causal``): query ``i`` drops keys after ``q_offset + i``.
+    ``padding_applied``: the selection already excludes padded keys (the kernel need not mask them).
+    ``stats`` holds what the selector wants to report (chosen budget, clusters, ...).
+    """
+
+    layout: BlockLayout | None = None
+    q_order: torch.Tensor | None = None
+    k_order: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    query_block: int = 1
+    key_bias: torch.Tensor | None = None
+    q_len: int = 0
+    kv_len: int = 0
+    padding_applied: bool = False
+    q_offset: int | None = None
+    stats: dict = field(default_factory=dict)
+
+    def dense_mask(self, heads: int) -> torch.Tensor:
+        """``(B or 1, heads, Nq, Nk)`` bool: the pairs computed, in the original token order (O(N^2); tests)."""
+        if self.indices is not None:
+            B, H, R, K = self.indices.shape
+            m = torch.zeros(B, H, R, self.kv_len + 1, dtype=torch.bool)
+            m.scatter_(-1, torch.where(self.indices >= 0, self.indices, self.kv_len), True)
+            m = m[..., : self.kv_len].repeat_interleave(self.query_block, 2)[:, :, : self.q_len]
+            if self.q_offset is not None:
+                m = m & torch.ones(self.q_len, self.kv_len, dtype=torch.bool).tril(self.q_offset)
+            return m if heads <= H else m.expand(B, heads, self.q_len, self.kv_len)
+        m = self.layout.dense_mask()
+        if self.q_order is not None:
+            B, H = self.q_order.shape[:2]
+            m = m.expand(B, H, *m.shape[2:])
+            out = torch.zeros_like(m)
+            # m is in permuted coordinates: row r is query q_order[r], column c is key k_order[c].
+            qo = self.q_order[..., :, None].expand_as(m)
+            tmp = torch.zeros_like(m).scatter_(2, qo, m)
+            ko = self.k_order[..., None, :].expand_as(m)
+            out = out.scatter_(3, ko, tmp)
+            m = out
+        if m.shape[1] == 1 and heads > 1:
+            m = m.expand(m.shape[0], heads, *m.shape[2:])
+        elif heads > m.shape[1]:
+            m = m.repeat_interleave(heads // m.shape[1], 1)
+        return m
+
+    def density(self, causal: bool) -> float:
+        """Fraction of the visible pairs (the causal triangle when ``causal``) that are computed."""
+        return selection_density(self, causal)
+
+
+def selection_density(sel: Selection, causal: bool) -> float:
+    n, m = sel.q_len, sel.kv_len
+    # Causal: the queries are the last n of m positions, query t sees m - n + t + 1 keys.
+    visible = n * (n + 1) / 2 + n * (m - n) if causal else n * m
+    if sel.indices is None and sel.layout.select is None:
+        return sel.layout.pairs / (sel.layout.groups * visible)
+    mask = sel.dense_mask(1)
+    if causal:
+        mask = mask & torch.ones(n, m, dtype=torch.bool).tril(m - n)
+    return float(mask.sum()) / (mask.shape[0] * mask.shape[1] * visible)
+
+
+class Selector:
+    """Base of the dynamic selectors. Subclasses implement :meth:`select`.
+
+    Class attributes: ``granularity`` (``"block"``, ``"token-block"``, ``"token"``), ``causal_ok``,
+    ``trainable`` (it has parameters trained by its own fitting function), ``paper``.
+    """
+
+    granularity = "block"
+    causal_ok = True
+    paper = ""
+
+    def select(self, q, k, v=None, *, causal: bool = True, key_padding_mask=None) -> Selection:
+        raise NotImplementedError
+
+
+def check_budget(budget, name: str = "budget"):
+    """A budget is a fraction in ``(0, 1]`` of the visible key blocks, or an int >= 1 of blocks."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise PatternError(bad(name, "a fraction in (0, 1] or an int >= 1", repr(budget)))
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise PatternError(bad(name, "a fraction in (0, 1]", budget))
+    if isinstance(budget, int) and budget < 1:
+        raise PatternError(bad(name, "an int >= 1 (a number of blocks)", budget))
+
+
+def check_block(block, n: int, name: str = "block_size"):
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise PatternError(bad(name, "an int >= 1", repr(block)))
+
+
+def budget_count(visible: torch.Tensor, budget) -> torch.Tensor:
+    """Blocks to keep per row: ``ceil(budget * visible)`` (at least 1) or the int budget, at most ``visible``."""
+    if isinstance(budget, float):
+        k = torch.ceil(visible.double() * budget).long().clamp(min=1)
+    else:
+        k = torch.full_like(visible, budget)
+    return torch.minimum(k, visible)
+
+
+def top_blocks(scores: torch.Tensor, allowed: torch.Tensor, forced: torch.Tensor | None, budget) -> torch.Tensor:
+    """Bool ``(..., n)``: the ``budget`` best ``allowed`` entries of each row of ``scores``, ``forced`` first.
+
+    Forced entries count toward the budget and are kept even beyond it; ties go to the lower index."""
+    k = budget_count(allowed.sum(-1), budget)
+    if forced is not None:
+        k = torch.maximum(k, (forced & allowed).sum(-1))
+    s = scores.float().masked_fill(~allowed, float("-inf"))
+    if forced is not None:
+        s = s.masked_fill(forced & allowed, float("inf"))
+    K = int(k.max()) if k.numel() else 0
+    out = torch.zeros_like(allowed)
+    if K == 0:
+        return out
+    top = s.topk(K, dim=-1, sorted=True).indices
+    keep = torch.arange(K) < k[..., None]
+    return out.scatter_(-1, top, keep) & allowed
+
+
+def pool(x: torch.Tensor, block: int, how: str = "mean", valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool ``(B, H, N, D)`` over consecutive blocks of ``block`` tokens -> ``(B, H, ceil(N / block), D)``.
+
+    The last block may be short; ``valid`` ``(B, N)`` excludes padded tokens (a block with none pools to 0)."""
+    B, H, N, D = x.shape
+    nb = -(-N // block)
+    xp = x.new_zeros(B, H, nb * block, D)
+    xp[:, :, :N] = x
+    w = x.new_zeros(B, 1, nb * block, 1)
+    w[:, :, :N] = 1.0 if valid is None else valid[:, None, :, None].to(x.dtype)
+    xv = xp.view(B, H, nb, block, D)
+    wv = w.view(B, 1, nb, block, 1)
+    if how == "mean":
+        return (xv * wv).sum(3) / wv.sum(3).clamp(min=1)
+    fill = float("-inf") if how == "max" else float("inf")
+    r = xv.masked_fill(wv == 0, fill)
+    r = r.amax(3) if how == "max" else r.amin(3)
+    return r.masked_fill(~torch.isfinite(r), 0.0)
+
+
+def block_visibility(nqb: int, nkb: int, block: int, q_len: int, kv_len: int, causal: bool) -> torch.Tensor:
+    """``(nqb, nkb)`` bool: key block ``J`` has a key visible to some query of block ``I``."""
+    if not causal:
+        return torch.ones(nqb, nkb, dtype=torch.bool)
+    off = kv_len - q_len  # queries are the last q_len positions
+    last_q = off + torch.clamp((torch.arange(nqb) + 1) * block, max=q_len) - 1
+    return (torch.arange(nkb) * block)[None, :] <= last_q[:, None]
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat the ``Hkv`` heads of a key-side tensor ``(B, Hkv, ...)`` to ``heads`` query heads (GQA)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], 1)
+
+
+def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean of ``(B, Hq, ...)`` over the query heads of each of ``groups`` GQA groups -> ``(B, groups, ...)``."""
+    B, H = x.shape[:2]
+    return x.view(B, groups, H // groups, *x.shape[2:]).mean(2)
+
+
+def layout_from_rows(rows: torch.Tensor, q_len: int, kv_len: int, block: int, causal: bool, q_offset: int):
+    """A layout from per-token block choices ``rows`` ``(B, H, Nq, nkb)``: the tiles are the union over each
+    query block's tokens, and a :class:`~attnkit.layout.TokenSelect` keeps each token to its own choice."""
+    B, H, Nq, nkb = rows.shape
+    nqb = -(-Nq // block)
+    pad = rows.new_zeros(B, H, nqb * block, nkb)
+    pad[:, :, :Nq] = rows
+    blocks = pad.view(B, H, nqb, block, nkb).any(3)
+    return BlockLayout.from_blocks(
+        blocks,
+        q_len,
+        kv_len,
+        block,
+        causal=causal,
+        q_offset=q_offset,
+        select=TokenSelect(rows=rows.reshape(B * H, Nq, nkb)),
+    )
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selector,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_selection: bool = False,
+    return_lse: bool = False,
+):
+    r"""Attention over the pairs a dynamic selector chooses.
+
+    .. math::
+        \mathrm{out}_i = \sum_{j \in S(i)} \mathrm{softmax}_{j \in S(i)}(\mathrm{scale}\; q_i \cdot k_j)\, v_j
+
+    where ``S(i)`` is the selection for query ``i`` (intersected with the causal cut and the key padding).
+    With ``causal`` the queries are the last ``Nq`` positions of the keys.
+
+    Args:
+        q, k, v: ``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` (GQA when ``Hkv < Hq``).
+        selector: a :class:`Selector` (its ``select`` runs under ``torch.no_grad``) or a :class:`Selection`
+            it already returned (to time selection and attention apart).
+        key_padding_mask: bool ``(B, Nk)``, True for real keys.
+        return_selection: also return the :class:`Selection`.
+        return_lse: also return ``lse = log sum_{j in S(i)} exp(s_ij)`` ``(B, Hq, Nq)`` (float32 for low
+            precision); ``exp(lse_sparse - lse_dense)`` is the share of the dense attention mass the selection kept.
+
+    Returns ``out`` ``(B, Hq, Nq, Dv)`` in the dtype of ``q``; differentiable in ``q``, ``k``, ``v`` (the
+    selection itself is not). A query left with no key gives 0. CPU only: the GPU path (FlexAttention block
+    masks from the same layouts) is not written yet.
+    """
+    dims = validate(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
+    if causal and dims.q_len > dims.kv_len:
+        raise ShapeError(bad("q", f"at most Nk = {dims.kv_len} queries with causal=True", dims.q_len))
+    if q.device.type != "cpu":
+        raise UnsupportedError(bad("q", "CPU tensors (the dynamic-sparse kernels are CPU kernels so far)", q.device))
+    if isinstance(selector, Selection):
+        sel = selector
+    elif isinstance(selector, Selector):
+        if causal and not selector.causal_ok:
+            raise UnsupportedError(bad("causal", f"False ({type(selector).__name__} is not causal)", causal))
+        with torch.no_grad():
+            sel = selector.select(q.detach(), k.detach(), v.detach(), causal=causal, key_padding_mask=key_padding_mask)
+    else:
+        raise ShapeError(bad("selector", "an attnkit.sparse Selector or Selection", type(selector).__name__))
+    if (sel.q_len, sel.kv_len) != (dims.q_len, dims.kv_len):
+        raise ShapeError(bad("selector", f"a selection for {dims.q_len} x {dims.kv_len}", (sel.q_len, sel.kv_len)))
+    out, lse = _run(q, k, v, sel, dims, causal, scale, key_padding_mask)
+    res = (out,) + ((lse,) if return_lse else ()) + ((sel,) if return_selection else ())
+    return res if len(res) > 1 else out
+
+
+def _run(q, k, v, sel: Selection, dims, causal, scale, kpm):
+    scale = dims.head_dim**-0.5 if scale is None else scale
+    q_offset = dims.kv_len - dims.q_len if causal else 0
+    if sel.indices is not None:
+        return gather_attention(
+            q,
+            k,
+            v,
+            sel.indices,
+            scale=scale,
+            key_padding_mask=kpm,
+            query_block=sel.query_block,
+            q_offset=q_offset if causal else None,
+            key_bias=sel.key_bias,
+        )
+    if sel.q_order is None:
+        return tiled_attention(q, k, v, sel.layout, scale=scale, key_padding_mask=kpm, q_offset=q_offset)
+    # Permuted selection: gather q, k, v into the selector's order (per query head), run, scatter back.
+    B, Hq = q.shape[:2]
+    qo, ko = sel.q_order, sel.k_order
+    H = qo.shape[1]
+    kk, vv = expand_kv(k, H), expand_kv(v, H)
+    qq = q if H == Hq else None
+    if qq is None:
+        raise ShapeError(bad("selector", f"orders for {Hq} query heads", H))
+    qp = qq.gather(2, qo[..., None].expand(-1, -1, -1, q.shape[-1]))
+    kp = kk.gather(2, ko[..., None].expand(-1, -1, -1, k.shape[-1]))
+    vp = vv.gather(2, ko[..., None].expand(-1, -1, -1, v.shape[-1]))
+    kpm_p = None
+    if kpm is not None and not sel.padding_applied:
+        if H and ko.shape[0] == B and bool((ko == ko[:, :1]).all()):
+            kpm_p = kpm.gather(1, ko[:, 0])
+        else:
+            raise UnsupportedError(bad("key_padding_mask", "None with a per-head key order", "a mask"))
+    out, lse = tiled_attention(qp, kp, vp, sel.layout, scale=scale, key_padding_mask=kpm_p)
+    out = torch.empty_like(out).scatter_(2, qo[..., None].expand_as(out), out)
+    return out, torch.empty_like(lse).scatter_(2, qo, lse)
+
+
+def gather_attention(
+    q,
+    k,
+    v,
+    indices: torch.Tensor,
+    *,
+    scale: float,
+    key_padding_mask=None,
+    query_block: int = 1,
+    q_offset: int | None = None,
+    key_bias: torch.Tensor | None = None,
+):
+    """Token-level sparse attention over gathered keys; ``(out, lse)``.
+
+    ``indices`` ``(B, Hq, ceil(Nq / query_block), K)``: row ``r`` lists the keys (``-1`` = none) read by the
+    ``query_block`` queries ``r * query_block ...``; with ``q_offset`` (causal) query ``i`` drops keys
+    ``j > q_offset + i``. ``key_bias`` ``(B, Hq, Nk)`` is added to the logits (Dynamic Mask Attention).
+    Chunks of rows gather their keys, so memory is ``O(chunk x K x D)``; autograd runs through the gathers.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    qb = query_block
+    R = ceil_div(Nq, qb)
+    if indices.shape[:3] != (B, Hq, R):
+        raise ShapeError(bad("indices", f"(B, Hq, ceil(Nq / {qb}), K) = ({B}, {Hq}, {R}, K)", tuple(indices.shape)))
+    K = indices.shape[-1]
+    cd = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    kf = k.to(cd).reshape(B * Hkv * Nk, D)
+    vf = v.to(cd).reshape(B * Hkv * Nk, Dv)
+    base = ((torch.arange(B)[:, None] * Hkv + torch.arange(Hq)[None, :] // (Hq // Hkv)) * Nk)[..., None, None]
+    safe = indices.clamp(min=0)
+    live = indices >= 0
+    if key_padding_mask is not None:
+        live = live & key_padding_mask.gather(1, safe.view(B, -1)).view_as(indices)
+    flat = base + safe
+    qp = q.to(cd)
+    if R * qb != Nq:
+        qp = torch.cat([qp, qp.new_zeros(B, Hq, R * qb - Nq, D)], 2)
+    qp = qp.view(B, Hq, R, qb, D)
+    step = max(1, _GATHER_ELEMS // max(1, B * Hq * K * max(D, qb)))
+    outs, lses = [], []
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        idx = flat[:, :, r0:r1].reshape(-1)
+        kc = kf.index_select(0, idx).view(B, Hq, r1 - r0, K, D)
+        vc = vf.index_select(0, idx).view(B, Hq, r1 - r0, K, Dv)
+        s = torch.einsum("bhrqd,bhrkd->bhrqk", qp[:, :, r0:r1], kc) * scale
+        if key_bias is not None:
+            s = s + key_bias.to(cd).gather(2, safe[:, :, r0:r1].reshape(B, Hq, -1)).view(B, Hq, r1 - r0, 1, K)
+        ok = live[:, :, r0:r1, None, :]
+        if q_offset is not None:
+            qpos = q_offset + torch.arange(r0 * qb, r1 * qb).view(1, 1, r1 - r0, qb, 1)
+            ok = ok & (safe[:, :, r0:r1, None, :] <= qpos)
+        ok = ok.expand_as(s)
+        s = s.masked_fill(~ok, float("-inf"))
+        any_ = ok.any(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(~any_, 0.0), -1) * any_
+        outs.append(torch.einsum("bhrqk,bhrkd->bhrqd", p, vc).reshape(B, Hq, (r1 - r0) * qb, Dv))
+        lses.append(torch.logsumexp(s.detach(), -1).reshape(B, Hq, (r1 - r0) * qb))
+    return torch.cat(outs, 2)[:, :, :Nq].to(q.dtype), torch.cat(lses, 2)[:, :, :Nq]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def budget_fraction(budget, total: int) -> float:
+    """A budget as a fraction of ``total`` blocks (for reports)."""
+    return budget if isinstance(budget, float) else min(1.0, budget / max(1, total))
+
+
+def log2_ceil(n: int) -> int:
+    return max(0, math.ceil(math.log2(max(1, n))))

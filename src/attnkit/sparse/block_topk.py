@@ -1,0 +1,164 @@
+"""Top-k key blocks per query block from mean-pooled queries and keys.
+
+One rule serves three papers, registered apart: BiFormer's bi-level routing (region-to-region affinity of
+region means, top-k regions; 1-D and 2-D regions), MInference's block-sparse pattern (64-token blocks of
+pooled q and k, top-k blocks) and SeerAttention's training-free mode (pooling without a learned gate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PatternError, ShapeError, bad
+from ..layout import BlockLayout
+from ._core import (
+    Selection,
+    Selector,
+    block_visibility,
+    check_block,
+    check_budget,
+    expand_kv,
+    group_mean,
+    pool,
+    top_blocks,
+)
+
+
+def block_scores(qp: torch.Tensor, kp: torch.Tensor, share_group: int = 1) -> torch.Tensor:
+    """``(B, H, nqb, nkb)`` block affinities ``qp kp^T`` of pooled queries and keys; with ``share_group > 1``
+    the scores are averaged over each GQA group so that the group shares one layout (folded in the kernel)."""
+    s = qp @ expand_kv(kp, qp.shape[1]).transpose(-1, -2)
+    return group_mean(s, kp.shape[1]) if share_group > 1 else s
+
+
+def select_blocks(
+    scores, q_len, kv_len, block, budget, causal, key_padding_mask=None, keep_first: int = 0
+) -> Selection:
+    """Top-``budget`` blocks of each query block's row of ``scores``; causal keeps the diagonal block and never
+    takes a future one; the first ``keep_first`` blocks (attention sinks) are always kept; a key block of only
+    padding is never taken. Kept blocks count toward the budget."""
+    B, H, nqb, nkb = scores.shape
+    allowed = block_visibility(nqb, nkb, block, q_len, kv_len, causal)[None, None].expand(B, H, nqb, nkb)
+    if key_padding_mask is not None:
+        real = pool(key_padding_mask[:, None, :, None].float(), block, "max")[..., 0] > 0
+        allowed = allowed & real[:, :, None, :]
+    forced = (torch.arange(nkb) < keep_first)[None, :].expand(nqb, nkb)
+    if causal:
+        last_q = kv_len - q_len + torch.clamp((torch.arange(nqb) + 1) * block, max=q_len) - 1
+        forced = forced | (torch.arange(nkb)[None, :] == (last_q // block)[:, None])
+    forced = forced[None, None] & allowed
+    blocks = top_blocks(scores, allowed, forced, budget)
+    layout = BlockLayout.from_blocks(
+        blocks, q_len, kv_len, block, causal=causal, q_offset=kv_len - q_len if causal else 0
+    )
+    return Selection(layout=layout, q_len=q_len, kv_len=kv_len)
+
+
+def _check_qk(q, k, name="q"):
+    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ShapeError(
+            bad(f"{name}, k", "(B, Hq, Nq, D) and (B, Hkv, Nk, D) with Hq % Hkv == 0", (tuple(q.shape), tuple(k.shape)))
+        )
+
+
+@dataclass(frozen=True)
+class BlockTopK(Selector):
+    r"""Top-k key blocks for each query block by the affinity of mean-pooled blocks.
+
+    .. math:: A_{IJ} = \bar q_I \cdot \bar k_J, \qquad S(I) = \mathrm{top}_k\{J : A_{IJ}\}
+
+    Args:
+        block_size: tokens per block (queries and keys).
+        budget: fraction in ``(0, 1]`` of each query block's visible key blocks, or an int number of blocks.
+            With ``causal`` the query's own (diagonal) block is always kept and counts toward the budget.
+        share_group: one layout per GQA group (scores averaged over its query heads), so the kernel folds the
+            group's heads into one product, as NSA does; default per query head.
+        keep_first: leading key blocks always kept (attention sinks; 0 = the paper's pure top-k). Real LLM
+            heads put much of their mass on the first tokens, which mean pooling hides: see the benchmark.
+    """
+
+    block_size: int = 64
+    budget: float | int = 0.125
+    share_group: bool = False
+    keep_first: int = 0
+    paper = "MInference 1.0 (block-sparse pattern)"
+
+    def __post_init__(self):
+        check_block(self.block_size, 0)
+        check_budget(self.budget)
+
+    def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
+        _check_qk(q, k)
+        b = self.block_size
+        qp = pool(q, b)
+        kp = pool(k, b, valid=key_padding_mask)
+        s = block_scores(qp, kp, q.shape[1] // k.shape[1] if self.share_group else 1)
+        return select_blocks(s, q.shape[2], k.shape[2], b, self.budget, causal, key_padding_mask, self.keep_first)
+
+
+@dataclass(frozen=True)
+class BiLevelRouting(BlockTopK):
+    r"""BiFormer's bi-level routing attention: region-to-region routing, then token attention in the routed regions.
+
+    Regions are ``block_size`` consecutive tokens (1-D), or with ``grid=(H, W)`` and ``region=(rh, rw)`` the
+    tokens of an ``H x W`` map cut into ``rh x rw`` windows (2-D; tokens are permuted so each region is
+    contiguous, and outputs permuted back). Region queries and keys are token means, the region affinity is
+    ``A_r = Q_r K_r^T``, each query region keeps its ``top_k`` (``budget``) key regions, and its tokens attend to
+    every token of those regions. BiFormer's local-context convolution on ``v`` belongs to the layer, not the
+    selector. The causal variant (1-D only) never routes to a future region and always keeps its own.
+    """
+
+    grid: tuple | None = None
+    region: tuple | None = None
+    paper = "BiFormer: Vision Transformer with Bi-Level Routing Attention"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.grid is None) != (self.region is None):
+            raise PatternError(bad("grid, region", "both or neither", (self.grid, self.region)))
+        if self.grid is not None:
+            if (
+                len(self.grid) != 2
+                or len(self.region) != 2
+                or any(g % r for g, r in zip(self.grid, self.region, strict=True))
+            ):  # noqa: E501
+                raise PatternError(bad("region", f"two sizes dividing grid {self.grid}", self.region))
+            if self.region[0] * self.region[1] != self.block_size:
+                raise PatternError(bad("block_size", f"region area {self.region[0] * self.region[1]}", self.block_size))
+
+    @property
+    def causal_ok(self):
+        return self.grid is None
+
+    def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
+        if self.grid is None:
+            return super().select(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+        _check_qk(q, k)
+        N = self.grid[0] * self.grid[1]
+        if q.shape[2] != N or k.shape[2] != N:
+            raise ShapeError(bad("q, k", f"{N} tokens (grid {self.grid})", (q.shape[2], k.shape[2])))
+        order = region_order(self.grid, self.region)
+        qo = q[:, :, order]
+        ko = k[:, :, order]
+        sel = super().select(qo, ko, None, causal=False, key_padding_mask=None)
+        B, H = q.shape[:2]
+        sel.q_order = order.expand(B, H, N).contiguous()
+        sel.k_order = sel.q_order if k.shape[1] == H else order.expand(B, H, N).contiguous()
+        if sel.layout.heads not in (1, H):
+            raise ShapeError(bad("share_group", "False for 2-D regions", self.share_group))
+        return sel
+
+
+def region_order(grid: tuple, region: tuple) -> torch.Tensor:
+    """Token order that makes each ``region`` window of a ``grid`` (row-major tokens) contiguous, row-major
+    within and across windows; works for any number of dimensions."""
+    idx = torch.arange(int(torch.tensor(grid).prod())).view(*grid)
+    shape, perm = [], []
+    for g, r in zip(grid, region, strict=True):
+        shape += [g // r, r]
+    idx = idx.view(*shape)
+    n = len(grid)
+    perm = [2 * d for d in range(n)] + [2 * d + 1 for d in range(n)]
+    return idx.permute(*perm).reshape(-1)
