@@ -31,6 +31,22 @@ FULL = -1
 EMPTY = -2
 
 
+def _slots(any_: torch.Tensor, full: torch.Tensor):
+    """``(kv_ids, mask_ids, partial)`` from per-tile flags ``(groups, nqb, nkb)``: each row's non-empty key
+    blocks ascending in its slots (``-1`` past the last), full tiles marked ``FULL``, the rest ``EMPTY`` until
+    their masks are numbered; ``partial`` flags the slots that need a mask."""
+    counts = any_.sum(-1)
+    S = max(int(counts.max()) if counts.numel() else 0, 1)
+    # A stable sort puts the non-empty key blocks first, in ascending order.
+    order = torch.argsort((~any_).to(torch.int8), dim=-1, stable=True)[..., :S]
+    valid = torch.arange(S)[None, None, :] < counts[..., None]
+    kv_ids = torch.where(valid, order, torch.full_like(order, -1))
+    is_full = torch.gather(full, -1, order) & valid
+    mask_ids = torch.full_like(kv_ids, EMPTY)
+    mask_ids[is_full] = FULL
+    return kv_ids, mask_ids, valid & ~is_full
+
+
 @dataclass(eq=False)
 class TokenSelect:
     """Token-grain selection inside the tiles of a layout; a pair interacts where *any* present term allows it.
@@ -172,16 +188,7 @@ class BlockLayout:
         if any_.shape != all_.shape or any_.dim() != 3:
             raise ShapeError(bad("any_/all_", "two equal (heads, nqb, nkb) tensors", (any_.shape, all_.shape)))
         H, nqb, nkb = any_.shape
-        counts = any_.sum(-1)
-        S = max(int(counts.max()), 1)
-        # Stable sort puts the non-empty key blocks first, in ascending order.
-        order = torch.argsort((~any_).to(torch.int8), dim=-1, stable=True)[..., :S]
-        valid = torch.arange(S)[None, None, :] < counts[..., None]
-        kv_ids = torch.where(valid, order, torch.full_like(order, -1))
-        is_full = torch.gather(all_, -1, order) & valid
-        mask_ids = torch.full_like(kv_ids, EMPTY)
-        mask_ids[is_full] = FULL
-        partial = valid & ~is_full
+        kv_ids, mask_ids, partial = _slots(any_, all_)
         masks = []
         if partial.any():
             hh, ii, ss = partial.nonzero(as_tuple=True)
@@ -254,15 +261,7 @@ class BlockLayout:
         is_full = sel & ~partial_t[None]
         # Pairs: full tiles count rows x cols, partial ones are counted from their masks below.
         pairs = int((is_full.sum((0,)) * (rows[:, None] * cols[None, :])).sum())
-        counts = sel.sum(-1)
-        S = max(int(counts.max()) if counts.numel() else 0, 1)
-        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)[..., :S]
-        valid = torch.arange(S)[None, None, :] < counts[..., None]
-        kv_ids = torch.where(valid, order, torch.full_like(order, -1))
-        full_slot = torch.gather(is_full, -1, order) & valid
-        mask_ids = torch.full_like(kv_ids, EMPTY)
-        mask_ids[full_slot] = FULL
-        part = valid & ~full_slot
+        kv_ids, mask_ids, part = _slots(sel, is_full)
         masks = torch.zeros(0, block, block, dtype=torch.bool)
         if part.any():
             gg, ii, ss = part.nonzero(as_tuple=True)

@@ -221,7 +221,7 @@ def _units(B: int, Hq: int, Hkv: int, G: int, layout: BlockLayout):
     for b in range(B):
         base = b * LH if layout.batch > 1 else 0
         for h0 in range(0, Hq, G):
-            lh = 0 if LH == 1 else (h0 if G == 1 and LH == Hq else h0 // g)
+            lh = 0 if LH == 1 else (h0 if LH == Hq else h0 // g)
             yield b, base + lh, h0 // g, h0
 
 

@@ -13,7 +13,6 @@ compute exactly those pairs. Selection is split from attention so that each can 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +113,19 @@ class Selector:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class BlockSelector(Selector):
+    """A selector over blocks of ``block_size`` tokens with a ``budget`` (fraction in ``(0, 1]`` of the
+    visible key blocks, or an int number of blocks); checks both."""
+
+    block_size: int = 64
+    budget: float | int = 0.125
+
+    def __post_init__(self):
+        check_block(self.block_size)
+        check_budget(self.budget)
+
+
 def check_budget(budget, name: str = "budget"):
     """A budget is a fraction in ``(0, 1]`` of the visible key blocks, or an int >= 1 of blocks."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
@@ -124,7 +136,7 @@ def check_budget(budget, name: str = "budget"):
         raise PatternError(bad(name, "an int >= 1 (a number of blocks)", budget))
 
 
-def check_block(block, n: int, name: str = "block_size"):
+def check_block(block, name: str = "block_size"):
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise PatternError(bad(name, "an int >= 1", repr(block)))
 
@@ -138,23 +150,39 @@ def budget_count(visible: torch.Tensor, budget) -> torch.Tensor:
     return torch.minimum(k, visible)
 
 
-def top_blocks(scores: torch.Tensor, allowed: torch.Tensor, forced: torch.Tensor | None, budget) -> torch.Tensor:
-    """Bool ``(..., n)``: the ``budget`` best ``allowed`` entries of each row of ``scores``, ``forced`` first.
-
-    Forced entries count toward the budget and are kept even beyond it; ties go to the lower index."""
+def _ranked(scores, allowed, forced, budget):
+    """``(top, keep)``: each row's best ``allowed`` entries (``forced`` first), ``(..., K)`` indices and whether
+    each is within the row's count. Forced entries count toward the budget and are kept even beyond it; ties go
+    to the lower index."""
     k = budget_count(allowed.sum(-1), budget)
-    if forced is not None:
-        k = torch.maximum(k, (forced & allowed).sum(-1))
     s = scores.float().masked_fill(~allowed, float("-inf"))
     if forced is not None:
-        s = s.masked_fill(forced & allowed, float("inf"))
+        forced = forced & allowed
+        k = torch.maximum(k, forced.sum(-1))
+        s = s.masked_fill(forced, float("inf"))
     K = int(k.max()) if k.numel() else 0
-    out = torch.zeros_like(allowed)
-    if K == 0:
-        return out
     top = s.topk(K, dim=-1, sorted=True).indices
-    keep = torch.arange(K) < k[..., None]
-    return out.scatter_(-1, top, keep) & allowed
+    return top, torch.arange(K) < k[..., None]
+
+
+def top_blocks(scores: torch.Tensor, allowed: torch.Tensor, forced: torch.Tensor | None, budget) -> torch.Tensor:
+    """Bool ``(..., n)``: the ``budget`` best ``allowed`` entries of each row of ``scores``, ``forced`` first."""
+    top, keep = _ranked(scores, allowed, forced, budget)
+    return torch.zeros_like(allowed).scatter_(-1, top, keep) & allowed
+
+
+def top_keys(scores: torch.Tensor, allowed: torch.Tensor, forced: torch.Tensor | None, budget) -> torch.Tensor:
+    """The same choice as :func:`top_blocks` as indices ``(..., K)``, ``-1`` past each row's count."""
+    top, keep = _ranked(scores, allowed, forced, budget)
+    return torch.where(keep, top, -1)
+
+
+def query_blocks(nqb: int, block: int, q_len: int, offset: int):
+    """``(first, last)``: absolute positions of the first and last query of each block (query 0 is at
+    ``offset``; the last block may be short)."""
+    first = offset + torch.arange(nqb) * block
+    last = offset + torch.clamp((torch.arange(nqb) + 1) * block, max=q_len) - 1
+    return first, last
 
 
 def pool(x: torch.Tensor, block: int, how: str = "mean", valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,9 +209,8 @@ def block_visibility(nqb: int, nkb: int, block: int, q_len: int, kv_len: int, ca
     """``(nqb, nkb)`` bool: key block ``J`` has a key visible to some query of block ``I``."""
     if not causal:
         return torch.ones(nqb, nkb, dtype=torch.bool)
-    off = kv_len - q_len  # queries are the last q_len positions
-    last_q = off + torch.clamp((torch.arange(nqb) + 1) * block, max=q_len) - 1
-    return (torch.arange(nkb) * block)[None, :] <= last_q[:, None]
+    _, last = query_blocks(nqb, block, q_len, kv_len - q_len)  # queries are the last q_len positions
+    return (torch.arange(nkb) * block)[None, :] <= last[:, None]
 
 
 def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -290,17 +317,15 @@ def _run(q, k, v, sel: Selection, dims, causal, scale, kpm):
     # Permuted selection: gather q, k, v into the selector's order (per query head), run, scatter back.
     B, Hq = q.shape[:2]
     qo, ko = sel.q_order, sel.k_order
-    H = qo.shape[1]
-    kk, vv = expand_kv(k, H), expand_kv(v, H)
-    qq = q if H == Hq else None
-    if qq is None:
-        raise ShapeError(bad("selector", f"orders for {Hq} query heads", H))
-    qp = qq.gather(2, qo[..., None].expand(-1, -1, -1, q.shape[-1]))
+    if qo.shape[1] != Hq:
+        raise ShapeError(bad("selector", f"orders for {Hq} query heads", qo.shape[1]))
+    kk, vv = expand_kv(k, Hq), expand_kv(v, Hq)
+    qp = q.gather(2, qo[..., None].expand(-1, -1, -1, q.shape[-1]))
     kp = kk.gather(2, ko[..., None].expand(-1, -1, -1, k.shape[-1]))
     vp = vv.gather(2, ko[..., None].expand(-1, -1, -1, v.shape[-1]))
     kpm_p = None
     if kpm is not None and not sel.padding_applied:
-        if H and ko.shape[0] == B and bool((ko == ko[:, :1]).all()):
+        if ko.shape[0] == B and bool((ko == ko[:, :1]).all()):
             kpm_p = kpm.gather(1, ko[:, 0])
         else:
             raise UnsupportedError(bad("key_padding_mask", "None with a per-head key order", "a mask"))
@@ -373,12 +398,3 @@ def gather_attention(
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def budget_fraction(budget, total: int) -> float:
-    """A budget as a fraction of ``total`` blocks (for reports)."""
-    return budget if isinstance(budget, float) else min(1.0, budget / max(1, total))
-
-
-def log2_ceil(n: int) -> int:
-    return max(0, math.ceil(math.log2(max(1, n))))

@@ -13,17 +13,7 @@ import torch
 
 from ..errors import PatternError, ShapeError, bad
 from ..layout import BlockLayout
-from ._core import (
-    Selection,
-    Selector,
-    block_visibility,
-    check_block,
-    check_budget,
-    expand_kv,
-    group_mean,
-    pool,
-    top_blocks,
-)
+from ._core import BlockSelector, Selection, block_visibility, expand_kv, group_mean, pool, query_blocks, top_blocks
 
 
 def block_scores(qp: torch.Tensor, kp: torch.Tensor, share_group: int = 1) -> torch.Tensor:
@@ -46,8 +36,8 @@ def select_blocks(
         allowed = allowed & real[:, :, None, :]
     forced = (torch.arange(nkb) < keep_first)[None, :].expand(nqb, nkb)
     if causal:
-        last_q = kv_len - q_len + torch.clamp((torch.arange(nqb) + 1) * block, max=q_len) - 1
-        forced = forced | (torch.arange(nkb)[None, :] == (last_q // block)[:, None])
+        _, last = query_blocks(nqb, block, q_len, kv_len - q_len)
+        forced = forced | (torch.arange(nkb)[None, :] == (last // block)[:, None])
     forced = forced[None, None] & allowed
     blocks = top_blocks(scores, allowed, forced, budget)
     layout = BlockLayout.from_blocks(
@@ -64,7 +54,7 @@ def _check_qk(q, k, name="q"):
 
 
 @dataclass(frozen=True)
-class BlockTopK(Selector):
+class BlockTopK(BlockSelector):
     r"""Top-k key blocks for each query block by the affinity of mean-pooled blocks.
 
     .. math:: A_{IJ} = \bar q_I \cdot \bar k_J, \qquad S(I) = \mathrm{top}_k\{J : A_{IJ}\}
@@ -79,15 +69,9 @@ class BlockTopK(Selector):
             heads put much of their mass on the first tokens, which mean pooling hides: see the benchmark.
     """
 
-    block_size: int = 64
-    budget: float | int = 0.125
     share_group: bool = False
     keep_first: int = 0
     paper = "MInference 1.0 (block-sparse pattern)"
-
-    def __post_init__(self):
-        check_block(self.block_size, 0)
-        check_budget(self.budget)
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         _check_qk(q, k)
@@ -144,8 +128,7 @@ class BiLevelRouting(BlockTopK):
         ko = k[:, :, order]
         sel = super().select(qo, ko, None, causal=False, key_padding_mask=None)
         B, H = q.shape[:2]
-        sel.q_order = order.expand(B, H, N).contiguous()
-        sel.k_order = sel.q_order if k.shape[1] == H else order.expand(B, H, N).contiguous()
+        sel.q_order = sel.k_order = order.expand(B, H, N).contiguous()
         if sel.layout.heads not in (1, H):
             raise ShapeError(bad("share_group", "False for 2-D regions", self.share_group))
         return sel

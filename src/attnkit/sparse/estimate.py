@@ -14,13 +14,23 @@ import torch
 
 from ..errors import PatternError, bad
 from ..layout import BlockLayout, TokenSelect
-from ._core import Selection, Selector, check_block, check_budget, expand_kv, pool, top_blocks
+from ._core import (
+    BlockSelector,
+    Selection,
+    Selector,
+    check_block,
+    check_budget,
+    expand_kv,
+    pool,
+    query_blocks,
+    top_blocks,
+)
 from .block_topk import _check_qk, select_blocks
 from .moba import token_block_gate
 
 
 @dataclass(frozen=True)
-class LinearEstimate(Selector):
+class LinearEstimate(BlockSelector):
     r"""SEA: estimate the attention map with kernelised linear attention, keep each query's top-k key blocks.
 
     .. math:: \hat a_{iJ} = \frac{\phi(q_i) \cdot \sum_{j \in J} \phi(k_j)}{\phi(q_i) \cdot \sum_j \phi(k_j)}
@@ -31,15 +41,9 @@ class LinearEstimate(Selector):
     own block is always kept under ``causal``. The estimate costs ``O(N x N / block x F)``.
     """
 
-    block_size: int = 64
-    budget: float | int = 0.125
     feature_map: object = "elu+1"
     granularity = "token-block"
     paper = "SEA: Sparse Linear Attention with Estimated Attention Mask"
-
-    def __post_init__(self):
-        check_block(self.block_size, 0)
-        check_budget(self.budget)
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         from ..linear.feature_maps import resolve
@@ -62,7 +66,7 @@ def quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class QuantizedEstimate(Selector):
+class QuantizedEstimate(BlockSelector):
     r"""SALE: fine-grained logits from ``bits``-bit quantised ``q`` and ``k``, then block selection.
 
     The estimate ``s~_ij = scale q~_i . k~_j`` is turned into a *relative attention score* per tile,
@@ -73,14 +77,11 @@ class QuantizedEstimate(Selector):
     not carry over to this CPU path, its quality does.
     """
 
-    block_size: int = 64
-    budget: float | int = 0.125
     bits: int = 4
     paper = "SALE: Low-bit Estimation for Efficient Sparse Attention in Long-context LLM Prefilling"
 
     def __post_init__(self):
-        check_block(self.block_size, 0)
-        check_budget(self.budget)
+        super().__post_init__()
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise PatternError(bad("bits", "an int in [2, 8]", repr(self.bits)))
 
@@ -106,7 +107,7 @@ class QuantizedEstimate(Selector):
 
 
 @dataclass(frozen=True)
-class AnchorStripes(Selector):
+class AnchorStripes(BlockSelector):
     r"""AnchorAttention: an anchor score from the initial and local keys, then key *stripes* whose estimated
     score comes close to it.
 
@@ -118,17 +119,14 @@ class AnchorStripes(Selector):
     (a :class:`~attnkit.layout.TokenSelect` ``cols`` term over the tiles that contain them).
     """
 
-    block_size: int = 64
-    budget: float | int = 0.125
     init: int = 64
     theta: float | None = None
     granularity = "block-token"
     paper = "AnchorAttention: Difference-Aware Sparse Attention with Stripe Granularity"
 
     def __post_init__(self):
-        check_block(self.block_size, 0)
-        check_budget(self.budget)
-        check_block(self.init, 0, "init")
+        super().__post_init__()
+        check_block(self.init, "init")
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         _check_qk(q, k)
@@ -140,7 +138,7 @@ class AnchorStripes(Selector):
         qf = q.float()
         scale = D**-0.5
         qpos = off + torch.arange(Nq)
-        blk_first = off + torch.arange(nqb) * b  # absolute position of each query block's first query
+        blk_first, last = query_blocks(nqb, b, Nq, off)
         # Exact anchor: init keys and the query's own block (the local keys).
         init = kx[:, :, : self.init]
         s_init = qf @ init.transpose(-1, -2) * scale
@@ -155,7 +153,7 @@ class AnchorStripes(Selector):
         if causal:
             qp = (off + torch.arange(nqb * b)).view(nqb, b, 1)
             s_loc = s_loc.masked_fill(loc_idx[:, None, :] > qp, float("-inf"))
-        anchor = torch.maximum(s_init.amax(-1), torch.zeros(1) - float("inf"))
+        anchor = s_init.amax(-1)
         anchor_b = torch.zeros(B, H, nqb * b).fill_(float("-inf"))
         anchor_b[:, :, :Nq] = anchor
         anchor = torch.maximum(anchor_b.view(B, H, nqb, b), s_loc.amax(-1))
@@ -164,7 +162,6 @@ class AnchorStripes(Selector):
         a_I = anchor.sum(-1) / rows_real  # padded rows hold 0
         qm = qpad.view(B, H, nqb, b, D).sum(3) / rows_real[:, None]
         approx = qm @ kx.transpose(-1, -2) * scale  # (B, H, nqb, Nk)
-        last = off + torch.clamp((torch.arange(nqb) + 1) * b, max=Nq) - 1
         visible = (torch.arange(Nk)[None, :] <= last[:, None]) if causal else torch.ones(nqb, Nk, dtype=torch.bool)
         visible = visible[None, None].expand(B, H, nqb, Nk)
         if key_padding_mask is not None:
@@ -212,7 +209,7 @@ class VerticalSlash(Selector):
     def __post_init__(self):
         check_budget(self.budget)
         for name in ("last_q", "sink", "local", "block_size"):
-            check_block(getattr(self, name), 0, name)
+            check_block(getattr(self, name), name)
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         _check_qk(q, k)
@@ -248,8 +245,7 @@ class VerticalSlash(Selector):
         sl = top_blocks(slash, torch.ones_like(allowed), forced_s.expand(B, H, Nk), min(Nk, n_v + self.local))
         nqb, nkb = -(-Nq // b), -(-Nk // b)
         # Tiles: those holding a selected column below the diagonal, and those a selected diagonal crosses.
-        last = off + torch.clamp((torch.arange(nqb) + 1) * b, max=Nq) - 1
-        first = off + torch.arange(nqb) * b
+        first, last = query_blocks(nqb, b, Nq, off)
         cpad = torch.zeros(B, H, nkb * b, dtype=torch.bool)
         cpad[..., :Nk] = cols
         blocks = cpad.view(B, H, 1, nkb, b).any(-1).expand(B, H, nqb, nkb).clone()

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import BlockLayout
-from ._core import Selection, Selector, budget_count, check_block, check_budget, expand_kv, pool
+from ._core import BlockSelector, Selection, budget_count, expand_kv, pool, query_blocks
 from .block_topk import _check_qk
 
 
 @dataclass(frozen=True)
-class HierarchicalPruning(Selector):
+class HierarchicalPruning(BlockSelector):
     r"""HiP's hierarchical top-k key selection, coarse to fine, for each block of queries.
 
     For query block ``I`` with ``V`` visible key blocks before its own, the range is cut into ``k`` segments
@@ -25,14 +25,8 @@ class HierarchicalPruning(Selector):
     ``keep_first`` leading blocks (attention sinks, which HiP's deployments keep) are added to the search's.
     """
 
-    block_size: int = 64
-    budget: float | int = 0.125
     keep_first: int = 0
     paper = "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning"
-
-    def __post_init__(self):
-        check_block(self.block_size, 0)
-        check_budget(self.budget)
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         _check_qk(q, k)
@@ -40,8 +34,8 @@ class HierarchicalPruning(Selector):
         Nk, b = k.shape[2], self.block_size
         nqb, nkb = -(-Nq // b), -(-Nk // b)
         off = Nk - Nq if causal else 0
-        last_q = off + torch.clamp((torch.arange(nqb) + 1) * b, max=Nq) - 1
-        own = last_q // b if causal else torch.full((nqb,), nkb)
+        _, last = query_blocks(nqb, b, Nq, off)
+        own = last // b if causal else torch.full((nqb,), nkb)
         V = own.clamp(max=nkb)  # searchable blocks: strictly before the own block (all blocks when not causal)
         total = V + (1 if causal else 0)
         kk = budget_count(total, self.budget) - (1 if causal else 0)  # search budget (own block excluded)

@@ -6,7 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ._core import Selection, Selector, check_block, check_budget, expand_kv, layout_from_rows, pool, top_blocks
+from ._core import (
+    BlockSelector,
+    Selection,
+    Selector,
+    check_block,
+    check_budget,
+    expand_kv,
+    layout_from_rows,
+    pool,
+    top_blocks,
+)
 from .block_topk import _check_qk
 
 
@@ -39,7 +49,7 @@ def token_block_gate(q, k, block, budget, causal, key_padding_mask, *, keys=None
 
 
 @dataclass(frozen=True)
-class MoBA(Selector):
+class MoBA(BlockSelector):
     r"""MoBA (Mixture of Block Attention): every query token routes itself to its top-k key blocks.
 
     .. math:: g_{iJ} = q_i \cdot \mathrm{mean}_{j \in J} k_j, \qquad S(i) = \mathrm{top}_k\{J \le \mathrm{blk}(i)\}
@@ -51,15 +61,9 @@ class MoBA(Selector):
     (a :class:`~attnkit.layout.TokenSelect` over the union of its query block's tiles). Per query head.
     """
 
-    block_size: int = 64
-    budget: float | int = 0.125
     keep_first: int = 0
     granularity = "token-block"
     paper = "MoBA: Mixture of Block Attention for Long-Context LLMs"
-
-    def __post_init__(self):
-        check_block(self.block_size, 0)
-        check_budget(self.budget)
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         _check_qk(q, k)
@@ -85,7 +89,7 @@ class LongHeads(Selector):
     paper = "LongHeads: Multi-Head Attention is Secretly a Long Context Processor"
 
     def __post_init__(self):
-        check_block(self.chunk_size, 0, "chunk_size")
+        check_block(self.chunk_size, "chunk_size")
         check_budget(self.budget)
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:

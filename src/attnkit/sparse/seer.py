@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PatternError, ShapeError, bad
-from ._core import Selection, Selector, check_block, check_budget, expand_kv, pool
+from ._core import Selection, Selector, block_visibility, check_block, check_budget, expand_kv, pool
 from .block_topk import _check_qk, select_blocks
 
 
@@ -53,7 +53,7 @@ class SeerAttention(Selector):
     def __init__(
         self, gate: SeerGate | None = None, *, block_size: int = 64, budget: float | int = 0.125, keep_first: int = 0
     ):
-        check_block(block_size, 0)
+        check_block(block_size)
         check_budget(budget)
         if gate is not None and not isinstance(gate, SeerGate):
             raise PatternError(bad("gate", "a SeerGate or None", type(gate).__name__))
@@ -113,10 +113,8 @@ def fit_gate(
         logits = gate(q, k, block_size)
         if causal:
             nqb, nkb = logits.shape[-2:]
-            off = k.shape[2] - q.shape[2]
-            last_q = off + torch.clamp((torch.arange(nqb) + 1) * block_size, max=q.shape[2]) - 1
-            fut = (torch.arange(nkb) * block_size)[None, :] > last_q[:, None]
-            logits = logits.masked_fill(fut, float("-inf"))
+            seen = block_visibility(nqb, nkb, block_size, q.shape[2], k.shape[2], True)
+            logits = logits.masked_fill(~seen, float("-inf"))
         logp = logits.log_softmax(-1)
         loss = -(t * logp.masked_fill(t == 0, 0.0)).sum(-1).mean() + (t * t.clamp(min=1e-30).log()).sum(-1).mean()
         opt.zero_grad()

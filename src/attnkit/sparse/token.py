@@ -5,22 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import PatternError, ShapeError, bad
-from ._core import Selection, Selector, budget_count, check_budget, expand_kv
+from ._core import Selection, Selector, check_budget, expand_kv, query_blocks, top_keys
 
 
 def _visible(Nq: int, Nk: int, causal: bool) -> torch.Tensor:
     if not causal:
         return torch.ones(Nq, Nk, dtype=torch.bool)
     return torch.arange(Nk)[None, :] <= (Nk - Nq + torch.arange(Nq))[:, None]
-
-
-def _top_keys(scores: torch.Tensor, visible: torch.Tensor, budget) -> torch.Tensor:
-    """``(B, H, R, K)`` key indices, ``-1`` past each row's count: the best visible keys of each row."""
-    k = budget_count(visible.sum(-1), budget)
-    s = scores.float().masked_fill(~visible, float("-inf"))
-    K = max(int(k.max()), 1)
-    top = s.topk(K, -1).indices
-    return torch.where(torch.arange(K) < k[..., None], top, -1)
 
 
 class Sparsifiner(Selector, torch.nn.Module):
@@ -67,10 +58,9 @@ class Sparsifiner(Selector, torch.nn.Module):
             if key_padding_mask is not None:
                 vis = vis & key_padding_mask[:, None, None, :]
             c = self.connectivity(q[:, :, i0:i1], k)
-            if causal:  # the query's own key is always kept
-                own = torch.arange(Nk)[None, :] == (off + torch.arange(i0, i1))[:, None]
-                c = c.masked_fill(own, float("inf"))
-            rows.append(_top_keys(c, vis.expand(q.shape[0], self.heads, i1 - i0, Nk), self.budget))
+            # Under causal the query's own key is always kept, so no row is empty.
+            own = torch.arange(Nk)[None, :] == (off + torch.arange(i0, i1))[:, None] if causal else None
+            rows.append(top_keys(c, vis.expand(q.shape[0], self.heads, i1 - i0, Nk), own, self.budget))
         K = max(r.shape[-1] for r in rows)
         idx = torch.cat([torch.nn.functional.pad(r, (0, K - r.shape[-1]), value=-1) for r in rows], 2)
         return Selection(indices=idx, q_len=Nq, kv_len=Nk)
@@ -139,26 +129,19 @@ class DynamicMask(Selector, torch.nn.Module):
             raise PatternError(bad("v", "the values (DMA's mask is computed from them)", None))
         B, Hq, Nq, _ = q.shape
         Nk, qb = k.shape[2], self.query_block
-        z = expand_kv(self.importance(v), Hq)  # (B, Hq, Nk)
+        z = expand_kv(self.importance(v), Hq)
         R = -(-Nq // qb)
         off = Nk - Nq if causal else 0
-        first = off + torch.arange(R) * qb
-        last = off + torch.clamp((torch.arange(R) + 1) * qb, max=Nq) - 1
+        first, last = query_blocks(R, qb, Nq, off)
         j = torch.arange(Nk)
-        local = (
-            (j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None])
-            if causal
-            else torch.zeros(R, Nk, dtype=torch.bool)
-        )
-        before = j[None, :] < first[:, None] if causal else torch.ones(R, Nk, dtype=torch.bool)
-        vis = (before | local)[None, None].expand(B, Hq, R, Nk)
+        if causal:
+            local = (j[None, :] >= first[:, None]) & (j[None, :] <= last[:, None])
+            vis = (j[None, :] < first[:, None]) | local
+        else:
+            local, vis = None, torch.ones(R, Nk, dtype=torch.bool)
+        vis = vis[None, None].expand(B, Hq, R, Nk)
         if key_padding_mask is not None:
             vis = vis & key_padding_mask[:, None, None, :]
-        k_row = budget_count(vis.sum(-1), self.budget)
-        s = z[:, :, None, :].expand(B, Hq, R, Nk).masked_fill(~vis, float("-inf"))
-        s = s.masked_fill(local[None, None] & vis, float("inf"))
-        K = max(int(k_row.max()), int(local.sum(-1).max()) if causal else 1, 1)
-        top = s.topk(min(K, Nk), -1).indices
-        n_keep = torch.maximum(k_row, (local[None, None] & vis).sum(-1))
-        idx = torch.where(torch.arange(top.shape[-1]) < n_keep[..., None], top, -1)
+        scores = z[:, :, None, :].expand(B, Hq, R, Nk)
+        idx = top_keys(scores, vis, None if local is None else local[None, None], self.budget)
         return Selection(indices=idx, query_block=qb, key_bias=z, q_len=Nq, kv_len=Nk, q_offset=off if causal else None)
