@@ -98,3 +98,10 @@ def test_linear_example_runs():
     import runpy
 
     runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "linear_attention.py"), run_name="__main__")
+
+
+def test_dynamic_sparse_example_runs():
+    import pathlib
+    import runpy
+
+    runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "dynamic_sparse.py"), run_name="__main__")

@@ -121,3 +121,20 @@ def test_padding_keys_are_never_read():
     v2[:, :, 200:] = -1e3
     out2 = sparse_attention(q, k2, v2, _make(rec, 0.25), causal=False, key_padding_mask=pm)
     assert err(out, out2) < 1e-5
+
+
+def test_dynamic_mask_parameters_are_trained_through_the_bias():
+    from attnkit.sparse import DynamicMask
+
+    dma = DynamicMask(HKV, D, budget=0.25, query_block=BLOCK)
+    q, k, v = rand_qkv(B, HQ, HKV, N, N, D, seed=11, grad=True)
+    out = sparse_attention(q, k, v, dma, causal=True)
+    out.square().sum().backward()
+    for name in ("w", "b", "a"):
+        g = getattr(dma, name).grad
+        assert g is not None and bool(g.abs().sum() > 0), name
+    # The bias's own path into v: v's gradient differs from the one with the bias held fixed.
+    sel = dma.select(q.detach(), k.detach(), v.detach(), causal=True)
+    v2 = v.detach().clone().requires_grad_(True)
+    sparse_attention(q.detach(), k.detach(), v2, sel, causal=True).square().sum().backward()
+    assert not torch.allclose(v.grad, v2.grad)

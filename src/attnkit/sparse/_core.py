@@ -288,6 +288,10 @@ def sparse_attention(
             raise UnsupportedError(bad("causal", f"False ({type(selector).__name__} is not causal)", causal))
         with torch.no_grad():
             sel = selector.select(q.detach(), k.detach(), v.detach(), causal=causal, key_padding_mask=key_padding_mask)
+        if sel.key_bias is not None and hasattr(selector, "key_bias"):
+            # The bias is part of the function (not of the choice of keys): recompute it under autograd so
+            # that the selector's parameters and v get its gradient.
+            sel.key_bias = selector.key_bias(v, dims.q_heads)
     else:
         raise ShapeError(bad("selector", "an attnkit.sparse Selector or Selection", type(selector).__name__))
     if (sel.q_len, sel.kv_len) != (dims.q_len, dims.kv_len):

@@ -124,12 +124,16 @@ class DynamicMask(Selector, torch.nn.Module):
         x = torch.einsum("bhnd,hd->bhn", v.float(), self.w) + self.b[:, None]
         return torch.exp(-self.a.exp()[:, None] * torch.nn.functional.softplus(x))
 
+    def key_bias(self, v, heads: int) -> torch.Tensor:
+        """The logit bias ``z`` for ``heads`` query heads, ``(B, heads, Nk)``."""
+        return expand_kv(self.importance(v), heads)
+
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         if v is None:
             raise PatternError(bad("v", "the values (DMA's mask is computed from them)", None))
         B, Hq, Nq, _ = q.shape
         Nk, qb = k.shape[2], self.query_block
-        z = expand_kv(self.importance(v), Hq)
+        z = self.key_bias(v, Hq)
         R = -(-Nq // qb)
         off = Nk - Nq if causal else 0
         first, last = query_blocks(R, qb, Nq, off)
