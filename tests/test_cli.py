@@ -12,7 +12,7 @@ from attnkit.cli import main
 
 def test_help_everywhere():
     r = CliRunner()
-    for args in ([], ["list"], ["explain"], ["bench"], ["pictures"]):
+    for args in ([], ["list"], ["explain"], ["bench"], ["pictures"], ["eval"], ["calibrate"]):
         res = r.invoke(main, args + ["--help"])
         assert res.exit_code == 0 and "Usage" in res.output
 
@@ -105,3 +105,12 @@ def test_dynamic_sparse_example_runs():
     import runpy
 
     runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "dynamic_sparse.py"), run_name="__main__")
+
+
+def test_kv_policies_example_runs(capsys):
+    import pathlib
+    import runpy
+
+    runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "kv_policies.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "streaming_llm" in out and "[64, 64, 64]" in out

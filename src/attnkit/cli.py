@@ -174,6 +174,87 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     console.print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots")
 
 
+@main.command("eval")
+@click.option("--quick", is_flag=True, help="A 256-token smoke run (a minute): one budget, two passkey depths.")
+@click.option("--lengths", default=None, help="Comma-separated perplexity lengths (default 1024,2048,4096).")
+@click.option("--passkey-lengths", default=None, help="Comma-separated passkey lengths (default 1024,4096).")
+@click.option("--policy", "policies", multiple=True, help="Only these policies (repeatable); dense always runs.")
+@click.option("--passkey-budgets", default=None, help="Comma-separated budgets for passkey (default: all three).")
+@click.option("--keys", default=1, show_default=True, help="Passkeys per depth and length.")
+@click.option("--no-minilm", is_flag=True, help="Skip the MiniLM encoder section.")
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
+def eval_cmd(quick, lengths, passkey_lengths, passkey_budgets, policies, keys, no_minilm, out):
+    """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
+    SmolLM2-135M (offline), plus MiniLM embeddings under a sparse prefill. Writes eval.md, eval.json, plots.
+
+    The default run takes about an hour on 2 cores; --quick about a minute.
+    """
+    import dataclasses
+    from fractions import Fraction
+
+    from .bench import models as _models
+
+    cfg = _models.QUICK if quick else _models.EvalConfig()
+    changes = {"keys_per_depth": keys, "minilm": not no_minilm}
+    if lengths:
+        changes["lengths"] = tuple(int(x) for x in lengths.split(","))
+    if passkey_lengths:
+        changes["passkey_lengths"] = tuple(int(x) for x in passkey_lengths.split(","))
+    if passkey_budgets:
+        changes["passkey_budgets"] = tuple(float(Fraction(x)) for x in passkey_budgets.split(","))
+    if policies:
+        changes["policies"] = ("dense",) + tuple(p for p in policies if p != "dense")
+        bad_names = set(changes["policies"]) - set(_models.POLICIES)
+        if bad_names:
+            raise click.BadParameter(
+                f"expected names from {_models.POLICIES}, got {sorted(bad_names)}", param_hint="--policy"
+            )
+    cfg = dataclasses.replace(cfg, **changes)
+    res = _models.run_eval(cfg, progress=click.echo)
+    paths = _models.write(res, out)
+    click.echo(_models.markdown(res))
+    click.echo(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots")
+
+
+@main.command()
+@click.option("--method", type=click.Choice(["duo", "moa"]), required=True, help="DuoAttention gates or MoA profile.")
+@click.option("--length", default=1024, show_default=True, help="Tokens per calibration sample.")
+@click.option("--samples", default=None, type=int, help="Samples (default: duo 8, moa 4).")
+@click.option("--steps", default=60, show_default=True, help="Optimisation steps (duo).")
+@click.option("--lr", default=0.05, show_default=True, help="Gate learning rate (duo).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="File or folder (default: ~/.cache/attnkit/calibrations).",
+)
+def calibrate(method, length, samples, steps, lr, out):
+    """Calibrate a KV policy on SmolLM2 offline and save it as JSON keyed by the model's config.
+
+    duo: DuoAttention's gate optimisation on generated passkey prompts; moa: MoA's attention-influence profile
+    on English text. Load the result with ``DuoAttention.load(model, path)`` / ``MoA.load(model, budget, path)``.
+    """
+    import torch
+
+    from .hf import artifacts, duo, moa
+    from .models import load_smollm2
+    from .models.smollm2 import cache_dir
+
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    if method == "duo":
+        res = duo.calibrate(model, tok, length=length, samples=samples or 8, steps=steps, lr=lr, progress=click.echo)
+        name = duo.METHOD
+    else:
+        res = moa.profile(model, tok, length=length, samples=samples or 4, progress=click.echo)
+        name = moa.METHOD
+    target = Path(out) if out else cache_dir().parent / "calibrations"
+    if target.suffix != ".json":
+        target = target / f"{name}-{artifacts.model_key(model)}.json"
+    path = artifacts.save(target, model, name, res["values"], res["settings"])
+    click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.option("--out", default="docs/patterns", show_default=True, type=click.Path(path_type=Path))
 def pictures(out):

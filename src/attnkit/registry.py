@@ -39,7 +39,7 @@ SUPPORT_KEYS = (
     "trainable",
     "grid",
 )
-KINDS = ("pattern", "function", "module", "selector")
+KINDS = ("pattern", "function", "module", "selector", "policy")
 
 
 @dataclass(frozen=True)
@@ -600,4 +600,71 @@ _selector(
     S.LongHeads.paper,
     "per-head, per-token chunk choice: first + own + best chunks",
     lambda budget, *, block=64, **_: S.LongHeads(chunk_size=block, budget=budget),
+)
+
+
+# -- family E: policies for pretrained models (attnkit.hf; transformers is imported only when one is made) --
+_POL = {"causal", "decode", "gqa", "padding"}
+
+
+def _policy(name, paper, summary, make):
+    """``factory(n, model)``: the policy for about ``n`` tokens of context at a quarter of the KV cache."""
+    register(name, family="E", paper=paper, exact=False, supports=_POL, kind="policy", factory=make, summary=summary)
+
+
+def _hf():
+    from . import hf
+
+    return hf
+
+
+_policy(
+    "streaming_llm",
+    "Efficient Streaming Language Models with Attention Sinks (Xiao et al., ICLR 2024)",
+    "sinks + recent window, as a prefill pattern and an evicting cache with RoPE re-rotation",
+    lambda n, model=None: _hf().StreamingLLM(budget=max(8, n // 4), sinks=4),
+)
+_policy(
+    "duo_attention",
+    "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads (Xiao et al., 2024)",
+    "retrieval heads keep the full cache, streaming heads sinks + window; gates calibrated offline",
+    lambda n, model=None: _hf().DuoAttention.for_budget(
+        _hf().DuoAttention.load(model).gates,
+        0.25,
+        n,
+        sinks=min(16, n // 32),
+        recent=min(256, n // 8) - min(16, n // 32),
+    ),
+)
+_policy(
+    "moa",
+    "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression (Fu et al., 2024)",
+    "per-head elastic window span = beta * N, chosen by a profiled DP under a mean-span budget",
+    lambda n, model=None: _hf().MoA.load(model, 0.25),
+)
+_policy(
+    "h2o",
+    "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (Zhang et al., 2023)",
+    "keep the keys with the largest accumulated attention plus a recent window",
+    lambda n, model=None: _hf().KVCompress(_hf().H2O(), budget=max(8, n // 4)),
+)
+_policy(
+    "snapkv",
+    "SnapKV: LLM Knows What You are Looking for Before Generation (Li et al., 2024)",
+    "an observation window of the last prompt queries votes (max-pooled) for the keys to keep",
+    lambda n, model=None: _hf().KVCompress(_hf().SnapKV(), budget=max(8, n // 4), phase="prefill"),
+)
+_policy(
+    "head_aware_kv",
+    "HACK: Head-Aware KV Cache Compression for Visual Autoregressive Modeling; Ada-KV",
+    "per-head budgets from where each head's attention mass lies (joint top-k), real per-head memory",
+    lambda n, model=None: _hf().KVCompress(
+        _hf().SnapKV(), budget=max(8, n // 4), allocator=_hf().HeadAware(), phase="prefill"
+    ),
+)
+_policy(
+    "sparse_prefill",
+    "Efficient Streaming Language Models with Attention Sinks (A-shape prefill, as in MInference)",
+    "any static pattern at prefill only (here A-shape: sinks + window); decoding stays dense",
+    lambda n, model=None: _hf().SparsePrefill(P.AShape(4, max(8, n // 4))),
 )

@@ -1,0 +1,359 @@
+"""attnkit attention inside transformers models, through ``AttentionInterface`` (no forked modeling files)."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
+
+from ..api import attention as _attention
+from ..errors import DTypeError, UnsupportedError, bad
+from ..patterns.base import Pattern
+from ..patterns.causal import Causal
+from ._rope import find_inv_freq, rerotate
+from .cache import HeadwiseCache
+from .policy import Policy
+
+NAME = "attnkit"
+_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of queries in the explicit path (64 MB in float32)
+
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The mask function registered with the attention function: key padding only, ``(B, 1, 1, kv_length)``.
+
+    Causality is not carried by the mask: the attention function takes it from ``module.is_causal`` (and the
+    policy's pattern), so it cannot be silently dropped with a ``None`` mask. Returns None without padding.
+    """
+    if attention_mask is None:
+        return None
+    pad = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    pad = pad[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    if bool(pad.all()):
+        return None
+    return pad[:, None, None, :]
+
+
+def _register() -> None:
+    AttentionInterface.register(NAME, _attnkit_attention)
+    AttentionMaskInterface.register(NAME, _padding_mask)
+
+
+class _Binding:
+    """What one :func:`apply` attached to a model: the policy, the hooks, the caches it handed out."""
+
+    def __init__(self, model, policy: Policy):
+        self.model = model
+        self.policy = policy
+        self.hooks = []
+        self.modules = []
+        self.current: dict[int, object] = {}
+        self.caches: weakref.WeakSet = weakref.WeakSet()
+        self.inv_freq = find_inv_freq(model)
+        self.num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+        self.previous = None
+        self.active = True
+
+
+class Handle:
+    """Returned by :func:`apply`; ``remove()`` restores the model exactly (implementation, hooks, attributes)."""
+
+    def __init__(self, binding: _Binding):
+        self._b = binding
+
+    @property
+    def policy(self) -> Policy:
+        return self._b.policy
+
+    def new_cache(self) -> HeadwiseCache:
+        """An empty :class:`HeadwiseCache` for this model and policy (for manual decode loops)."""
+        b = self._b
+        if not b.active:
+            raise UnsupportedError(bad("handle", "an applied policy", "a removed one"))
+        cache = HeadwiseCache(b.num_layers, b.policy, b.inv_freq)
+        b.caches.add(cache)
+        return cache
+
+    def remove(self) -> None:
+        b = self._b
+        if not b.active:
+            return
+        for h in b.hooks:
+            h.remove()
+        for m in b.modules:
+            del m._attnkit_binding
+        for cache in list(b.caches):
+            cache.active = False
+        b.model.set_attn_implementation(b.previous)
+        b.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _attention_modules(model) -> list:
+    """Modules that call ``ALL_ATTENTION_FUNCTIONS`` (they carry ``layer_idx`` and ``is_causal``)."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "is_causal") and hasattr(m, "layer_idx") and hasattr(m, "scaling") or _is_bert_like(m)
+    ]
+
+
+def _is_bert_like(m) -> bool:
+    return type(m).__name__.endswith("SelfAttention") and hasattr(m, "is_causal") and hasattr(m, "layer_idx")
+
+
+def _check_model(model) -> None:
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedError(
+            bad(
+                "model",
+                "a transformers model whose attention goes through AttentionInterface (_supports_attention_backend)",
+                type(model).__name__,
+            )
+        )
+    cfg = model.config.get_text_config()
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    if getattr(cfg, "sliding_window", None) or kinds - {"full_attention"}:
+        raise UnsupportedError(
+            bad("model", "full-attention layers only (sliding or hybrid layers are not supported yet)", sorted(kinds))
+        )
+
+
+def apply(model, policy: Policy | None = None) -> Handle:
+    """Run ``model``'s attention through attnkit under ``policy``; returns a removable :class:`Handle`.
+
+    Registers attnkit's attention function and its mask function with transformers' ``AttentionInterface``
+    and ``AttentionMaskInterface`` (name ``"attnkit"``) and switches the model to it. Every attention call
+    then goes through :func:`attnkit.attention` (dense or the policy's pattern) or, for policies that evict,
+    through a :class:`HeadwiseCache` that a forward pre-hook puts in place of an empty cache.
+
+    Works with ``model(...)``, ``model.generate(...)`` and manual decode loops, batch > 1 and left padding.
+    Models whose attention does not go through the interface, or that use sliding-window layers, raise
+    :class:`~attnkit.errors.UnsupportedError`. ``output_attentions`` gives no weights (as with SDPA).
+    """
+    policy = Policy() if policy is None else policy
+    if not isinstance(policy, Policy):
+        raise DTypeError(bad("policy", "an attnkit.hf Policy", type(policy).__name__))
+    _check_model(model)
+    modules = _attention_modules(model)
+    if not modules:
+        raise UnsupportedError(bad("model", "attention modules with layer_idx and is_causal", "none found"))
+    if any(hasattr(m, "_attnkit_binding") for m in modules):
+        raise UnsupportedError(bad("model", "a model with no attnkit policy applied", "one already applied"))
+    _register()
+    b = _Binding(model, policy)
+    b.previous = model.config._attn_implementation
+    if policy.compresses and b.num_layers is None:
+        raise UnsupportedError(bad("model", "a config with num_hidden_layers", "none"))
+    if policy.rerotate and b.inv_freq is None:
+        raise UnsupportedError(bad("policy", "a model with plain rotary embeddings (rerotate=True)", "none found"))
+    model.set_attn_implementation(NAME)
+    handle = Handle(b)
+    for m in modules:
+        m._attnkit_binding = b
+        b.modules.append(m)
+        b.hooks.append(m.register_forward_pre_hook(_stage_hook(b), with_kwargs=True))
+    if policy.compresses:
+        b.hooks.append(model.register_forward_pre_hook(_cache_hook(handle), with_kwargs=True))
+    return handle
+
+
+@contextlib.contextmanager
+def applied(model, policy: Policy | None = None):
+    """``with attnkit.hf.applied(model, policy) as handle:`` -- :func:`apply`, removed on exit."""
+    handle = apply(model, policy)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def _stage_hook(b: _Binding):
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        b.current[module.layer_idx] = cache
+        if isinstance(cache, HeadwiseCache):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            q_len = hidden.shape[1]
+            mask = kwargs.get("attention_mask")
+            valid = mask[:, 0, 0, -q_len:] if isinstance(mask, torch.Tensor) else None
+            cache.layers[module.layer_idx].stage(valid, kwargs.get("position_ids"))
+        return None
+
+    return hook
+
+
+def _cache_hook(handle: Handle):
+    def hook(module, args, kwargs):
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if not use_cache:
+            return None
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, HeadwiseCache):
+            return None
+        if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
+            kwargs["past_key_values"] = handle.new_cache()
+            return args, kwargs
+        raise UnsupportedError(
+            bad(
+                "past_key_values",
+                f"None, an empty cache or a HeadwiseCache (policy {handle.policy.describe()} evicts entries)",
+                type(cache).__name__,
+            )
+        )
+
+    return hook
+
+
+# -- the attention function --------------------------------------------------------------------------------
+def _attnkit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    b = getattr(module, "_attnkit_binding", None)
+    if b is None:
+        raise UnsupportedError(
+            bad("attn_implementation", "'attnkit' set by attnkit.hf.apply(model, policy)", "set by hand")
+        )
+    if dropout:
+        raise UnsupportedError(bad("dropout", "0 (attnkit attention has no dropout; call model.eval())", dropout))
+    layer = module.layer_idx
+    causal = bool(getattr(module, "is_causal", True))
+    cache = b.current.get(layer)
+    if isinstance(cache, HeadwiseCache):
+        out = _attend_cached(query, cache, layer, b, causal, scaling)
+    else:
+        out = _attend_full(query, key, value, attention_mask, layer, b.policy, causal, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_full(q, k, v, mask, layer, policy, causal, scale):
+    """Keys are the whole contiguous history (no cache, or transformers' own cache)."""
+    B, Hq, Q, _ = q.shape
+    K = k.shape[2]
+    kpm = mask[:, 0, 0, :] if isinstance(mask, torch.Tensor) else None
+    own = policy.attend(layer, q, k, v, kpm, K - Q, scale, causal)
+    if own is not None:
+        return own
+    pat = policy.pattern(layer, Hq, k.shape[1], K, Q)
+    if pat is not None and kpm is not None:
+        # patterns count real tokens: with left padding the index is not the position
+        pos = (kpm.long().cumsum(1) - 1).clamp_min(0)
+        return _grouped_masked(q, k, v, pos[:, K - Q :], pos, kpm, scale, causal, pat)[0]
+    if causal:
+        pat = Causal() if pat is None else Causal() & pat
+    return _attention(q, k, v, pattern=pat, key_padding_mask=kpm, q_offset=K - Q, scale=scale)
+
+
+def _grouped_masked(q, k, v, qpos, kpos, valid, scale, causal, pat, observe=0):
+    Hkv = k.shape[1]
+    G = q.shape[1] // Hkv
+    outs = []
+    for h in range(Hkv):
+        heads = torch.arange(h * G, (h + 1) * G, device=q.device)
+        outs.append(
+            masked_attention(
+                q[:, h * G : (h + 1) * G], k[:, h], v[:, h], qpos, kpos, valid, scale, causal, pat, heads, observe
+            )[0]
+        )
+    return torch.cat(outs, 1), None
+
+
+def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: bool, scale):
+    """Keys live in a :class:`HeadwiseCache`: one pass per KV head over its own entries, then eviction."""
+    lay = cache.layers[layer]
+    policy = b.policy
+    B, Hq, Q, _ = q.shape
+    Hkv = lay.kv_heads
+    G = Hq // Hkv
+    pat = policy.pattern(layer, Hq, Hkv, lay.seen_real, Q)
+    observe = policy.observes(Q)
+    scorer = getattr(policy, "scorer", None)
+    fresh = all(n == Q for n in lay.lengths()) and all(bool(x.all()) for x in lay.valid)
+    if fresh and observe < Q:
+        # a first prefill without padding: positions are indices, the fast kernels apply
+        k = torch.stack(lay.k, 1)
+        v = torch.stack(lay.v, 1)
+        full = Causal() if pat is None else Causal() & pat
+        out = _attention(q, k, v, pattern=full if causal else pat, scale=scale)
+        if observe:
+            qpos = lay.q_pos[:, Q - observe :]
+            for h in range(Hkv):
+                heads = torch.arange(h * G, (h + 1) * G, device=q.device)
+                _, mass = masked_attention(
+                    q[:, h * G : (h + 1) * G, Q - observe :],
+                    lay.k[h],
+                    lay.v[h],
+                    qpos,
+                    lay.pos[h],
+                    lay.valid[h],
+                    scale,
+                    causal,
+                    pat,
+                    heads,
+                    observe,
+                )
+                lay.record(h, mass, True, scorer)
+    else:
+        outs = []
+        for h in range(Hkv):
+            qh = q[:, h * G : (h + 1) * G]
+            if lay.q_delta and lay.q_delta[h] is not None:
+                qh = rerotate(qh, lay.q_delta[h][:, None, :], cache.inv_freq)
+            heads = torch.arange(h * G, (h + 1) * G, device=q.device)
+            o, mass = masked_attention(
+                qh, lay.k[h], lay.v[h], lay.q_pos, lay.pos[h], lay.valid[h], scale, causal, pat, heads, observe
+            )
+            outs.append(o)
+            if scorer is not None:
+                lay.record(h, mass, observe > 0, scorer)
+        out = torch.cat(outs, 1)
+    lay.evict(policy.keep(layer, lay, Q))
+    return out
+
+
+def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Pattern | None, heads, observe: int = 0):
+    r"""Softmax attention of one KV head's query group over explicit key positions.
+
+    ``q (B, G, Q, D)``, ``k (B, T, D)``, ``v (B, T, Dv)``, ``qpos (B, Q)`` and ``kpos (B, T)`` real-token
+    positions, ``valid (B, T)``. Key ``j`` is visible to query ``i`` when it is valid, ``kpos_j <= qpos_i``
+    (if ``causal``) and ``pat.mask_mod(0, head, qpos_i, kpos_j)``. A query with no visible key gets 0.
+    Returns ``(out (B, G, Q, Dv), mass)`` where ``mass (B, T)`` sums the probabilities of the last ``observe``
+    queries over the group (None when ``observe == 0``). Chunked over queries: no ``Q x T`` tensor per head
+    beyond :data:`_CHUNK_ELEMENTS`.
+    """
+    B, G, Q, _ = q.shape
+    T = k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty(B, G, Q, v.shape[-1], dtype=q.dtype, device=q.device)
+    mass = torch.zeros(B, T, dtype=torch.float32, device=q.device) if observe else None
+    kp = kpos[:, None, None, :].long()
+    ok = valid[:, None, None, :]
+    hh = heads[None, :, None, None]
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * G * T))
+    kt = k.transpose(1, 2)[:, None]
+    for s in range(0, Q, step):
+        e = min(Q, s + step)
+        qp = qpos[:, None, s:e, None].long()
+        logits = torch.matmul(q[:, :, s:e].float(), kt.float()) * scale
+        allowed = ok
+        if causal:
+            allowed = allowed & (kp <= qp)
+        if pat is not None:
+            allowed = allowed & pat.mask_mod(torch.zeros((), dtype=torch.long), hh, qp, kp)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        top = logits.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        p = torch.exp(logits - top)
+        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        out[:, :, s:e] = torch.matmul(p, v[:, None].float()).to(q.dtype)
+        if observe and e > Q - observe:
+            lo = max(s, Q - observe) - s
+            mass += p[:, :, lo:].sum(dim=(1, 2))
+    return out, mass

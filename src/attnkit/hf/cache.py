@@ -1,0 +1,195 @@
+"""A transformers ``Cache`` whose KV heads each hold their own number of entries, and really drop evictions.
+
+kvpress fakes head-wise budgets by masking (its own docstring: "does not reduce peak memory"). Here every
+layer keeps, per KV head, a ``(B, T_h, D)`` key and value tensor with its own length ``T_h``, plus per-entry
+metadata: the real-token position (padding excluded), whether the entry is real (not padding), the position
+its key is rotated at, and the policy's score. Eviction gathers the kept entries into new, smaller tensors.
+
+The cache reports the number of tokens *seen* as its sequence length, so transformers keeps giving new tokens
+their absolute positions (generate, manual loops); what is stored is ``lengths()`` and ``memory()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..errors import UnsupportedError, bad
+from ._rope import rerotate
+
+
+class _HeadwiseLayer(CacheLayerMixin):
+    """One decoder layer's entries, one tensor per KV head. See :class:`HeadwiseCache`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: HeadwiseCache):
+        super().__init__()
+        self._owner = owner
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.pos: list[torch.Tensor] = []  # (B, T_h) real-token position, int32
+        self.rope: list[torch.Tensor] = []  # (B, T_h) position the key is rotated at, int32
+        self.valid: list[torch.Tensor] = []  # (B, T_h) bool
+        self.score: list[torch.Tensor] = []  # (B, T_h) float32
+        self.real: torch.Tensor | None = None  # (B,) real tokens seen
+        self.seen = 0
+        self._staged = None
+        self.q_pos = None  # (B, Q) real positions of the current step's queries
+        self.q_delta: list[torch.Tensor | None] = []  # per head (B, Q) rotation applied to this step's queries
+
+    # -- transformers' interface ----------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def stage(self, valid: torch.Tensor | None, position_ids: torch.Tensor | None):
+        """Padding and position ids of the next ``update`` (the attention module's pre-hook calls this)."""
+        self._staged = (valid, position_ids)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        owner = self._owner
+        if not owner.active:
+            raise UnsupportedError(
+                bad("past_key_values", "a HeadwiseCache used while its attnkit policy is applied", "a stale cache")
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, Q, _ = key_states.shape
+        dev = key_states.device
+        valid, rope_in = self._staged if self._staged is not None else (None, None)
+        self._staged = None
+        valid = torch.ones(B, Q, dtype=torch.bool, device=dev) if valid is None else valid.to(dev, torch.bool)
+        if rope_in is None:
+            rope_in = torch.arange(self.seen, self.seen + Q, device=dev)[None].expand(B, Q)
+        rope_in = rope_in.to(dev).expand(B, Q)
+        if self.real is None:
+            self.real = torch.zeros(B, dtype=torch.long, device=dev)
+        steps = valid.long().cumsum(1)
+        pos = (self.real[:, None] + steps - 1).clamp_min(0)
+        self.q_pos = pos
+        self.real = self.real + steps[:, -1]
+        self.q_delta = []
+        for h in range(H):
+            kh = key_states[:, h]
+            rope = rope_in
+            delta = None
+            if owner.policy.rerotate:
+                # the new token goes to the next free slot of this head
+                base = self.valid[h].sum(1) if len(self.k) > h else torch.zeros(B, dtype=torch.long, device=dev)
+                rope = base[:, None] + steps - 1
+                delta = rope - rope_in
+                kh = rerotate(kh, delta, owner.inv_freq)
+            self.q_delta.append(delta)
+            self._append(h, kh, value_states[:, h], pos, rope, valid)
+        self.seen += Q
+        return key_states, value_states
+
+    def _append(self, h, k, v, pos, rope, valid):
+        score = torch.zeros(valid.shape, dtype=torch.float32, device=k.device)
+        new = (k, v, pos.to(torch.int32), rope.to(torch.int32), valid, score)
+        stores = (self.k, self.v, self.pos, self.rope, self.valid, self.score)
+        if len(self.k) <= h:
+            for store, x in zip(stores, new, strict=True):
+                store.append(x)
+        else:
+            for store, x in zip(stores, new, strict=True):
+                store[h] = torch.cat([store[h], x], dim=1)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        self.__init__(self._owner)
+
+    def reorder_cache(self, beam_idx):
+        for store in (self.k, self.v, self.pos, self.rope, self.valid, self.score):
+            for h in range(len(store)):
+                store[h] = store[h].index_select(0, beam_idx.to(store[h].device))
+        if self.real is not None:
+            self.real = self.real.index_select(0, beam_idx.to(self.real.device))
+
+    # -- what policies read ---------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return len(self.k)
+
+    @property
+    def seen_real(self) -> int:
+        return int(self.real.max()) if self.real is not None else 0
+
+    def lengths(self) -> list[int]:
+        return [int(x.shape[1]) for x in self.k]
+
+    def record(self, h: int, mass: torch.Tensor | None, observed: bool, scorer) -> None:
+        """Fold one step's attention mass ``(B, T_h)`` into head ``h``'s scores."""
+        if mass is None:
+            return
+        self.score[h] = scorer.update(self.score[h], mass, observed)
+
+    def evict(self, keep: list[torch.Tensor | None]) -> None:
+        """Keep, per head, the entries at the given sorted indices ``(B, n_h)``; free the rest."""
+        owner = self._owner
+        for h, idx in enumerate(keep):
+            if idx is None:
+                continue
+            idx = idx.to(self.k[h].device)
+            ix3 = idx[..., None]
+            self.k[h] = self.k[h].gather(1, ix3.expand(-1, -1, self.k[h].shape[-1])).contiguous()
+            self.v[h] = self.v[h].gather(1, ix3.expand(-1, -1, self.v[h].shape[-1])).contiguous()
+            for store in (self.pos, self.rope, self.valid, self.score):
+                store[h] = store[h].gather(1, idx).contiguous()
+            if owner.policy.rerotate:
+                slot = (self.valid[h].long().cumsum(1) - 1).clamp_min(0)
+                self.k[h] = rerotate(self.k[h], slot - self.rope[h].long(), owner.inv_freq)
+                self.rope[h] = slot.to(torch.int32)
+
+    def nbytes(self) -> tuple[int, int]:
+        kv = sum(x.numel() * x.element_size() for x in self.k + self.v)
+        meta = sum(x.numel() * x.element_size() for x in self.pos + self.rope + self.valid + self.score)
+        return kv, meta
+
+
+class HeadwiseCache(Cache):
+    """Per-head KV cache for attnkit policies; transformers' ``Cache`` interface (``generate``, manual loops).
+
+    :func:`attnkit.hf.apply` puts one in place of an empty cache whenever its policy compresses, so
+    ``model(...)`` and ``model.generate(...)`` need nothing more. For a manual loop, pass
+    ``past_key_values=handle.new_cache()`` (or the cache a previous call returned).
+
+    Args:
+        num_layers: decoder layers.
+        policy: the :class:`~attnkit.hf.Policy` that decides evictions.
+        inv_freq: RoPE inverse frequencies, needed when ``policy.rerotate``.
+    """
+
+    def __init__(self, num_layers: int, policy, inv_freq: torch.Tensor | None = None):
+        self.policy = policy
+        self.inv_freq = inv_freq
+        self.active = True
+        super().__init__(layers=[_HeadwiseLayer(self) for _ in range(num_layers)])
+        if policy.rerotate and inv_freq is None:
+            raise UnsupportedError(
+                bad("policy", "a model with rotary position embeddings to re-rotate keys", "no RoPE inv_freq found")
+            )
+
+    def lengths(self) -> list[list[int]]:
+        """Stored entries per layer and KV head."""
+        return [layer.lengths() for layer in self.layers]
+
+    def memory(self) -> dict:
+        """Bytes held: ``kv`` (keys and values), ``meta`` (positions, padding flags, scores), ``total``."""
+        kv = meta = 0
+        for layer in self.layers:
+            a, b = layer.nbytes()
+            kv, meta = kv + a, meta + b
+        return {"kv": kv, "meta": meta, "total": kv + meta}

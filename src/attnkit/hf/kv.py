@@ -1,0 +1,206 @@
+"""KV-cache eviction scored by attention, composable: a scorer x a budget allocator x a phase.
+
+- Scorers say how much each cached entry matters: :class:`H2O` (heavy hitters, accumulated attention) and
+  :class:`SnapKV` (attention from an observation window of the last prompt queries, pooled).
+- Allocators split a layer's budget between its KV heads: :class:`Uniform` (the same for all) and
+  :class:`HeadAware` (heads whose attention spreads wide get more; heads that look at few keys get less).
+- :class:`KVCompress` puts them together and says when to compress: after prefill steps, decode steps or both.
+
+Budgets are ``int`` tokens per head or a ``float`` fraction of the tokens seen when compressing (kvpress's
+``compression_ratio`` is ``1 - budget``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShapeError, bad
+from .policy import Policy, check_count, keep_top, resolve_budget
+
+_PHASES = ("prefill", "decode", "both")
+
+
+class Scorer:
+    """How much each cached entry matters, from the attention mass it received (``(B, T)`` per KV head)."""
+
+    name = "scorer"
+
+    def observes(self, q_len: int) -> int:
+        return q_len
+
+    def update(self, old: torch.Tensor, mass: torch.Tensor, observed: bool) -> torch.Tensor:
+        return old + mass
+
+    def recent(self, n_keep: int) -> int:
+        """How many of the most recent entries are always kept."""
+        return 0
+
+
+@dataclass(frozen=True)
+class H2O(Scorer):
+    r"""Heavy-Hitter Oracle (Zhang et al., NeurIPS 2023): keep the keys with the largest accumulated attention.
+
+    ``score_j = \sum_{steps} \sum_{i, g} p_{ij}`` over every query of every step and the query heads ``g`` of the
+    KV head (GQA sums the group). The last ``recent_fraction`` of the budget goes to the most recent tokens,
+    the rest to the heaviest hitters; the paper splits 50/50.
+    """
+
+    recent_fraction: float = 0.5
+    name = "h2o"
+
+    def __post_init__(self):
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ShapeError(bad("recent_fraction", "a fraction in [0, 1]", self.recent_fraction))
+
+    def recent(self, n_keep):
+        return int(round(self.recent_fraction * n_keep))
+
+
+@dataclass(frozen=True)
+class SnapKV(Scorer):
+    r"""SnapKV (Li et al., 2024): the last ``window`` prompt queries vote for the keys they attend.
+
+    ``score_j = maxpool_k(\sum_{i \in window, g} p_{ij})``: the votes of the observation window (summed over the
+    group's query heads), max-pooled over ``kernel`` neighbouring keys so a kept key brings its neighbours.
+    The window itself is always kept. Each compressing step replaces the scores with its own votes.
+    """
+
+    window: int = 32
+    kernel: int = 7
+    name = "snapkv"
+
+    def __post_init__(self):
+        check_count("window", self.window, 1)
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ShapeError(bad("kernel", "an odd int >= 1", self.kernel))
+
+    def observes(self, q_len):
+        return min(self.window, q_len)
+
+    def update(self, old, mass, observed):
+        if not observed:
+            return old
+        pooled = F.max_pool1d(mass[:, None], self.kernel, stride=1, padding=self.kernel // 2)[:, 0]
+        return pooled
+
+    def recent(self, n_keep):
+        return min(self.window, n_keep)
+
+
+class Allocator:
+    """Splits ``n_keep * kv_heads`` entries of one layer between its KV heads."""
+
+    name = "allocator"
+
+    def split(self, scores: list[torch.Tensor], valid: list[torch.Tensor], n_keep: int) -> list[int]:
+        return [n_keep] * len(scores)
+
+
+@dataclass(frozen=True)
+class Uniform(Allocator):
+    """Every KV head keeps the same number of entries."""
+
+    name = "uniform"
+
+
+@dataclass(frozen=True)
+class HeadAware(Allocator):
+    r"""Head-wise budgets from where each head's attention mass lies (one layer's total stays fixed).
+
+    Each head's scores are normalised to sum to 1 (over batch rows too); the layer keeps the ``H * n_keep``
+    entries with the largest normalised scores across all its heads, and head ``h`` gets as many entries as it
+    has among them (Ada-KV's joint selection), never fewer than ``floor * n_keep``. A head that looks at a few
+    keys (HACK's "structural"/local heads) thus hands budget to heads whose attention is spread ("contextual"
+    heads). The budgets differ between heads, so the per-head cache saves real memory.
+    """
+
+    floor: float = 0.25
+    name = "head_aware"
+
+    def __post_init__(self):
+        if not 0.0 <= self.floor <= 1.0:
+            raise ShapeError(bad("floor", "a fraction in [0, 1]", self.floor))
+
+    def split(self, scores, valid, n_keep):
+        H = len(scores)
+        lo = int(self.floor * n_keep)
+        norm = []
+        for s, ok in zip(scores, valid, strict=True):
+            s = s.float().clamp_min(0).masked_fill(~ok, 0).sum(0)  # (T,) summed over rows
+            norm.append(s / s.sum().clamp_min(1e-30))
+        total = H * n_keep
+        flat = torch.cat(norm)
+        owner = torch.cat([torch.full((x.numel(),), h) for h, x in enumerate(norm)])
+        spare = total - lo * H
+        counts = [lo] * H
+        if spare > 0:
+            # the floor entries are taken first by each head, so rank the rest jointly
+            extra = flat.clone()
+            start = 0
+            for x in norm:
+                top = x.topk(min(lo, x.numel())).indices + start
+                extra[top] = -1.0
+                start += x.numel()
+            picked = owner[extra.topk(min(spare, flat.numel())).indices]
+            for h in range(H):
+                counts[h] += int((picked == h).sum())
+        return counts
+
+
+@dataclass(frozen=True)
+class KVCompress(Policy):
+    """Attention-scored eviction: ``scorer`` x ``allocator`` x ``phase``, kvpress-style but with real eviction.
+
+    After every compressing step (``phase``: ``"prefill"`` = steps with more than one query, ``"decode"`` =
+    single-query steps, ``"both"``) each KV head keeps the ``recent`` last entries its scorer asks for plus the
+    best-scored others, ``budget`` per head on average (split by ``allocator``). The prefill itself is dense:
+    the scores come from it. Positions are not shifted (``rerotate=False``), as in H2O and SnapKV.
+    """
+
+    scorer: Scorer = field(default_factory=H2O)
+    budget: int | float = 0.25
+    allocator: Allocator = field(default_factory=Uniform)
+    phase: str = "both"
+
+    def __post_init__(self):
+        if self.phase not in _PHASES:
+            raise ShapeError(bad("phase", f"one of {_PHASES}", self.phase))
+        resolve_budget(self.budget, 1)
+
+    @property
+    def name(self):
+        return f"{self.scorer.name}" + ("" if isinstance(self.allocator, Uniform) else f"+{self.allocator.name}")
+
+    @property
+    def compresses(self):
+        return True
+
+    def _active(self, q_len: int) -> bool:
+        return self.phase == "both" or (self.phase == "prefill") == (q_len > 1)
+
+    def observes(self, q_len):
+        # H2O accumulates over every step; SnapKV votes only on the steps that compress
+        if isinstance(self.scorer, SnapKV) and not self._active(q_len):
+            return 0
+        return self.scorer.observes(q_len)
+
+    def keep(self, layer, view, q_len):
+        if not self._active(q_len):
+            return [None] * view.kv_heads
+        n_keep = resolve_budget(self.budget, view.seen_real)
+        counts = self.allocator.split(view.score, view.valid, n_keep)
+        out = []
+        for h, n in enumerate(counts):
+            pri = view.score[h].clone()
+            r = self.scorer.recent(n)
+            if r:
+                newest = view.pos[h] > (view.real[:, None] - 1 - r)
+                pri = pri.masked_fill(newest, float("inf"))
+            out.append(keep_top(pri, view.valid[h], max(n, 1)))
+        return out
+
+    def describe(self):
+        return f"{self.name}(budget={self.budget}, phase={self.phase})"

@@ -1,0 +1,121 @@
+"""Policies: what attnkit does inside a pretrained model, per layer and per head.
+
+A policy answers three questions, asked by the attention function that :func:`attnkit.hf.apply` registers:
+
+- :meth:`Policy.pattern` -- which query-key pairs a *prefill* step (more than one query) computes;
+- :meth:`Policy.keep` -- after a step, which cached keys each KV head keeps (``None``: all of them);
+- :meth:`Policy.observes` -- how many of the step's last queries the scorer must see (attention mass).
+
+Policies that keep fewer keys than they were given run on a :class:`~attnkit.hf.HeadwiseCache`, which really
+drops the evicted entries, per KV head. Positions used by patterns and causality are *real-token* positions
+(left padding does not count), so a sink is the first real token of each row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DTypeError, ShapeError, bad
+from ..patterns.base import Pattern
+
+
+class Policy:
+    """Base class. The default is dense attention with the model's own (causal) mask and a full cache."""
+
+    name: str = "dense"
+    #: Move kept keys to contiguous positions after eviction (StreamingLLM's "positions within the cache").
+    rerotate: bool = False
+
+    def pattern(self, layer: int, q_heads: int, kv_heads: int, seen: int, q_len: int) -> Pattern | None:
+        """The pairs a step of ``q_len`` queries computes in ``layer`` once ``seen`` real tokens have arrived
+        (None: every causal pair)."""
+        return None
+
+    @property
+    def compresses(self) -> bool:
+        """True when the policy evicts cache entries (it then needs a :class:`HeadwiseCache`)."""
+        return False
+
+    def observes(self, q_len: int) -> int:
+        """How many of a step's last queries have their attention recorded for :meth:`keep` (0: none)."""
+        return 0
+
+    def attend(self, layer: int, q, k, v, key_padding_mask, q_offset: int, scale, causal: bool):
+        """Compute the step's attention itself (calibration policies); None lets attnkit do it."""
+        return None
+
+    def keep(self, layer: int, view, q_len: int) -> list[torch.Tensor | None]:
+        """Per KV head, the sorted indices ``(B, n_h)`` of the cached entries to keep, or None to keep all."""
+        return [None] * view.kv_heads
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Dense(Policy):
+    """Dense causal attention computed by :func:`attnkit.attention`: the reference every policy is judged by."""
+
+    name = "dense"
+
+
+@dataclass(frozen=True)
+class SparsePrefill(Policy):
+    """A static pattern applied at prefill only (every step with more than one query); decoding stays dense.
+
+    ``prefill`` is any registered static pattern (``AShape``, ``SlidingWindow | Sinks``, ``PerHead``...), or a
+    ``dict`` from layer index to pattern (layers not in it stay dense). The pattern is intersected with the
+    causal mask and evaluated on real-token positions.
+    """
+
+    prefill: Pattern | dict
+    name = "sparse_prefill"
+
+    def __post_init__(self):
+        pats = self.prefill.values() if isinstance(self.prefill, dict) else [self.prefill]
+        if not all(isinstance(p, Pattern) for p in pats):
+            raise DTypeError(bad("prefill", "an attnkit Pattern or a dict {layer: Pattern}", self.prefill))
+
+    def pattern(self, layer, q_heads, kv_heads, seen, q_len):
+        if q_len == 1:
+            return None
+        if isinstance(self.prefill, dict):
+            return self.prefill.get(layer)
+        return self.prefill
+
+
+def resolve_budget(budget: int | float, seen: int, name: str = "budget") -> int:
+    """Tokens per head: an ``int`` is a token count; a ``float`` in (0, 1] a fraction of the tokens seen."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise DTypeError(bad(name, "an int (tokens) or a float in (0, 1] (fraction of the context)", budget))
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ShapeError(bad(name, "a fraction in (0, 1]", budget))
+        return max(1, math.ceil(budget * seen))
+    if budget < 1:
+        raise ShapeError(bad(name, "a positive token count", budget))
+    return int(budget)
+
+
+def keep_top(priority: torch.Tensor, valid: torch.Tensor, n_keep: int) -> torch.Tensor | None:
+    """Sorted indices ``(B, n_keep)`` of the highest ``priority`` entries; padding goes first. None if all fit."""
+    if priority.shape[-1] <= n_keep:
+        return None
+    pri = priority.float().masked_fill(~valid, float("-inf"))
+    idx = pri.topk(n_keep, dim=-1).indices
+    return idx.sort(dim=-1).values
+
+
+def recency(view, head: int, sinks: int) -> torch.Tensor:
+    """Priority for StreamingLLM's rule: the first ``sinks`` real tokens, then the most recent ones."""
+    pos = view.pos[head].float()
+    return torch.where(view.pos[head] < sinks, torch.full_like(pos, float("inf")), pos)
+
+
+def check_count(name: str, value, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ShapeError(bad(name, f"an int >= {lo}", value))
+    return value

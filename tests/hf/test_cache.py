@@ -1,0 +1,137 @@
+"""HeadwiseCache accounting, RoPE positions after eviction, and the explicit attention path."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import attnkit.hf as akhf
+from attnkit import reference
+from attnkit.hf._rope import rerotate
+from attnkit.patterns import AShape
+
+D = 64
+
+
+def _run(model, ids, policy, decode=3):
+    with akhf.applied(model, policy) as h, torch.no_grad():
+        cache = h.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        nxt = ids[:, -1:]
+        for _ in range(decode):
+            model(nxt, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_streaming_cache_holds_its_budget_and_frees_the_rest(smollm2, text_ids):
+    model, _ = smollm2
+    ids = text_ids[:, :100]
+    cache = _run(model, ids, akhf.StreamingLLM(budget=32, sinks=4))
+    assert cache.get_seq_length() == 103
+    assert cache.lengths() == [[32] * 3] * 30
+    assert cache.memory()["kv"] == 30 * 3 * 32 * D * 2 * 4
+    layer = cache.layers[5]
+    assert layer.pos[0][0].tolist() == [0, 1, 2, 3] + list(range(103 - 28, 103))
+
+
+def test_duo_heads_keep_full_or_streaming_lengths(smollm2, text_ids):
+    model, _ = smollm2
+    gates = torch.rand(30, 3).tolist()
+    pol = akhf.DuoAttention(gates=gates, retrieval=0.3, sinks=4, recent=20)
+    cache = _run(model, text_ids[:, :80], pol, decode=2)
+    full = pol.retrieval_heads
+    assert int(full.sum()) == 27
+    for l, lens in enumerate(cache.lengths()):
+        assert lens == [82 if full[l, h] else 24 for h in range(3)]
+
+
+def test_head_aware_budgets_differ_but_keep_the_layer_total(smollm2, text_ids):
+    model, _ = smollm2
+    pol = akhf.KVCompress(akhf.SnapKV(window=8), budget=24, allocator=akhf.HeadAware(), phase="prefill")
+    cache = _run(model, text_ids[:, :120], pol, decode=0)
+    lens = cache.lengths()
+    assert all(sum(x) == 72 for x in lens)
+    assert any(len(set(x)) > 1 for x in lens)
+    assert all(min(x) >= 6 for x in lens)
+    assert cache.memory()["kv"] == sum(map(sum, lens)) * D * 2 * 4
+
+
+def test_h2o_keeps_recent_half_and_heavy_hitters(smollm2, text_ids):
+    model, _ = smollm2
+    cache = _run(model, text_ids[:, :90], akhf.KVCompress(akhf.H2O(), budget=20), decode=2)
+    pos = cache.layers[10].pos[1][0]
+    assert pos.numel() == 20
+    assert pos[-10:].tolist() == list(range(82, 92))
+    assert 0 in pos.tolist()  # the sink is the heaviest hitter in a middle layer
+
+
+def _layer0_keys(model, ids, positions):
+    """Layer-0 keys computed by the model's own modules, rotated at the given positions."""
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        k = attn.k_proj(h).view(1, ids.shape[1], -1, D).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(k, positions[None])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k
+
+
+@pytest.mark.parametrize("rerotate_keys", [True, False])
+def test_positions_after_eviction(smollm2, text_ids, rerotate_keys):
+    model, _ = smollm2
+    ids = text_ids[:, :60]
+    cache = _run(model, ids, akhf.StreamingLLM(budget=16, sinks=4, rerotate=rerotate_keys), decode=0)
+    kept = cache.layers[0].pos[0][0].long()
+    slots = torch.arange(16) if rerotate_keys else kept
+    want = _layer0_keys(model, ids[:, kept], slots)
+    for h in range(3):
+        assert torch.allclose(cache.layers[0].k[h][0], want[0, h], atol=1e-4)
+
+
+def test_rerotate_composes_like_rope(smollm2):
+    model, _ = smollm2
+    x = torch.randn(1, 3, 10, D)
+    p = torch.arange(10)
+    cos, sin = model.model.rotary_emb(x, p[None])
+    _, at_p = apply_rotary_pos_emb(x, x, cos, sin)
+    cos2, sin2 = model.model.rotary_emb(x, (p + 37)[None])
+    _, at_p37 = apply_rotary_pos_emb(x, x, cos2, sin2)
+    inv = model.model.rotary_emb.inv_freq
+    assert torch.allclose(rerotate(at_p, torch.full((10,), 37), inv), at_p37, atol=1e-4)
+    assert torch.equal(rerotate(at_p, torch.zeros(10, dtype=torch.long), inv), at_p)
+
+
+def test_masked_attention_matches_the_float64_oracle():
+    torch.manual_seed(0)
+    B, G, Q, T = 2, 3, 5, 23
+    q, k, v = torch.randn(B, G, Q, D), torch.randn(B, T, D), torch.randn(B, T, D)
+    kpos = torch.stack([torch.randperm(40)[:T].sort().values for _ in range(B)])
+    qpos = kpos[:, -Q:]
+    valid = torch.rand(B, T) > 0.2
+    valid[1, : T - Q + 1] = False  # the first query of row 1 sees nothing: its output must be 0
+    pat = AShape(2, 9)
+    out, mass = akhf.masked_attention(q, k, v, qpos, kpos, valid, None, True, pat, torch.arange(G), observe=Q)
+    allowed = valid[:, None, None, :] & (kpos[:, None, None, :] <= qpos[:, None, :, None])
+    allowed = allowed & pat.mask_mod(0, 0, qpos[:, None, :, None], kpos[:, None, None, :])
+    ref = reference.attention(q, k[:, None], v[:, None], mask=allowed)
+    naive = reference.attention(q, k[:, None], v[:, None], mask=allowed, dtype=torch.float32).double()
+    assert (out.double() - ref).abs().max() <= 2 * (naive - ref).abs().max() + 1e-6
+    empty = ~allowed.any(-1)  # (B, 1, Q)
+    assert empty.any() and torch.all(out[empty.expand(B, G, Q)] == 0)
+    assert torch.allclose(mass.sum(-1), G * (~empty).sum((1, 2)).float(), atol=1e-4)
+
+
+def test_bad_policy_arguments_name_them():
+    with pytest.raises(ValueError, match="budget"):
+        akhf.StreamingLLM(budget=3, sinks=4)
+    with pytest.raises(ValueError, match="phase"):
+        akhf.KVCompress(akhf.H2O(), phase="always")
+    with pytest.raises(ValueError, match="budget"):
+        akhf.KVCompress(akhf.H2O(), budget=1.5)
+    with pytest.raises(TypeError, match="budget"):
+        akhf.KVCompress(akhf.H2O(), budget="half")
+    with pytest.raises(ValueError, match="kernel"):
+        akhf.SnapKV(kernel=4)
+    with pytest.raises(ValueError, match="retrieval"):
+        akhf.DuoAttention(gates=[[1.0]], retrieval=2.0)
+    with pytest.raises(ValueError, match="spans"):
+        akhf.MoA(spans=[[0.0]])
