@@ -182,8 +182,9 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
 @click.option("--passkey-budgets", default=None, help="Comma-separated budgets for passkey (default: all three).")
 @click.option("--keys", default=1, show_default=True, help="Passkeys per depth and length.")
 @click.option("--no-minilm", is_flag=True, help="Skip the MiniLM encoder section.")
+@click.option("--no-ppl", is_flag=True, help="Skip the perplexity section (passkey and MiniLM only).")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
-def eval_cmd(quick, lengths, passkey_lengths, passkey_budgets, policies, keys, no_minilm, out):
+def eval_cmd(quick, lengths, passkey_lengths, passkey_budgets, policies, keys, no_minilm, no_ppl, out):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
     SmolLM2-135M (offline), plus MiniLM embeddings under a sparse prefill. Writes eval.md, eval.json, plots.
 
@@ -200,6 +201,8 @@ def eval_cmd(quick, lengths, passkey_lengths, passkey_budgets, policies, keys, n
         changes["lengths"] = tuple(int(x) for x in lengths.split(","))
     if passkey_lengths:
         changes["passkey_lengths"] = tuple(int(x) for x in passkey_lengths.split(","))
+    if no_ppl:
+        changes["lengths"] = ()
     if passkey_budgets:
         changes["passkey_budgets"] = tuple(float(Fraction(x)) for x in passkey_budgets.split(","))
     if policies:
@@ -222,13 +225,21 @@ def eval_cmd(quick, lengths, passkey_lengths, passkey_budgets, policies, keys, n
 @click.option("--samples", default=None, type=int, help="Samples (default: duo 8, moa 4).")
 @click.option("--steps", default=60, show_default=True, help="Optimisation steps (duo).")
 @click.option("--lr", default=0.05, show_default=True, help="Gate learning rate (duo).")
+@click.option("--sinks", default=16, show_default=True, help="Streaming heads' sink tokens (duo).")
+@click.option(
+    "--recent",
+    default=48,
+    show_default=True,
+    help="Streaming heads' recent window during calibration (duo); keep it at the fraction of the context "
+    "the deployment window will cover (48 of 1k ~ 256 of 4k).",
+)
 @click.option(
     "--out",
     default=None,
     type=click.Path(path_type=Path),
     help="File or folder (default: ~/.cache/attnkit/calibrations).",
 )
-def calibrate(method, length, samples, steps, lr, out):
+def calibrate(method, length, samples, steps, lr, sinks, recent, out):
     """Calibrate a KV policy on SmolLM2 offline and save it as JSON keyed by the model's config.
 
     duo: DuoAttention's gate optimisation on generated passkey prompts; moa: MoA's attention-influence profile
@@ -243,7 +254,17 @@ def calibrate(method, length, samples, steps, lr, out):
     torch.manual_seed(0)
     model, tok = load_smollm2()
     if method == "duo":
-        res = duo.calibrate(model, tok, length=length, samples=samples or 8, steps=steps, lr=lr, progress=click.echo)
+        res = duo.calibrate(
+            model,
+            tok,
+            length=length,
+            samples=samples or 8,
+            steps=steps,
+            lr=lr,
+            sinks=sinks,
+            recent=recent,
+            progress=click.echo,
+        )
         name = duo.METHOD
     else:
         res = moa.profile(model, tok, length=length, samples=samples or 4, progress=click.echo)

@@ -181,3 +181,23 @@ def test_sparse_prefill_changes_only_the_prefill(smollm2, text_ids):
     assert torch.allclose(sparse[:, :32], dense[:, :32], atol=1e-4)
     assert (sparse[:, 64:] - dense[:, 64:]).abs().max() > 1e-2
     assert last.shape == (1, 1, model.config.vocab_size)
+
+
+def test_sparse_prefill_with_a_dynamic_selector(smollm2, text_ids):
+    from attnkit.sparse import VerticalSlash
+
+    model, _ = smollm2
+    ids = text_ids[:, :N]
+    dense = _logits(model, ids)
+    with akhf.applied(model, akhf.SparsePrefill(VerticalSlash(budget=1.0, last_q=64, local=64))):
+        full = _logits(model, ids)
+    with akhf.applied(model, akhf.SparsePrefill(VerticalSlash(budget=0.125, last_q=64, local=64))):
+        sparse = _logits(model, ids)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        _logits(model, ids[:, :64], past_key_values=cache)
+        with pytest.raises(UnsupportedError, match="whole prompt"):
+            _logits(model, ids[:, 64:96], past_key_values=cache)
+    assert (full - dense).abs().max() < 1e-3
+    assert (sparse - dense).abs().max() > 1e-3

@@ -269,10 +269,12 @@ def markdown(res: dict) -> str:
     out.append("")
     lengths = sorted({r["length"] for r in res["ppl"]})
     dense = {r["length"]: r for r in res["ppl"] if r["policy"] == "dense"}
+    if not lengths:
+        out.append("(no perplexity run)")
     out.append("| policy | budget | " + " | ".join(f"ppl @{n}" for n in lengths) + " | KL @max | peak KV / dense |")
     out.append("|---|---|" + "---|" * len(lengths) + "---|---|")
     keys = sorted({(r["policy"], r["budget"]) for r in res["ppl"]}, key=lambda x: (x[0] != "dense", x[0], x[1]))
-    top = max(lengths)
+    top = max(lengths, default=0)
     for name, b in keys:
         cells = {r["length"]: r for r in res["ppl"] if r["policy"] == name and r["budget"] == b}
         ppl = " | ".join(
@@ -328,65 +330,68 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _curve(ax, rows, x, y, name):
+    rows = sorted(rows, key=lambda r: r[x])
+    ax.plot(
+        [r[x] for r in rows], [r[y] for r in rows], marker="o", label=name, color="black" if name == "dense" else None
+    )
+
+
 def plots(res: dict, folder) -> list:
+    """``eval_ppl.png`` (perplexity against length, one panel per budget) and ``eval_passkey.png`` (accuracy
+    against depth, one panel per length and budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    budgets = sorted({r["budget"] for r in res["ppl"] if r["policy"] != "dense"})
-    names = sorted({r["policy"] for r in res["ppl"] if r["policy"] != "dense"})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
-    for ax, b in zip(axes[0], budgets, strict=True):
-        for name in ["dense"] + names:
-            rows = sorted(
-                (r for r in res["ppl"] if r["policy"] == name and (name == "dense" or r["budget"] == b)),
-                key=lambda r: r["length"],
-            )
-            ax.plot(
-                [r["length"] for r in rows],
-                [r["ppl"] for r in rows],
-                marker="o",
-                label=name,
-                color="black" if name == "dense" else None,
-            )
-        ax.set_title(f"KV budget {_frac(b)}")
-        ax.set_xlabel("context length")
-        ax.set_ylabel("perplexity")
-        ax.set_xscale("log", base=2)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(folder / "eval_ppl.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    if res["passkey"]:
-        plens = sorted({r["length"] for r in res["passkey"]})
-        fig, axes = plt.subplots(len(plens), len(budgets), figsize=(5 * len(budgets), 3.5 * len(plens)), squeeze=False)
-        for i, n in enumerate(plens):
+    for kind in ("ppl", "passkey"):
+        rows_all = res[kind]
+        budgets = sorted({r["budget"] for r in rows_all if r["policy"] != "dense"})
+        if not budgets:
+            continue
+        names = ["dense"] + sorted({r["policy"] for r in rows_all if r["policy"] != "dense"})
+        lengths = sorted({r["length"] for r in rows_all}) if kind == "passkey" else [None]
+        fig, axes = plt.subplots(
+            len(lengths), len(budgets), figsize=(5 * len(budgets), 3.8 * len(lengths)), squeeze=False
+        )
+        for i, n in enumerate(lengths):
             for ax, b in zip(axes[i], budgets, strict=True):
-                for name in ["dense"] + names:
+                for name in names:
                     rows = [
                         r
-                        for r in res["passkey"]
-                        if r["policy"] == name and r["length"] == n and (name == "dense" or r["budget"] == b)
+                        for r in rows_all
+                        if r["policy"] == name
+                        and (name == "dense" or r["budget"] == b)
+                        and (n is None or r["length"] == n)
                     ]
-                    depths = sorted({r["depth"] for r in rows})
-                    acc = [
-                        sum(r["ok"] for r in rows if r["depth"] == d) / sum(r["depth"] == d for r in rows)
-                        for d in depths
-                    ]
-                    ax.plot(depths, acc, marker="o", label=name, color="black" if name == "dense" else None)
-                ax.set_title(f"passkey, {n} tokens, budget {_frac(b)}")
-                ax.set_xlabel("depth")
-                ax.set_ylim(-0.05, 1.05)
+                    if kind == "ppl":
+                        _curve(ax, rows, "length", "ppl", name)
+                    else:
+                        depths = sorted({r["depth"] for r in rows})
+                        acc = [
+                            {
+                                "depth": d,
+                                "acc": sum(r["ok"] for r in rows if r["depth"] == d)
+                                / sum(r["depth"] == d for r in rows),
+                            }
+                            for d in depths
+                        ]
+                        _curve(ax, acc, "depth", "acc", name)
+                if kind == "ppl":
+                    ax.set(title=f"KV budget {_frac(b)}", xlabel="context length", ylabel="perplexity")
+                    ax.set_xscale("log", base=2)
+                else:
+                    ax.set(title=f"passkey, {n} tokens, budget {_frac(b)}", xlabel="depth", ylabel="accuracy")
+                    ax.set_ylim(-0.05, 1.05)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        paths.append(folder / "eval_passkey.png")
+        paths.append(folder / f"eval_{kind}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths

@@ -14,7 +14,7 @@ from .cache import HeadwiseCache
 from .duo import DuoAttention
 from .moa import MoA
 from .kv import H2O, HeadAware, KVCompress, SnapKV, Uniform
-from .policy import Dense, Policy, SparsePrefill
+from .policy import Dense, PerLayer, Policy, SparsePrefill
 from .streaming import StreamingLLM
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "HeadwiseCache",
     "KVCompress",
     "MoA",
+    "PerLayer",
     "Policy",
     "SnapKV",
     "SparsePrefill",

@@ -13,6 +13,7 @@ from ..api import attention as _attention
 from ..errors import DTypeError, UnsupportedError, bad
 from ..patterns.base import Pattern
 from ..patterns.causal import Causal
+from ..sparse import sparse_attention
 from ._rope import find_inv_freq, rerotate
 from .cache import HeadwiseCache
 from .policy import Policy
@@ -242,6 +243,12 @@ def _attend_full(q, k, v, mask, layer, policy, causal, scale):
     if own is not None:
         return own
     pat = policy.pattern(layer, Hq, k.shape[1], K, Q)
+    if pat is not None and not isinstance(pat, Pattern):  # a dynamic selector (SparsePrefill)
+        if Q != K:
+            raise UnsupportedError(
+                bad("prefill", "the whole prompt in one step for a dynamic selector", f"{Q} queries over {K} keys")
+            )
+        return sparse_attention(q, k, v, pat, causal=causal, scale=scale, key_padding_mask=kpm)
     if pat is not None and kpm is not None:
         # patterns count real tokens: with left padding the index is not the position
         pos = (kpm.long().cumsum(1) - 1).clamp_min(0)
@@ -273,8 +280,8 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     Hkv = lay.kv_heads
     G = Hq // Hkv
     pat = policy.pattern(layer, Hq, Hkv, lay.seen_real, Q)
-    observe = policy.observes(Q)
-    scorer = getattr(policy, "scorer", None)
+    scorer = policy.scorer_at(layer)
+    observe = policy.observes_at(layer, Q) if scorer is not None else 0
     fresh = all(n == Q for n in lay.lengths()) and all(bool(x.all()) for x in lay.valid)
     if fresh and observe < Q:
         # a first prefill without padding: positions are indices, the fast kernels apply

@@ -198,9 +198,8 @@ def calibrate(
                     gates.clamp_(0, 1)
                 losses.append(float(distill.detach()))
                 if progress:
-                    progress(
-                        f"duo step {step + 1}/{steps}: distill {losses[-1]:.4f} mean gate {float(gates.detach().mean()):.3f}"
-                    )
+                    mean = float(gates.detach().mean())
+                    progress(f"duo step {step + 1}/{steps}: distill {losses[-1]:.4f} mean gate {mean:.3f}")
     finally:
         for p in params:
             p.requires_grad_(True)

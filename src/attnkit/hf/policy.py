@@ -51,8 +51,64 @@ class Policy:
         """Per KV head, the sorted indices ``(B, n_h)`` of the cached entries to keep, or None to keep all."""
         return [None] * view.kv_heads
 
+    def observes_at(self, layer: int, q_len: int) -> int:
+        return self.observes(q_len)
+
+    def scorer_at(self, layer: int):
+        """The scorer whose scores :meth:`keep` reads in ``layer`` (None: no attention mass is recorded)."""
+        return getattr(self, "scorer", None)
+
     def describe(self) -> str:
         return self.name
+
+
+@dataclass(frozen=True)
+class PerLayer(Policy):
+    """A different policy per layer: ``layers[l]`` in layer ``l``, ``default`` in the others.
+
+    E.g. ``PerLayer({0: Dense(), 1: Dense()}, default=StreamingLLM(512))`` keeps the first two layers dense.
+    The policies must agree on ``rerotate`` (the cache shifts positions the same way in every layer).
+    """
+
+    layers: dict
+    default: Policy = None
+    name = "per_layer"
+
+    def __post_init__(self):
+        if self.default is None:
+            object.__setattr__(self, "default", Dense())
+        pols = list(self.layers.values()) + [self.default]
+        if not all(isinstance(p, Policy) for p in pols) or not all(isinstance(k, int) for k in self.layers):
+            raise DTypeError(bad("layers", "a dict {layer index: Policy}", self.layers))
+        if len({p.rerotate for p in pols}) > 1:
+            raise ShapeError(bad("layers", "policies that agree on rerotate", [p.describe() for p in pols]))
+        object.__setattr__(self, "rerotate", self.default.rerotate)
+
+    def at(self, layer: int) -> Policy:
+        return self.layers.get(layer, self.default)
+
+    @property
+    def compresses(self):
+        return any(p.compresses for p in list(self.layers.values()) + [self.default])
+
+    def pattern(self, layer, q_heads, kv_heads, seen, q_len):
+        return self.at(layer).pattern(layer, q_heads, kv_heads, seen, q_len)
+
+    def observes_at(self, layer, q_len):
+        return self.at(layer).observes(q_len)
+
+    def attend(self, layer, q, k, v, key_padding_mask, q_offset, scale, causal):
+        return self.at(layer).attend(layer, q, k, v, key_padding_mask, q_offset, scale, causal)
+
+    def keep(self, layer, view, q_len):
+        return self.at(layer).keep(layer, view, q_len)
+
+    def scorer_at(self, layer):
+        return self.at(layer).scorer_at(layer)
+
+    def describe(self):
+        inner = ", ".join(f"{k}: {p.describe()}" for k, p in sorted(self.layers.items()))
+        return f"per_layer({{{inner}}}, default={self.default.describe()})"
 
 
 @dataclass(frozen=True)
@@ -66,18 +122,23 @@ class Dense(Policy):
 class SparsePrefill(Policy):
     """A static pattern applied at prefill only (every step with more than one query); decoding stays dense.
 
-    ``prefill`` is any registered static pattern (``AShape``, ``SlidingWindow | Sinks``, ``PerHead``...), or a
-    ``dict`` from layer index to pattern (layers not in it stay dense). The pattern is intersected with the
-    causal mask and evaluated on real-token positions.
+    ``prefill`` is any registered static pattern (``AShape``, ``SlidingWindow | Sinks``, ``PerHead``...), a
+    dynamic selector from :mod:`attnkit.sparse` (``VerticalSlash``, ``BlockTopK``...: the prompt must come in
+    one step, since a selector chooses over the whole prompt), or a ``dict`` from layer index to either (layers
+    not in it stay dense). A pattern is intersected with the causal mask and evaluated on real-token positions.
     """
 
-    prefill: Pattern | dict
+    prefill: object
     name = "sparse_prefill"
 
     def __post_init__(self):
+        from ..sparse import Selector
+
         pats = self.prefill.values() if isinstance(self.prefill, dict) else [self.prefill]
-        if not all(isinstance(p, Pattern) for p in pats):
-            raise DTypeError(bad("prefill", "an attnkit Pattern or a dict {layer: Pattern}", self.prefill))
+        if not all(isinstance(p, Pattern | Selector) for p in pats):
+            raise DTypeError(
+                bad("prefill", "an attnkit Pattern or sparse Selector, or a dict {layer: one of them}", self.prefill)
+            )
 
     def pattern(self, layer, q_heads, kv_heads, seen, q_len):
         if q_len == 1:

