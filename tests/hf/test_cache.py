@@ -139,8 +139,10 @@ def test_bad_policy_arguments_name_them():
 
 def test_per_layer_policy_compresses_only_its_layers(smollm2, text_ids):
     model, _ = smollm2
-    pol = akhf.PerLayer({0: akhf.KVCompress(akhf.H2O(), budget=16), 29: akhf.KVCompress(akhf.SnapKV(window=4), 12)},
-                        default=akhf.Dense())
+    pol = akhf.PerLayer(
+        {0: akhf.KVCompress(akhf.H2O(), budget=16), 29: akhf.KVCompress(akhf.SnapKV(window=4), 12)},
+        default=akhf.Dense(),
+    )
     cache = _run(model, text_ids[:, :50], pol, decode=1)
     lens = cache.lengths()
     assert lens[0] == [16] * 3 and lens[29] == [12] * 3

@@ -87,6 +87,7 @@ class Handle:
             del m._attnkit_binding
         for cache in list(b.caches):
             cache.active = False
+        b.current.clear()
         b.model.set_attn_implementation(b.previous)
         b.active = False
 

@@ -34,6 +34,8 @@ class CalibrationError(AttnkitError, ValueError):
 
 
 def model_summary(model) -> dict:
+    if not hasattr(model, "config"):
+        raise CalibrationError(bad("model", "a transformers model (its config keys the calibration)", model))
     cfg = model.config.get_text_config()
     out = {}
     for f in _KEY_FIELDS:
