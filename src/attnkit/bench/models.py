@@ -261,18 +261,13 @@ def _frac(b: float) -> str:
     return "full" if b >= 1.0 else f"1/{round(1 / b)}"
 
 
-def markdown(res: dict) -> str:
-    out = ["## Real model: SmolLM2-135M under KV-cache policies (`attnkit eval`)", ""]
-    cfg = res["config"]
-    out.append(
-        f"Chunked feeding ({cfg['chunk']} tokens per step), budgets are KV entries per head as a fraction "
-        "of the length. Perplexity on Python's reference manual; KL is mean per-token KL(dense || policy)."
-    )
-    out.append("")
+def _ppl_table(res: dict) -> list[str]:
+    """Perplexity per policy, budget and length (with the change against dense), KL and peak KV at the longest."""
+    out = []
     lengths = sorted({r["length"] for r in res["ppl"]})
-    dense = {r["length"]: r for r in res["ppl"] if r["policy"] == "dense"}
     if not lengths:
-        out.append("(no perplexity run)")
+        return ["(no perplexity run)"]
+    dense = {r["length"]: r for r in res["ppl"] if r["policy"] == "dense"}
     out.append("| policy | budget | " + " | ".join(f"ppl @{n}" for n in lengths) + " | KL @max | peak KV / dense |")
     out.append("|---|---|" + "---|" * len(lengths) + "---|---|")
     keys = sorted({(r["policy"], r["budget"]) for r in res["ppl"]}, key=lambda x: (x[0] != "dense", x[0], x[1]))
@@ -290,6 +285,18 @@ def markdown(res: dict) -> str:
             if last
             else f"| {name} | {_frac(b)} | {ppl} | - | - |"
         )
+    return out
+
+
+def markdown(res: dict) -> str:
+    out = ["## Real model: SmolLM2-135M under KV-cache policies (`attnkit eval`)", ""]
+    cfg = res["config"]
+    out.append(
+        f"Chunked feeding ({cfg['chunk']} tokens per step), budgets are KV entries per head as a fraction "
+        "of the length. Perplexity on Python's reference manual; KL is mean per-token KL(dense || policy)."
+    )
+    out.append("")
+    out += _ppl_table(res)
     if res["passkey"]:
         out += ["", "### Passkey retrieval (accuracy per depth)", ""]
         depths = sorted({r["depth"] for r in res["passkey"]})
