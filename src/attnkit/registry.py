@@ -608,7 +608,8 @@ _POL = {"causal", "decode", "gqa", "padding"}
 
 
 def _policy(name, paper, summary, make):
-    """``factory(n, model)``: the policy for about ``n`` tokens of context at a quarter of the KV cache."""
+    """``factory(n, model, budget=0.25)``: the policy that holds ``budget * n`` KV entries per head on average
+    at ``n`` tokens of context (``model`` is needed by the calibrated policies)."""
     register(name, family="E", paper=paper, exact=False, supports=_POL, kind="policy", factory=make, summary=summary)
 
 
@@ -618,53 +619,60 @@ def _hf():
     return hf
 
 
+def _tokens(n, budget):
+    return max(8, int(budget * n))
+
+
+def _duo(n, model=None, budget=0.25):
+    hf = _hf()
+    # streaming heads keep 16 sinks + 368 recent at 4k (a 16 + 240 window missed needles ~400 tokens back,
+    # probed with other keys than the evaluation's); never more than half the per-head budget
+    stream = min(384, _tokens(n, budget) // 2)
+    sinks = min(16, stream // 4)
+    return hf.DuoAttention.for_budget(hf.DuoAttention.load(model).gates, budget, n, sinks=sinks, recent=stream - sinks)
+
+
 _policy(
     "streaming_llm",
     "Efficient Streaming Language Models with Attention Sinks (Xiao et al., ICLR 2024)",
     "sinks + recent window, as a prefill pattern and an evicting cache with RoPE re-rotation",
-    lambda n, model=None: _hf().StreamingLLM(budget=max(8, n // 4), sinks=4),
+    lambda n, model=None, budget=0.25: _hf().StreamingLLM(budget=_tokens(n, budget), sinks=4),
 )
 _policy(
     "duo_attention",
     "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads (Xiao et al., 2024)",
     "retrieval heads keep the full cache, streaming heads sinks + window; gates calibrated offline",
-    lambda n, model=None: _hf().DuoAttention.for_budget(
-        _hf().DuoAttention.load(model).gates,
-        0.25,
-        n,
-        sinks=min(16, n // 32),
-        recent=min(256, n // 8) - min(16, n // 32),
-    ),
+    _duo,
 )
 _policy(
     "moa",
     "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression (Fu et al., 2024)",
     "per-head elastic window span = beta * N, chosen by a profiled DP under a mean-span budget",
-    lambda n, model=None: _hf().MoA.load(model, 0.25),
+    lambda n, model=None, budget=0.25: _hf().MoA.load(model, budget),
 )
 _policy(
     "h2o",
     "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (Zhang et al., 2023)",
     "keep the keys with the largest accumulated attention plus a recent window",
-    lambda n, model=None: _hf().KVCompress(_hf().H2O(), budget=max(8, n // 4)),
+    lambda n, model=None, budget=0.25: _hf().KVCompress(_hf().H2O(), budget=_tokens(n, budget), phase="both"),
 )
 _policy(
     "snapkv",
     "SnapKV: LLM Knows What You are Looking for Before Generation (Li et al., 2024)",
     "an observation window of the last prompt queries votes (max-pooled) for the keys to keep",
-    lambda n, model=None: _hf().KVCompress(_hf().SnapKV(), budget=max(8, n // 4), phase="prefill"),
+    lambda n, model=None, budget=0.25: _hf().KVCompress(_hf().SnapKV(), budget=_tokens(n, budget), phase="prefill"),
 )
 _policy(
     "head_aware_kv",
     "HACK: Head-Aware KV Cache Compression for Visual Autoregressive Modeling; Ada-KV",
     "per-head budgets from where each head's attention mass lies (joint top-k), real per-head memory",
-    lambda n, model=None: _hf().KVCompress(
-        _hf().SnapKV(), budget=max(8, n // 4), allocator=_hf().HeadAware(), phase="prefill"
+    lambda n, model=None, budget=0.25: _hf().KVCompress(
+        _hf().SnapKV(), budget=_tokens(n, budget), allocator=_hf().HeadAware(), phase="prefill"
     ),
 )
 _policy(
     "sparse_prefill",
     "Efficient Streaming Language Models with Attention Sinks (A-shape prefill, as in MInference)",
     "any static pattern at prefill only (here A-shape: sinks + window); decoding stays dense",
-    lambda n, model=None: _hf().SparsePrefill(P.AShape(4, max(8, n // 4))),
+    lambda n, model=None, budget=0.25: _hf().SparsePrefill(P.AShape(4, _tokens(n, budget))),
 )

@@ -45,31 +45,19 @@ class EvalConfig:
 QUICK = EvalConfig(lengths=(256,), budgets=(1 / 4,), passkey_lengths=(256,), depths=(0.2, 0.8), chunk=128)
 
 
-def make_policy(name: str, budget: float, length: int, model):
-    """The policy ``name`` holding ``budget * length`` KV entries per head (on average) at ``length`` tokens."""
-    from .. import hf
+_RECORD = {"snapkv_head_aware": "head_aware_kv"}  # report name -> registry name
 
-    tokens = max(8, int(budget * length))
+
+def make_policy(name: str, budget: float, length: int, model):
+    """The policy ``name`` holding ``budget * length`` KV entries per head (on average) at ``length`` tokens:
+    the registry's family-E factory (``dense`` is :class:`attnkit.hf.Dense`)."""
+    from .. import hf, registry
+
     if name == "dense":
         return hf.Dense()
-    if name == "streaming_llm":
-        return hf.StreamingLLM(budget=tokens, sinks=4)
-    if name == "duo_attention":
-        # streaming heads keep 16 sinks + 368 recent at 4k (a 16 + 240 window missed needles ~400 tokens back,
-        # probed with other keys than the evaluation's); never more than half the per-head budget
-        stream = min(384, tokens // 2)
-        sinks = min(16, stream // 4)
-        gates = hf.DuoAttention.load(model).gates
-        return hf.DuoAttention.for_budget(gates, budget, length, sinks=sinks, recent=stream - sinks)
-    if name == "moa":
-        return hf.MoA.load(model, budget)
-    if name == "h2o":
-        return hf.KVCompress(hf.H2O(), budget=tokens, phase="both")
-    if name == "snapkv":
-        return hf.KVCompress(hf.SnapKV(), budget=tokens, phase="prefill")
-    if name == "snapkv_head_aware":
-        return hf.KVCompress(hf.SnapKV(), budget=tokens, phase="prefill", allocator=hf.HeadAware())
-    raise ValueError(f"policy: expected one of {POLICIES}, got {name!r}")
+    if name not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {name!r}")
+    return registry.get(_RECORD.get(name, name)).factory(length, model, budget)
 
 
 def _kv_bytes(cache) -> int:

@@ -253,75 +253,68 @@ def _attend_full(q, k, v, mask, layer, policy, causal, scale):
     if pat is not None and kpm is not None:
         # patterns count real tokens: with left padding the index is not the position
         pos = (kpm.long().cumsum(1) - 1).clamp_min(0)
-        return _grouped_masked(q, k, v, pos[:, K - Q :], pos, kpm, scale, causal, pat)[0]
+        return _per_head(q, k.unbind(1), v.unbind(1), pos[:, K - Q :], pos, kpm, scale, causal, pat)[0]
     if causal:
         pat = Causal() if pat is None else Causal() & pat
     return _attention(q, k, v, pattern=pat, key_padding_mask=kpm, q_offset=K - Q, scale=scale)
 
 
-def _grouped_masked(q, k, v, qpos, kpos, valid, scale, causal, pat, observe=0):
-    Hkv = k.shape[1]
+def _per_head(q, keys, values, qpos, kpos, valid, scale, causal, pat, observe=0, q_delta=None, inv_freq=None):
+    """:func:`masked_attention` for each KV head ``h`` and its query group: ``keys[h] (B, T_h, D)``, and ``kpos``
+    / ``valid`` either one ``(B, T)`` tensor for all heads or a list of them. ``q_delta[h]`` re-rotates the
+    group's queries first. Returns ``(out (B, Hq, Q, Dv), [mass per head])``."""
+    Hkv = len(keys)
     G = q.shape[1] // Hkv
-    outs = []
+    outs, masses = [], []
     for h in range(Hkv):
+        qh = q[:, h * G : (h + 1) * G]
+        if q_delta is not None and q_delta[h] is not None:
+            qh = rerotate(qh, q_delta[h][:, None, :], inv_freq)
         heads = torch.arange(h * G, (h + 1) * G, device=q.device)
-        outs.append(
-            masked_attention(
-                q[:, h * G : (h + 1) * G], k[:, h], v[:, h], qpos, kpos, valid, scale, causal, pat, heads, observe
-            )[0]
-        )
-    return torch.cat(outs, 1), None
+        kp = kpos[h] if isinstance(kpos, list) else kpos
+        ok = valid[h] if isinstance(valid, list) else valid
+        o, mass = masked_attention(qh, keys[h], values[h], qpos, kp, ok, scale, causal, pat, heads, observe)
+        outs.append(o)
+        masses.append(mass)
+    return torch.cat(outs, 1), masses
 
 
 def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: bool, scale):
     """Keys live in a :class:`HeadwiseCache`: one pass per KV head over its own entries, then eviction."""
     lay = cache.layers[layer]
     policy = b.policy
-    B, Hq, Q, _ = q.shape
-    Hkv = lay.kv_heads
-    G = Hq // Hkv
-    pat = policy.pattern(layer, Hq, Hkv, lay.seen_real, Q)
+    Hq, Q = q.shape[1], q.shape[2]
+    pat = policy.pattern(layer, Hq, lay.kv_heads, lay.seen_real, Q)
     scorer = policy.scorer_at(layer)
     observe = policy.observes_at(layer, Q) if scorer is not None else 0
     fresh = all(n == Q for n in lay.lengths()) and all(bool(x.all()) for x in lay.valid)
     if fresh and observe < Q:
-        # a first prefill without padding: positions are indices, the fast kernels apply
-        k = torch.stack(lay.k, 1)
-        v = torch.stack(lay.v, 1)
+        # a first prefill without padding: positions are indices, the fast kernels apply; only the observed
+        # queries go through the explicit path, for their attention mass
         full = Causal() if pat is None else Causal() & pat
-        out = _attention(q, k, v, pattern=full if causal else pat, scale=scale)
+        out = _attention(q, torch.stack(lay.k, 1), torch.stack(lay.v, 1), pattern=full if causal else pat, scale=scale)
         if observe:
-            qpos = lay.q_pos[:, Q - observe :]
-            for h in range(Hkv):
-                heads = torch.arange(h * G, (h + 1) * G, device=q.device)
-                _, mass = masked_attention(
-                    q[:, h * G : (h + 1) * G, Q - observe :],
-                    lay.k[h],
-                    lay.v[h],
-                    qpos,
-                    lay.pos[h],
-                    lay.valid[h],
-                    scale,
-                    causal,
-                    pat,
-                    heads,
-                    observe,
-                )
+            _, masses = _per_head(
+                q[:, :, Q - observe :],
+                lay.k,
+                lay.v,
+                lay.q_pos[:, Q - observe :],
+                lay.pos,
+                lay.valid,
+                scale,
+                causal,
+                pat,
+                observe,
+            )
+            for h, mass in enumerate(masses):
                 lay.record(h, mass, True, scorer)
     else:
-        outs = []
-        for h in range(Hkv):
-            qh = q[:, h * G : (h + 1) * G]
-            if lay.q_delta and lay.q_delta[h] is not None:
-                qh = rerotate(qh, lay.q_delta[h][:, None, :], cache.inv_freq)
-            heads = torch.arange(h * G, (h + 1) * G, device=q.device)
-            o, mass = masked_attention(
-                qh, lay.k[h], lay.v[h], lay.q_pos, lay.pos[h], lay.valid[h], scale, causal, pat, heads, observe
-            )
-            outs.append(o)
-            if scorer is not None:
+        out, masses = _per_head(
+            q, lay.k, lay.v, lay.q_pos, lay.pos, lay.valid, scale, causal, pat, observe, lay.q_delta, cache.inv_freq
+        )
+        if scorer is not None:
+            for h, mass in enumerate(masses):
                 lay.record(h, mass, observe > 0, scorer)
-        out = torch.cat(outs, 1)
     lay.evict(policy.keep(layer, lay, Q))
     return out
 
@@ -345,11 +338,12 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
     ok = valid[:, None, None, :]
     hh = heads[None, :, None, None]
     step = max(1, _CHUNK_ELEMENTS // max(1, B * G * T))
-    kt = k.transpose(1, 2)[:, None]
+    kt = k.transpose(1, 2)[:, None].float()  # converted once, not per chunk
+    vf = v[:, None].float()
     for s in range(0, Q, step):
         e = min(Q, s + step)
         qp = qpos[:, None, s:e, None].long()
-        logits = torch.matmul(q[:, :, s:e].float(), kt.float()) * scale
+        logits = torch.matmul(q[:, :, s:e].float(), kt) * scale
         allowed = ok
         if causal:
             allowed = allowed & (kp <= qp)
@@ -360,7 +354,7 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         p = torch.exp(logits - top)
         p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        out[:, :, s:e] = torch.matmul(p, v[:, None].float()).to(q.dtype)
+        out[:, :, s:e] = torch.matmul(p, vf).to(q.dtype)
         if observe and e > Q - observe:
             lo = max(s, Q - observe) - s
             mass += p[:, :, lo:].sum(dim=(1, 2))
