@@ -18,6 +18,10 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
 * The backward recomputes ``P = exp(S - lse)`` per chunk (FlashAttention-2 style): ``dV += P^T dO``,
   ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; key-side
   gradients are scattered with ``index_add_``.
+* Plain softmax segments (no score mod, no normaliser, no token-grain refinement) run through PyTorch's fused
+  CPU flash-attention op, which returns ``lse`` with the output; there the plan splits each row's masked tail
+  tiles (the causal diagonal, padding slots) into a segment of their own, so the bulk runs without a mask.
+  The unfused path (``bmm``, ``exp``, ``bmm``) serves the rest and the backward.
 * bf16/fp16 inputs are computed in float32 tile by tile and the output is rounded once.
 * A query with no visible key gives ``out = 0`` and ``lse = -inf``.
 """
@@ -34,13 +38,50 @@ from ..layout import BlockLayout
 _CHUNK_ELEMS = 1 << 19  # score elements per chunk (2 MiB): fewer ops, still cache-resident (measured 2^17..2^20)
 _MAX_KEYS = 2048  # keys per row per segment before the online-softmax merge takes over
 _BIAS_CACHE_BYTES = 64 << 20
+_FUSED_KEYS = 1 << 16  # gathered keys per chunk of the fused path (16 MiB of K in fp32 at D = 64); it tiles inside
+# Fused softmax(Q K^T + mask) V with its logsumexp (the op F.scaled_dot_product_attention dispatches to on CPU);
+# torch is pinned, and tests compare both paths against the float64 oracle.
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 @dataclass
 class _Chunk:
     r0: int
     r1: int
+    head: int
     segments: list  # [(slot0, slot1, ids (C, s) long, bias (C, 1, bq, s*bk) or None, stride (start, step) or None)]
+    dead: list | None = None  # fused plans: per segment, (C, 1, bq) rows the bias leaves without a key, or None
+
+
+@dataclass
+class _Tails:
+    """The one-tile masked tails (the causal diagonal, mostly) of a fused plan's chunks, run as one batch."""
+
+    rows: torch.Tensor  # (R,) layout rows
+    ids: torch.Tensor  # (R,) their key tiles
+    bias: torch.Tensor  # (R or 1, 1, bq, bk) additive tile masks
+    dead: torch.Tensor | None  # (R or 1, 1, bq) rows the tile leaves without a key, or None
+
+
+def _pull_tails(layout: BlockLayout, chunks: list) -> _Tails | None:
+    """Move the last segment of every chunk out when it is one masked tile wide; batch them."""
+    rows, ids, mids = [], [], []
+    for ch in chunks:
+        if ch.segments and ch.segments[-1][3] is not None and ch.segments[-1][1] - ch.segments[-1][0] == 1:
+            a, _, seg_ids, _, _ = ch.segments.pop()
+            ch.dead.pop()
+            rows.append(torch.arange(ch.r0, ch.r1))
+            ids.append(seg_ids)
+            mids.append(layout.mask_ids[ch.head, ch.r0 : ch.r1, a])
+    if not rows:
+        return None
+    mids = torch.cat(mids)
+    one = bool((mids == mids[0]).all())
+    bias = _bias_for(layout, (mids[:1] if one else mids)[:, None])
+    if bias is None:
+        bias = torch.zeros(1, 1, layout.block_q, layout.block_k)
+    dead = ~torch.isfinite(bias).any(-1)
+    return _Tails(torch.cat(rows), torch.cat(ids), bias.contiguous(), dead if bool(dead.any()) else None)
 
 
 def _bias_for(layout: BlockLayout, mids: torch.Tensor) -> torch.Tensor | None:
@@ -63,9 +104,12 @@ def _bias_for(layout: BlockLayout, mids: torch.Tensor) -> torch.Tensor | None:
     return table[mids + 2].permute(0, 2, 1, 3).reshape(C, 1, bq, S * bk)
 
 
-def _plan(layout: BlockLayout, head: int, rows: int) -> list[_Chunk]:
-    """Cut the layout rows of one head group into chunks of similar width; cached on the layout."""
-    key = (head, rows)
+def _plan(layout: BlockLayout, head: int, rows: int, split_masked: bool = False) -> list[_Chunk]:
+    """Cut the layout rows of one head group into chunks of similar width; cached on the layout.
+
+    ``split_masked``: a segment whose masked tiles (partial or padding) are its last columns is cut in two, the
+    unmasked bulk and the masked tail, so that the fused path runs the bulk without a mask."""
+    key = (head, rows, split_masked)
     if key in layout._plans:
         return layout._plans[key]
     bk = layout.block_k
@@ -77,28 +121,33 @@ def _plan(layout: BlockLayout, head: int, rows: int) -> list[_Chunk]:
     r0, nqb = 0, len(counts)
     while r0 < nqb:
         width = counts[r0]
-        cap = max(1, _CHUNK_ELEMS // max(1, rows * width * bk))
+        cap = max(1, (_FUSED_KEYS // max(1, width * bk)) if split_masked else _CHUNK_ELEMS // max(1, rows * width * bk))
         r1 = r0 + 1
         while r1 < nqb and r1 - r0 < cap and counts[r1] == width:
             r1 += 1
         if r1 - r0 < min(4, cap):
-            # A short uniform run (irregular rows): group rows of similar width instead, padding the slots.
+            # A short uniform run (irregular rows): group rows of similar width instead, padding the slots. The
+            # fused path computes the padding slots too, so it only groups rows within 1/8 of a width.
             while r1 < nqb:
                 c = counts[r1]
                 w = max(width, c)
-                if (r1 - r0 + 1) * rows * w * bk > _CHUNK_ELEMS or c > 2 * width or 2 * c < width:
+                big = (r1 - r0 + 1) * w * bk > _FUSED_KEYS if split_masked else (r1 - r0 + 1) * rows * w * bk > _CHUNK_ELEMS
+                near = 8 * abs(c - width) <= width if split_masked else width <= 2 * c and c <= 2 * width
+                if big or not near:
                     break
                 width, r1 = w, r1 + 1
         if width == 0:
-            chunks.append(_Chunk(r0, r1, []))
+            chunks.append(_Chunk(r0, r1, head, [], [] if split_masked else None))
             r0 = r1
             continue
-        seg = max(1, _MAX_KEYS // bk)
+        seg = width if split_masked else max(1, _MAX_KEYS // bk)
         ids_c = ids_all[r0:r1, :width]
         # Sinks, global columns or power-of-two jumps before a sliding band: the band (the longest affine
         # suffix) still reads K and V through a view; only the prefix is gathered. The two merge by lse.
         split = next((a for a in range(width) if _stride(ids_c[:, a:]) is not None), width)
         ranges = [(a, min(e, a + seg)) for lo, e in ((0, split), (split, width)) if e > lo for a in range(lo, e, seg)]
+        if split_masked:
+            ranges = [part for a, b in ranges for part in _split_tail(mids_all[r0:r1, a:b], a, b)]
         segments = []
         for a, b in ranges:
             ids, mids = ids_all[r0:r1, a:b], mids_all[r0:r1, a:b]
@@ -111,10 +160,22 @@ def _plan(layout: BlockLayout, head: int, rows: int) -> list[_Chunk]:
                     cached_bytes += nbytes
                     cache[mkey] = bias
             segments.append((a, b, ids.clamp(min=0).reshape(-1), bias, _stride(ids)))
-        chunks.append(_Chunk(r0, r1, segments))
+        dead = [None if sg[3] is None else ~torch.isfinite(sg[3]).any(-1) for sg in segments] if split_masked else None
+        chunks.append(_Chunk(r0, r1, head, segments, dead))
         r0 = r1
+    if split_masked:
+        layout._plans[key + ("tails",)] = _pull_tails(layout, chunks)
     layout._plans[key] = chunks
     return chunks
+
+
+def _split_tail(mids: torch.Tensor, a: int, b: int) -> list:
+    """``[(a, b)]``, or ``[(a, t), (t, b)]`` when columns ``t..b`` hold every masked tile of the segment."""
+    full = (mids == -1).all(0).tolist()
+    t = next((i for i in range(len(full)) if not full[i]), len(full))
+    if 0 < t < len(full) and not any(full[t:]):
+        return [(a, a + t), (a + t, b)]
+    return [(a, b)]
 
 
 def _stride(ids: torch.Tensor):
@@ -190,6 +251,62 @@ def _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, 
         ok = layout.select.allowed(g, qi, kj, block_q=bq, block_k=bk, q_offset=layout.q_offset, kv_len=layout.kv_len)
         s.view(C, G, bq, -1).masked_fill_(~ok, float("-inf"))
     return s, raw, kc, vc, pos
+
+
+def _fused(ch, seg, dead, qc, kb, vb, kpm_b, bk, bq, G, scale):
+    """``(out (C, G*bq, Dv), lse (C, G*bq))`` of one plain-softmax segment of a chunk through the fused op."""
+    a, e, ids, bias, stride = seg
+    C, s_len = ch.r1 - ch.r0, e - a
+    kc = _keys(kb, ids, stride, C, s_len, bk)
+    vc = _keys(vb, ids, stride, C, s_len, bk)
+    real = _keys(kpm_b.view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm_b is not None else None
+    return _flash(qc, kc, vc, bias, dead, real, G, bq, scale)
+
+
+def _flash(qc, kc, vc, bias, dead, real, G, bq, scale):
+    """``softmax(scale Q K^T + bias) V`` and its ``lse`` for ``qc (C, G*bq, D)``, ``kc, vc (C, L, D)``.
+
+    Without a tile mask the G folded heads stay rows of one product; with one, the heads become the op's head
+    axis (K and V broadcast, no copy) so the ``(C or 1, 1, bq, L)`` mask broadcasts over them. ``real (C, L)``
+    marks real keys. The op gives rows with no visible key ``out = 0`` but ``lse = 0``: ``dead`` rows (or those
+    the key padding empties) are set to ``-inf``."""
+    C, _, D = qc.shape
+    L = kc.shape[1]
+    mask = None if bias is None else bias.to(qc.dtype)
+    if real is not None:
+        pad = torch.zeros(C, 1, 1, L, dtype=qc.dtype).masked_fill_(~real[:, None, None, :], float("-inf"))
+        mask = pad if mask is None else mask + pad
+        dead = ~torch.isfinite(mask).any(-1)
+    kc, vc = kc[:, None], vc[:, None]
+    if mask is not None and mask.shape[2] > 1:
+        q4 = qc.view(C, G, bq, D)
+        kc, vc = kc.expand(C, G, L, D), vc.expand(C, G, L, vc.shape[-1])
+    else:
+        q4 = qc.view(C, 1, G * bq, D)
+    out, lse = _FLASH(q4, kc, vc, attn_mask=mask, scale=scale)
+    if dead is not None:
+        lse = lse.masked_fill(dead, float("-inf"))
+    return out.reshape(C, G * bq, -1), lse.reshape(C, G * bq)
+
+
+def _merge(acc, lse, o, lse_o):
+    """Two partial softmax results over disjoint keys, combined by their log-sum-exps (``-inf`` = no key)."""
+    new = torch.logaddexp(lse, lse_o)
+    safe = new.masked_fill(torch.isinf(new), float("inf"))
+    return acc * (lse - safe).exp().unsqueeze(-1) + o * (lse_o - safe).exp().unsqueeze(-1), new
+
+
+def _run_tails(tails: _Tails, qf, kb, vb, kpm_b, out_u, lse_u, bk, bq, G, scale):
+    """Attend every row of ``tails`` to its tile in one call and merge into the unit's ``out_u``, ``lse_u``."""
+    D, Dv = kb.shape[-1], vb.shape[-1]
+    rows, ids = tails.rows, tails.ids
+    kc = kb.view(-1, bk, D).index_select(0, ids)
+    vc = vb.view(-1, bk, Dv).index_select(0, ids)
+    real = kpm_b.view(-1, bk).index_select(0, ids) if kpm_b is not None else None
+    o, lse = _flash(qf.index_select(0, rows), kc, vc, tails.bias, tails.dead, real, G, bq, scale)
+    acc, new = _merge(out_u.index_select(0, rows), lse_u.index_select(0, rows), o, lse)
+    out_u.index_copy_(0, rows, acc)
+    lse_u.index_copy_(0, rows, new)
 
 
 def _prepare(q, k, v, layout: BlockLayout, key_padding_mask):
@@ -311,13 +428,14 @@ def forward(
     units = Hq // G
     out_f = torch.empty(B, units, nqb, G * bq, Dv, dtype=cd)
     lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
+    fused = score is None and normalizer is None and layout.select is None
     for b, lh, hk, h0 in _units(B, Hq, Hkv, G, layout):
         u = h0 // G
         sel = (layout, lh) if layout.select is not None else None
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         kb, vb = kp[b, hk], vp[b, hk]
         kpm_b = kpm[b] if kpm is not None else None
-        for ch in _plan(layout, lh, G * bq):
+        for ch in _plan(layout, lh, G * bq, split_masked=fused):
             qc = qf[ch.r0 : ch.r1]
             if normalizer is not None:
                 o, lse = _elementwise(ch, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, normalizer)
@@ -325,23 +443,23 @@ def forward(
                 lse_f[b, u, ch.r0 : ch.r1] = lse
                 continue
             acc = lse = None
-            for seg in ch.segments:
-                s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, sel)
-                single = len(ch.segments) == 1
-                o, lse_s = _softmax_v(s, vc, out_f[b, u, ch.r0 : ch.r1] if single else None)
-                if acc is None:
-                    acc, lse = o, lse_s
+            for i, seg in enumerate(ch.segments):
+                if fused:
+                    o, lse_s = _fused(ch, seg, ch.dead[i], qc, kb, vb, kpm_b, bk, bq, G, scale)
                 else:
-                    new = torch.logaddexp(lse, lse_s)
-                    new_safe = new.masked_fill(torch.isinf(new), float("inf"))
-                    acc = acc * (lse - new_safe).exp().unsqueeze(-1) + o * (lse_s - new_safe).exp().unsqueeze(-1)
-                    lse = new
+                    s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, sel)
+                    single = len(ch.segments) == 1
+                    o, lse_s = _softmax_v(s, vc, out_f[b, u, ch.r0 : ch.r1] if single else None)
+                acc, lse = (o, lse_s) if acc is None else _merge(acc, lse, o, lse_s)
             if acc is None:
                 out_f[b, u, ch.r0 : ch.r1] = 0
             elif acc.data_ptr() != out_f[b, u, ch.r0 : ch.r1].data_ptr():
                 out_f[b, u, ch.r0 : ch.r1] = acc
             if lse is not None:
                 lse_f[b, u, ch.r0 : ch.r1] = lse
+        tails = layout._plans.get((lh, G * bq, True, "tails")) if fused else None
+        if tails is not None:
+            _run_tails(tails, qf, kb, vb, kpm_b, out_f[b, u], lse_f[b, u], bk, bq, G, scale)
     out = out_f.view(B, units, nqb, G, bq, Dv).transpose(2, 3).reshape(B, Hq, nqb * bq, Dv)
     lse = lse_f.view(B, units, nqb, G, bq).transpose(2, 3).reshape(B, Hq, nqb * bq)
     return out[:, :, :Nq], lse[:, :, :Nq]

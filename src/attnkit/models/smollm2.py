@@ -72,20 +72,22 @@ class _Stop(Exception):
     pass
 
 
-def capture_qkv(n_tokens: int, layers=DEFAULT_LAYERS, *, repeat: int = 1) -> dict:
+def capture_qkv(n_tokens: int, layers=DEFAULT_LAYERS, *, repeat: int = 1, start: int = 0) -> dict:
     """Real ``{layer: (q, k, v)}`` of SmolLM2 on English text, cached on disk after the first run.
 
     ``q`` is ``(1, 9, N, 64)`` and ``k``, ``v`` ``(1, 3, N, 64)``, float32, after the rotary embedding (what
-    attention sees). The text is the first ``n_tokens`` tokens of :func:`english_text`, repeated ``repeat``
-    times (``N = n_tokens * repeat``; the model runs over the whole repeated sequence, so the later copies see
-    the earlier ones). The forward stops after the last layer asked for.
+    attention sees). The text is ``n_tokens`` tokens of :func:`english_text` from token ``start`` on, repeated
+    ``repeat`` times (``N = n_tokens * repeat``; the model runs over the whole repeated sequence, so the later
+    copies see the earlier ones). The forward stops after the last layer asked for. A ``start`` past the judged
+    text (the benchmark uses the first 4096 tokens) gives held-out tensors to train a gate on.
     """
     layers = tuple(sorted(set(int(x) for x in layers)))
-    if n_tokens < 1 or repeat < 1:
-        raise UnsupportedError(bad("n_tokens, repeat", "ints >= 1", (n_tokens, repeat)))
+    if n_tokens < 1 or repeat < 1 or start < 0:
+        raise UnsupportedError(bad("n_tokens, repeat, start", "ints >= 1, >= 1, >= 0", (n_tokens, repeat, start)))
     text = english_text()
-    key = hashlib.sha256(f"{GGUF}|{n_tokens}|{repeat}|{layers}|{text[:2000]}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"smollm2_{n_tokens}x{repeat}_{key}.pt"
+    at = f"|{start}" if start else ""  # start 0 keeps the cache names of earlier runs
+    key = hashlib.sha256(f"{GGUF}|{n_tokens}|{repeat}|{layers}|{text[:2000]}{at}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"smollm2_{n_tokens}x{repeat}{at.replace('|', '@')}_{key}.pt"
     if path.is_file():
         try:
             return torch.load(path)
@@ -94,9 +96,9 @@ def capture_qkv(n_tokens: int, layers=DEFAULT_LAYERS, *, repeat: int = 1) -> dic
     model, tok = load_smollm2()
     if max(layers) >= model.config.num_hidden_layers:
         raise UnsupportedError(bad("layers", f"indices < {model.config.num_hidden_layers}", layers))
-    ids = tok(text, return_tensors="pt").input_ids[:, :n_tokens]
+    ids = tok(text, return_tensors="pt").input_ids[:, start : start + n_tokens]
     if ids.shape[1] < n_tokens:
-        raise UnsupportedError(bad("n_tokens", f"at most {ids.shape[1]} (the text's length)", n_tokens))
+        raise UnsupportedError(bad("start + n_tokens", "at most the text's length in tokens", start + n_tokens))
     ids = ids.repeat(1, repeat)
     out: dict = {}
 
