@@ -121,7 +121,8 @@ def _plan(layout: BlockLayout, head: int, rows: int, split_masked: bool = False)
     r0, nqb = 0, len(counts)
     while r0 < nqb:
         width = counts[r0]
-        cap = max(1, (_FUSED_KEYS // max(1, width * bk)) if split_masked else _CHUNK_ELEMS // max(1, rows * width * bk))
+        cap = _FUSED_KEYS // max(1, width * bk) if split_masked else _CHUNK_ELEMS // max(1, rows * width * bk)
+        cap = max(1, cap)
         r1 = r0 + 1
         while r1 < nqb and r1 - r0 < cap and counts[r1] == width:
             r1 += 1
@@ -131,7 +132,8 @@ def _plan(layout: BlockLayout, head: int, rows: int, split_masked: bool = False)
             while r1 < nqb:
                 c = counts[r1]
                 w = max(width, c)
-                big = (r1 - r0 + 1) * w * bk > _FUSED_KEYS if split_masked else (r1 - r0 + 1) * rows * w * bk > _CHUNK_ELEMS
+                n = r1 - r0 + 1
+                big = n * w * bk > _FUSED_KEYS if split_masked else n * rows * w * bk > _CHUNK_ELEMS
                 near = 8 * abs(c - width) <= width if split_masked else width <= 2 * c and c <= 2 * width
                 if big or not near:
                     break
