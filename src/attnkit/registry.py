@@ -512,7 +512,7 @@ _selector(
     S.SeerAttention.paper,
     "block gate on pooled q and pooled [max, min, mean] k (training-free: mean); fit_gate distils it",
     lambda budget, *, block=64, heads=4, head_dim=16, **_: S.SeerAttention(
-        None, block_size=block, budget=budget, keep_first=1
+        None, block_size=block, budget=budget, keep_first=1, keep_local=1
     ),
     supports=_SEL | {"causal", "trainable"},
 )
@@ -520,7 +520,7 @@ _selector(
     "bilevel_routing",
     S.BiLevelRouting.paper,
     "region-to-region top-k routing, token attention in routed regions (1-D)",
-    lambda budget, *, block=64, **_: S.BiLevelRouting(block_size=block, budget=budget, keep_first=1),
+    lambda budget, *, block=64, **_: S.BiLevelRouting(block_size=block, budget=budget, keep_first=1, keep_local=1),
 )
 _selector(
     "bilevel_routing_2d",
@@ -575,7 +575,9 @@ _selector(
     "minference_block_sparse",
     S.BlockTopK.paper,
     "top-k blocks from mean-pooled 64-token q and k blocks",
-    lambda budget, *, block=64, **_: S.BlockTopK(block_size=block, budget=budget, keep_first=1),
+    lambda budget, *, block=64, **_: S.BlockTopK(
+        block_size=block, budget=budget, keep_first=1, keep_local=1, share_group=True
+    ),
 )
 _selector(
     "sparsifiner",

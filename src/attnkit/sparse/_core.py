@@ -136,6 +136,12 @@ def check_budget(budget, name: str = "budget"):
         raise PatternError(bad(name, "an int >= 1 (a number of blocks)", budget))
 
 
+def check_count(value, name: str):
+    """A count of blocks that may be 0 (``keep_local``): an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PatternError(bad(name, "an int >= 0 (blocks)", repr(value)))
+
+
 def check_block(block, name: str = "block_size"):
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise PatternError(bad(name, "an int >= 1", repr(block)))

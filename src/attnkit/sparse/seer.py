@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PatternError, ShapeError, bad
-from ._core import Selection, Selector, block_visibility, check_block, check_budget, expand_kv, pool
+from ._core import Selection, Selector, block_visibility, check_block, check_budget, check_count, expand_kv, pool
 from .block_topk import _check_qk, select_blocks
 
 
@@ -45,19 +45,27 @@ class SeerAttention(Selector):
 
     ``gate=None`` is the training-free mode (mean pooling, no parameters). With ``causal`` the diagonal block is
     always kept (our choice, so no query is left without keys; it counts toward ``budget``), and so are the first
-    ``keep_first`` blocks (attention sinks).
+    ``keep_first`` blocks (attention sinks) and the ``keep_local`` blocks before the diagonal (a local window).
     """
 
     paper = "SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs"
 
     def __init__(
-        self, gate: SeerGate | None = None, *, block_size: int = 64, budget: float | int = 0.125, keep_first: int = 0
+        self,
+        gate: SeerGate | None = None,
+        *,
+        block_size: int = 64,
+        budget: float | int = 0.125,
+        keep_first: int = 0,
+        keep_local: int = 0,
     ):
         check_block(block_size)
         check_budget(budget)
         if gate is not None and not isinstance(gate, SeerGate):
             raise PatternError(bad("gate", "a SeerGate or None", type(gate).__name__))
+        check_count(keep_local, "keep_local")
         self.gate, self.block_size, self.budget, self.keep_first = gate, block_size, budget, keep_first
+        self.keep_local = keep_local
 
     def __repr__(self):
         return f"SeerAttention(gate={'trained' if self.gate is not None else None}, block_size={self.block_size}, budget={self.budget})"  # noqa: E501
@@ -69,7 +77,9 @@ class SeerAttention(Selector):
             s = pool(q.float(), b) @ expand_kv(pool(k.float(), b, valid=key_padding_mask), q.shape[1]).transpose(-1, -2)
         else:
             s = self.gate(q, k, b, key_padding_mask)
-        return select_blocks(s, q.shape[2], k.shape[2], b, self.budget, causal, key_padding_mask, self.keep_first)
+        return select_blocks(
+            s, q.shape[2], k.shape[2], b, self.budget, causal, key_padding_mask, self.keep_first, self.keep_local
+        )
 
 
 def block_attention_target(q, k, block: int, causal: bool = True) -> torch.Tensor:
