@@ -35,13 +35,17 @@ def _slots(any_: torch.Tensor, full: torch.Tensor):
     """``(kv_ids, mask_ids, partial)`` from per-tile flags ``(groups, nqb, nkb)``: each row's non-empty key
     blocks ascending in its slots (``-1`` past the last), full tiles marked ``FULL``, the rest ``EMPTY`` until
     their masks are numbered; ``partial`` flags the slots that need a mask."""
-    counts = any_.sum(-1)
+    G, nqb, nkb = any_.shape
+    counts = any_.count_nonzero(-1)
     S = max(int(counts.max()) if counts.numel() else 0, 1)
-    # A stable sort puts the non-empty key blocks first, in ascending order.
-    order = torch.argsort((~any_).to(torch.int8), dim=-1, stable=True)[..., :S]
-    valid = torch.arange(S)[None, None, :] < counts[..., None]
-    kv_ids = torch.where(valid, order, torch.full_like(order, -1))
-    is_full = torch.gather(full, -1, order) & valid
+    # The chosen tiles in row-major order; each one's slot is its rank within its row.
+    row, col = any_.reshape(G * nqb, nkb).nonzero().unbind(1)
+    start = torch.cumsum(counts.reshape(-1), 0) - counts.reshape(-1)
+    kv_ids = torch.full((G * nqb, S), -1, dtype=torch.long)
+    kv_ids[row, torch.arange(row.numel()) - start[row]] = col
+    kv_ids = kv_ids.view(G, nqb, S)
+    valid = kv_ids >= 0
+    is_full = torch.gather(full, -1, kv_ids.clamp(min=0)) & valid
     mask_ids = torch.full_like(kv_ids, EMPTY)
     mask_ids[is_full] = FULL
     return kv_ids, mask_ids, valid & ~is_full
@@ -228,7 +232,7 @@ class BlockLayout:
         blocks: torch.Tensor,
         q_len: int,
         kv_len: int,
-        block: int,
+        block: int | tuple[int, int],
         *,
         causal: bool,
         q_offset: int = 0,
@@ -236,52 +240,56 @@ class BlockLayout:
     ) -> BlockLayout:
         """A layout from a block selection ``blocks`` ``(batch, heads, num_q_blocks, num_kv_blocks)`` bool.
 
-        Square tiles of ``block``. Tiles crossed by the causal diagonal or by the end of the keys get an element
-        mask; with ``causal`` a tile wholly in the future is dropped even if selected. ``select`` refines the
-        tiles at token grain. ``pairs`` counts the pairs of the tiles (before ``select``), exactly.
+        ``block`` is the tile: ``block_q x block_k`` when a pair ``(block_q, block_k)`` (finer key tiles let a
+        selector choose keys more precisely while the kernel still reads ``block_q`` queries at a time), square
+        when an int. Tiles crossed by the causal diagonal or by the end of the keys get an element mask; with
+        ``causal`` a tile wholly in the future is dropped even if selected. ``select`` refines the tiles at token
+        grain. ``pairs`` counts the pairs of the tiles (before ``select``), exactly.
         """
+        bq, bk = (block, block) if isinstance(block, int) else tuple(block)
         if blocks.dim() != 4 or blocks.dtype != torch.bool:
             raise ShapeError(
                 bad("blocks", "a bool (batch, heads, nqb, nkb) tensor", (blocks.dtype, tuple(blocks.shape)))
             )
         Bt, H, nqb, nkb = blocks.shape
-        if nqb != -(-q_len // block) or nkb != -(-kv_len // block):
-            raise ShapeError(bad("blocks", f"{-(-q_len // block)} x {-(-kv_len // block)} blocks", (nqb, nkb)))
-        q0 = q_offset + torch.arange(nqb) * block  # absolute position of each query block's first row
-        k0 = torch.arange(nkb) * block
-        rows = (q_len - torch.arange(nqb) * block).clamp(max=block)
-        cols = (kv_len - k0).clamp(max=block)
+        if nqb != -(-q_len // bq) or nkb != -(-kv_len // bk):
+            raise ShapeError(bad("blocks", f"{-(-q_len // bq)} x {-(-kv_len // bk)} blocks", (nqb, nkb)))
+        q0 = q_offset + torch.arange(nqb) * bq  # absolute position of each query block's first row
+        k0 = torch.arange(nkb) * bk
+        rows = (q_len - torch.arange(nqb) * bq).clamp(max=bq)
+        cols = (kv_len - k0).clamp(max=bk)
         sel = blocks.reshape(Bt * H, nqb, nkb).clone()
         delta = q0[:, None] - k0[None, :]  # causal: row r of the tile sees column c when c <= r + delta
         if causal:
             sel &= (q0[:, None] + rows[:, None] - 1 >= k0[None, :])[None]  # drop tiles wholly in the future
-        partial_t = (cols < block)[None, :].expand(nqb, nkb)
+        partial_t = (cols < bk)[None, :].expand(nqb, nkb)
         if causal:
-            partial_t = partial_t | (delta < block - 1)
+            partial_t = partial_t | (delta < bk - 1)
         is_full = sel & ~partial_t[None]
         # Pairs: full tiles count rows x cols, partial ones are counted from their masks below.
         pairs = int((is_full.sum((0,)) * (rows[:, None] * cols[None, :])).sum())
         kv_ids, mask_ids, part = _slots(sel, is_full)
-        masks = torch.zeros(0, block, block, dtype=torch.bool)
+        masks = torch.zeros(0, bq, bk, dtype=torch.bool)
         if part.any():
             gg, ii, ss = part.nonzero(as_tuple=True)
             jj = kv_ids[gg, ii, ss]
             # A partial tile's mask depends on its causal offset (clamped) and its number of real columns only.
-            d = delta[ii, jj].clamp(-block, block) if causal else torch.full_like(ii, block)
-            key = torch.stack([d, cols[jj]], 1)
-            uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-            r = torch.arange(block)[:, None]
-            c = torch.arange(block)[None, :]
-            masks = (c[None] <= r[None] + uniq[:, 0, None, None]) & (c[None] < uniq[:, 1, None, None])
+            d = delta[ii, jj].clamp(-bq, bk) if causal else torch.full_like(ii, bk)
+            # One int per (offset, columns): a 1-D unique is several times faster than unique(dim=0).
+            uniq, inverse = torch.unique((d + bq) * (bk + 1) + cols[jj], return_inverse=True)
+            ud, uc = uniq // (bk + 1) - bq, uniq % (bk + 1)
+            r = torch.arange(bq)[:, None]
+            c = torch.arange(bk)[None, :]
+            masks = (c[None] <= r[None] + ud[:, None, None]) & (c[None] < uc[:, None, None])
             mask_ids[gg, ii, ss] = inverse
-            real = masks[inverse].clone()
-            real &= r < rows[ii, None, None]
-            pairs += int(real.sum())
+            # Pairs of a partial tile: its mask's pairs in the rows the query block really has (the last is short).
+            upto = torch.cat([torch.zeros(len(uniq), 1, dtype=torch.long), masks.sum(-1).cumsum(-1)], 1)
+            pairs += int(upto[inverse, rows[ii]].sum())
         return cls(
             q_len,
             kv_len,
-            block,
-            block,
+            bq,
+            bk,
             kv_ids.contiguous(),
             mask_ids.contiguous(),
             masks,

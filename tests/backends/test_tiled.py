@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnkit import reference
-from attnkit.backends.tiled import tiled_attention
+from attnkit.backends.tiled import _fused_plan, tiled_attention
 from attnkit.layout import BlockLayout
 from tests.helpers import check_against_oracle, err, rand_qkv
 
@@ -84,3 +84,61 @@ def test_causal_lse_and_padding_with_an_offset():
     ref, ref_lse = reference.attention(q, k, v, mask=mask, key_padding_mask=pad, return_lse=True)
     assert err(out, ref) < 1e-5
     assert (lse.double() - ref_lse).abs().max() < 1e-4
+
+
+def _irregular(batch, heads, nq, nk, bq, bk, causal, seed, q_offset=0):
+    """A block choice whose rows have very different widths (a dynamic selection's layouts)."""
+    g = torch.Generator().manual_seed(seed)
+    nqb, nkb = -(-nq // bq), -(-nk // bk)
+    keep = torch.rand(batch, heads, nqb, 1, generator=g) ** 2  # per-row densities from ~0 to ~1
+    blocks = torch.rand(batch, heads, nqb, nkb, generator=g) < keep
+    if causal:  # every query block keeps the key blocks of its own positions (no row left without keys)
+        first = q_offset + torch.arange(nqb) * bq
+        last = (first + bq - 1).clamp(max=q_offset + nq - 1)
+        k0 = torch.arange(nkb) * bk
+        blocks |= ((k0[None, :] + bk > first[:, None]) & (k0[None, :] <= last[:, None]))[None, None]
+    return BlockLayout.from_blocks(blocks, nq, nk, (bq, bk), causal=causal, q_offset=q_offset)
+
+
+@pytest.mark.parametrize("bq,bk", [(32, 8), (16, 16), (8, 32)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_rectangular_tiles_and_irregular_rows(bq, bk, causal, fused):
+    """Tiles of block_q x block_k, rows of every width (packed and left-padded on the fused path), per batch
+    row and per query head; forward and all three gradients against the oracle."""
+    q, k, v = rand_qkv(2, 4, 2, 500, 500, 16, seed=11)
+    layout = _irregular(2, 4, 500, 500, bq, bk, causal, seed=bq + bk)
+    assert (layout.block_q, layout.block_k) == (bq, bk)
+    runs = [r for g in range(layout.groups) for r in _fused_plan(layout, g)]
+    assert any(r.real is not None for r in runs), "no left-padded run: the test misses the packing"
+    assert not causal or any(r.merge and r.bias is not None for r in runs), "no batched causal tail"
+    score = None if fused else _Identity()
+    run = lambda q, k, v: tiled_attention(q, k, v, layout, score=score)[0]  # noqa: E731
+    check_against_oracle(run, q, k, v, mask=layout.dense_mask(), label=f"{bq}x{bk} causal={causal} fused={fused}")
+
+
+def test_rectangular_mask_is_the_block_choice():
+    """``from_blocks`` with (block_q, block_k): the pairs are those of the chosen tiles, cut causally."""
+    g = torch.Generator().manual_seed(2)
+    nq, nk, bq, bk, off = 90, 130, 32, 8, 40
+    blocks = torch.rand(1, 3, 3, 17, generator=g) < 0.5
+    layout = BlockLayout.from_blocks(blocks, nq, nk, (bq, bk), causal=True, q_offset=off)
+    want = blocks.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, :nq, :nk]
+    want &= torch.arange(nk)[None, :] <= off + torch.arange(nq)[:, None]
+    assert torch.equal(layout.dense_mask(), want)
+    assert layout.pairs == int(want.sum())
+
+
+def test_packed_rows_with_key_padding_and_an_offset():
+    """The fused path's left-padded runs and batched tails under key padding and q_offset (decode-like)."""
+    q, k, v = rand_qkv(2, 4, 2, 96, 160, 16, seed=13)
+    layout = _irregular(2, 2, 96, 160, 16, 8, True, seed=4, q_offset=64)
+    pad = torch.ones(2, 160, dtype=torch.bool)
+    pad[0, 3:40] = False
+    pad[1, 150:] = False
+    out, lse = tiled_attention(q, k, v, layout, key_padding_mask=pad, q_offset=64)
+    mask = layout.dense_mask().repeat_interleave(2, 1)
+    ref, ref_lse = reference.attention(q, k, v, mask=mask, key_padding_mask=pad, return_lse=True)
+    assert err(out, ref) < 1e-5
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse)) and (lse.double() - ref_lse)[fin].abs().max() < 1e-4

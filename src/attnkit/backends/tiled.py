@@ -18,9 +18,12 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
 * The backward recomputes ``P = exp(S - lse)`` per chunk (FlashAttention-2 style): ``dV += P^T dO``,
   ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; key-side
   gradients are scattered with ``index_add_``.
-* Plain softmax segments (no score mod, no normaliser, no token-grain refinement) run through PyTorch's fused
-  CPU flash-attention op, which returns ``lse`` with the output; there the plan splits each row's masked tail
-  tiles (the causal diagonal, padding slots) into a segment of their own, so the bulk runs without a mask.
+* Plain softmax (no score mod, no normaliser, no token-grain refinement) runs through PyTorch's fused CPU
+  flash-attention op, which returns ``lse`` with the output. Its plan (:func:`_fused_plan`) cuts every row
+  into its unmasked *bulk* and its masked *tail* (the causal diagonal): bulks are sorted by width and packed
+  into calls of near-equal width, short rows left-padded under a per-key mask (never a per-pair one), so the
+  irregular rows of a dynamic selection run in few large calls; tails of the same shape run as one batch per
+  unit; the two merge by their lse. Rows with masked tiles inside (neighbourhoods) run whole under their mask.
   The unfused path (``bmm``, ``exp``, ``bmm``) serves the rest and the backward.
 * bf16/fp16 inputs are computed in float32 tile by tile and the output is rounded once.
 * A query with no visible key gives ``out = 0`` and ``lse = -inf``.
@@ -33,12 +36,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedError, bad
-from ..layout import BlockLayout
+from ..layout import FULL, BlockLayout
 
 _CHUNK_ELEMS = 1 << 19  # score elements per chunk (2 MiB): fewer ops, still cache-resident (measured 2^17..2^20)
 _MAX_KEYS = 2048  # keys per row per segment before the online-softmax merge takes over
 _BIAS_CACHE_BYTES = 64 << 20
-_FUSED_KEYS = 1 << 16  # gathered keys per chunk of the fused path (16 MiB of K in fp32 at D = 64); it tiles inside
+_FUSED_KEYS = 1 << 13  # gathered keys per fused call: 2 MiB of K in fp32 at D = 64 stays in cache between the
+# gather and the op (measured on 16k dynamic layouts: 2^13 beat 2^11, 2^12 and 2^14 by 10-40%; 2^16 was 25% slower)
 # Fused softmax(Q K^T + mask) V with its logsumexp (the op F.scaled_dot_product_attention dispatches to on CPU);
 # torch is pinned, and tests compare both paths against the float64 oracle.
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -50,38 +54,22 @@ class _Chunk:
     r1: int
     head: int
     segments: list  # [(slot0, slot1, ids (C, s) long, bias (C, 1, bq, s*bk) or None, stride (start, step) or None)]
-    dead: list | None = None  # fused plans: per segment, (C, 1, bq) rows the bias leaves without a key, or None
 
 
 @dataclass
-class _Tails:
-    """The one-tile masked tails (the causal diagonal, mostly) of a fused plan's chunks, run as one batch."""
+class _Run:
+    """One call of the fused op: the layout rows ``rows`` of a unit, each against ``s`` key tiles."""
 
-    rows: torch.Tensor  # (R,) layout rows
-    ids: torch.Tensor  # (R,) their key tiles
-    bias: torch.Tensor  # (R or 1, 1, bq, bk) additive tile masks
-    dead: torch.Tensor | None  # (R or 1, 1, bq) rows the tile leaves without a key, or None
-
-
-def _pull_tails(layout: BlockLayout, chunks: list) -> _Tails | None:
-    """Move the last segment of every chunk out when it is one masked tile wide; batch them."""
-    rows, ids, mids = [], [], []
-    for ch in chunks:
-        if ch.segments and ch.segments[-1][3] is not None and ch.segments[-1][1] - ch.segments[-1][0] == 1:
-            a, _, seg_ids, _, _ = ch.segments.pop()
-            ch.dead.pop()
-            rows.append(torch.arange(ch.r0, ch.r1))
-            ids.append(seg_ids)
-            mids.append(layout.mask_ids[ch.head, ch.r0 : ch.r1, a])
-    if not rows:
-        return None
-    mids = torch.cat(mids)
-    one = bool((mids == mids[0]).all())
-    bias = _bias_for(layout, (mids[:1] if one else mids)[:, None])
-    if bias is None:
-        bias = torch.zeros(1, 1, layout.block_q, layout.block_k)
-    dead = ~torch.isfinite(bias).any(-1)
-    return _Tails(torch.cat(rows), torch.cat(ids), bias.contiguous(), dead if bool(dead.any()) else None)
+    rows: torch.Tensor  # (C,) layout rows (query blocks)
+    span: tuple | None  # (r0, r1) when ``rows`` is that range (q is then read through a view)
+    ids: torch.Tensor  # (C * s,) key tiles row by row; padding slots point at tile 0
+    s: int
+    real: torch.Tensor | None  # (C, s) bool, False on padding slots; None when no row is padded
+    bias: torch.Tensor | None  # (C or 1, 1, bq, s * bk) additive tile mask, or None when every tile is full
+    dead: torch.Tensor | None  # (C or 1, 1, bq) rows the bias leaves without a key, or None
+    stride: tuple | None  # (start, step): K and V read through a strided view, no copy
+    merge: bool  # the rows may already hold a partial result: merge by lse instead of writing
+    causal: bool = False  # the op's own causal mask (query r sees key c <= r): a query block's own keys
 
 
 def _bias_for(layout: BlockLayout, mids: torch.Tensor) -> torch.Tensor | None:
@@ -104,12 +92,10 @@ def _bias_for(layout: BlockLayout, mids: torch.Tensor) -> torch.Tensor | None:
     return table[mids + 2].permute(0, 2, 1, 3).reshape(C, 1, bq, S * bk)
 
 
-def _plan(layout: BlockLayout, head: int, rows: int, split_masked: bool = False) -> list[_Chunk]:
-    """Cut the layout rows of one head group into chunks of similar width; cached on the layout.
-
-    ``split_masked``: a segment whose masked tiles (partial or padding) are its last columns is cut in two, the
-    unmasked bulk and the masked tail, so that the fused path runs the bulk without a mask."""
-    key = (head, rows, split_masked)
+def _plan(layout: BlockLayout, head: int, rows: int) -> list[_Chunk]:
+    """Cut the layout rows of one head group into chunks of similar width for the unfused path (and the
+    backward); cached on the layout."""
+    key = (head, rows)
     if key in layout._plans:
         return layout._plans[key]
     bk = layout.block_k
@@ -121,35 +107,28 @@ def _plan(layout: BlockLayout, head: int, rows: int, split_masked: bool = False)
     r0, nqb = 0, len(counts)
     while r0 < nqb:
         width = counts[r0]
-        cap = _FUSED_KEYS // max(1, width * bk) if split_masked else _CHUNK_ELEMS // max(1, rows * width * bk)
-        cap = max(1, cap)
+        cap = max(1, _CHUNK_ELEMS // max(1, rows * width * bk))
         r1 = r0 + 1
         while r1 < nqb and r1 - r0 < cap and counts[r1] == width:
             r1 += 1
         if r1 - r0 < min(4, cap):
-            # A short uniform run (irregular rows): group rows of similar width instead, padding the slots. The
-            # fused path computes the padding slots too, so it only groups rows within 1/8 of a width.
+            # A short uniform run (irregular rows): group rows of similar width instead, padding the slots.
             while r1 < nqb:
                 c = counts[r1]
                 w = max(width, c)
-                n = r1 - r0 + 1
-                big = n * w * bk > _FUSED_KEYS if split_masked else n * rows * w * bk > _CHUNK_ELEMS
-                near = 8 * abs(c - width) <= width if split_masked else width <= 2 * c and c <= 2 * width
-                if big or not near:
+                if (r1 - r0 + 1) * rows * w * bk > _CHUNK_ELEMS or not (width <= 2 * c and c <= 2 * width):
                     break
                 width, r1 = w, r1 + 1
         if width == 0:
-            chunks.append(_Chunk(r0, r1, head, [], [] if split_masked else None))
+            chunks.append(_Chunk(r0, r1, head, []))
             r0 = r1
             continue
-        seg = width if split_masked else max(1, _MAX_KEYS // bk)
+        seg = max(1, _MAX_KEYS // bk)
         ids_c = ids_all[r0:r1, :width]
         # Sinks, global columns or power-of-two jumps before a sliding band: the band (the longest affine
         # suffix) still reads K and V through a view; only the prefix is gathered. The two merge by lse.
-        split = next((a for a in range(width) if _stride(ids_c[:, a:]) is not None), width)
+        split = _affine_suffix(ids_c)
         ranges = [(a, min(e, a + seg)) for lo, e in ((0, split), (split, width)) if e > lo for a in range(lo, e, seg)]
-        if split_masked:
-            ranges = [part for a, b in ranges for part in _split_tail(mids_all[r0:r1, a:b], a, b)]
         segments = []
         for a, b in ranges:
             ids, mids = ids_all[r0:r1, a:b], mids_all[r0:r1, a:b]
@@ -162,26 +141,150 @@ def _plan(layout: BlockLayout, head: int, rows: int, split_masked: bool = False)
                     cached_bytes += nbytes
                     cache[mkey] = bias
             segments.append((a, b, ids.clamp(min=0).reshape(-1), bias, _stride(ids)))
-        dead = [None if sg[3] is None else ~torch.isfinite(sg[3]).any(-1) for sg in segments] if split_masked else None
-        chunks.append(_Chunk(r0, r1, head, segments, dead))
+        chunks.append(_Chunk(r0, r1, head, segments))
         r0 = r1
-    if split_masked:
-        layout._plans[key + ("tails",)] = _pull_tails(layout, chunks)
     layout._plans[key] = chunks
     return chunks
 
 
-def _split_tail(mids: torch.Tensor, a: int, b: int) -> list:
-    """``[(a, b)]``, or ``[(a, t), (t, b)]`` when columns ``t..b`` hold every masked tile of the segment."""
-    full = (mids == -1).all(0).tolist()
-    t = next((i for i in range(len(full)) if not full[i]), len(full))
-    if 0 < t < len(full) and not any(full[t:]):
-        return [(a, a + t), (a + t, b)]
-    return [(a, b)]
+def _affine_suffix(ids: torch.Tensor) -> int:
+    """First column from which ``ids`` advances by a fixed step per row (read through a view); its width if none.
+
+    The suffix where every row runs on by one tile starts after the last column where some row does not; a
+    shorter suffix has the same row steps (those of its first column, which differ by a constant), so one check
+    on the longest one decides."""
+    w = ids.shape[1]
+    if w == 0:
+        return 0
+    breaks = (~(ids[:, 1:] == ids[:, :-1] + 1).all(0)).nonzero()
+    a = int(breaks.max()) + 1 if breaks.numel() else 0
+    return a if _stride(ids[:, a:]) is not None else w
+
+
+def _fused_plan(layout: BlockLayout, head: int) -> list[_Run]:
+    """The fused path's calls for the layout rows of one head group; cached on the layout.
+
+    Each row's real slots are its *bulk* (up to its last full tile) and its *tail* (the masked tiles after it:
+    the causal diagonal, a short last key block). A row with a masked tile inside its bulk is *general*: it runs
+    whole under its tile mask, in chunks of consecutive rows of one width (static patterns such as 2-D
+    neighbourhoods). Bulks are sorted by width and packed into runs whose widths differ by at most an eighth;
+    narrower rows are left-padded, the padding masked per key. Uniform runs of consecutive rows read K and V
+    through a strided view where the tiles advance by a fixed step (sliding windows), after a gathered prefix
+    (sinks). Tails of one mask pattern run together, after the bulks, and merge into them.
+    """
+    key = (head, "fused")
+    if key in layout._plans:
+        return layout._plans[key]
+    ids_all, mids_all = layout.kv_ids[head], layout.mask_ids[head]
+    valid = ids_all >= 0
+    width = valid.sum(-1)
+    pos = torch.arange(ids_all.shape[1])
+    bulk = torch.where((mids_all == FULL) & valid, pos + 1, 0).amax(-1)
+    general = ((mids_all >= 0) & valid & (pos < bulk[:, None])).any(-1)
+    tail = torch.where(general, 0, width - bulk)
+    bulk = torch.where(general, 0, bulk)
+    runs = _general_runs(layout, ids_all, mids_all, general.nonzero()[:, 0].tolist(), width)
+    runs += _bulk_runs(ids_all, bulk, layout.block_k)
+    runs += _tail_runs(layout, ids_all, mids_all, bulk, tail)
+    layout._plans[key] = runs
+    return runs
+
+
+def _span(rows: list[int]):
+    """``(r0, r1)`` when ``rows`` is exactly ``r0, r0 + 1, ..., r1 - 1``, else None."""
+    return (rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else None
+
+
+def _general_runs(layout, ids_all, mids_all, rows: list[int], width) -> list[_Run]:
+    """Rows with a masked tile inside: consecutive rows of one width run whole under their tile mask."""
+    runs, bk = [], layout.block_k
+    i = 0
+    while i < len(rows):
+        w = int(width[rows[i]])
+        cap = max(1, _FUSED_KEYS // max(1, w * bk))
+        j = i + 1
+        while j < len(rows) and j - i < cap and rows[j] == rows[j - 1] + 1 and int(width[rows[j]]) == w:
+            j += 1
+        r = rows[i:j]
+        bias = _bias_for(layout, mids_all[r[0] : r[-1] + 1, :w])
+        dead = None if bias is None else ~torch.isfinite(bias).any(-1)
+        ids = ids_all[r[0] : r[-1] + 1, :w].reshape(-1)
+        runs.append(_Run(torch.tensor(r), _span(r), ids, w, None, bias, dead, None, False))
+        i = j
+    return runs
+
+
+def _bulk_runs(ids_all, bulk, bk) -> list[_Run]:
+    """The rows' unmasked bulks, sorted by width and packed (left padding, at most an eighth of a width)."""
+    widths, order = torch.sort(bulk, stable=True)
+    S = int(widths[-1]) if widths.numel() else 0
+    # The bulks right-aligned in S slots, rows in width order: a run is a slice, its last s columns.
+    col = torch.arange(S)[None, :] - (S - widths)[:, None]
+    right = ids_all[order, :S].gather(1, col.clamp(min=0))
+    wl, ol = widths.tolist(), order.tolist()
+    runs = []
+    i = next((a for a, w in enumerate(wl) if w > 0), len(wl))
+    while i < len(wl):
+        lo = wl[i]
+        j = i + 1
+        while j < len(wl) and 8 * (wl[j] - lo) <= lo and (j - i + 1) * wl[j] * bk <= _FUSED_KEYS:
+            j += 1
+        s = wl[j - 1]
+        rt, span, ids = order[i:j], _span(ol[i:j]), right[i:j, S - s :]
+        if lo < s:
+            runs.append(_Run(rt, span, ids.reshape(-1), s, col[i:j, S - s :] >= 0, None, None, None, False))
+        else:
+            split = _affine_suffix(ids) if span else s
+            if 0 < split < s:  # a gathered prefix (sinks) before a band read through a view
+                band = ids[:, split:]
+                runs.append(_Run(rt, span, ids[:, :split].reshape(-1), split, None, None, None, None, False))
+                runs.append(_Run(rt, span, band.reshape(-1), s - split, None, None, None, _stride(band), True))
+            else:
+                stride = _stride(ids) if span else None
+                runs.append(_Run(rt, span, ids.reshape(-1), s, None, None, None, stride, False))
+        i = j
+    return runs
+
+
+def _tail_runs(layout, ids_all, mids_all, bulk, tail) -> list[_Run]:
+    """The masked tails, one batch per tail shape (its tile masks); they merge into the bulks' results."""
+    T = int(tail.max()) if tail.numel() else 0
+    if T == 0:
+        return []
+    rows = (tail > 0).nonzero()[:, 0]
+    inside = torch.arange(T)[None, :] < tail[rows, None]
+    col = (bulk[rows, None] + torch.arange(T)[None, :]).clamp(max=ids_all.shape[1] - 1)
+    mids = mids_all[rows].gather(1, col).masked_fill_(~inside, -3)
+    ids = ids_all[rows].gather(1, col)
+    shapes, inverse = torch.unique(mids, dim=0, return_inverse=True)
+    bq, bk = layout.block_q, layout.block_k
+    tril = torch.zeros(bq, bq).masked_fill_(torch.ones(bq, bq, dtype=torch.bool).triu(1), float("-inf"))
+    runs = []
+    for g in range(shapes.shape[0]):
+        sel = (inverse == g).nonzero()[:, 0]
+        t = int(inside[sel[0]].sum())
+        bias = _bias_for(layout, shapes[g : g + 1, :t])
+        dead = None if bias is None else ~torch.isfinite(bias).any(-1)
+        # The causal diagonal of aligned blocks (the tail is the query block's own keys): the op masks it itself.
+        causal = bias is not None and t * bk == bq and torch.equal(bias[0, 0], tril)
+        cap = max(1, _FUSED_KEYS // (t * bk))
+        for a in range(0, len(sel), cap):
+            part = sel[a : a + cap]
+            r, tid = rows[part], ids[part, :t]
+            span = _span(r.tolist())
+            stride = _stride(tid) if span else None
+            if causal:
+                runs.append(_Run(r, span, tid.reshape(-1), t, None, None, None, stride, True, True))
+            else:
+                runs.append(_Run(r, span, tid.reshape(-1), t, None, bias, dead, stride, True))
+    return runs
 
 
 def _stride(ids: torch.Tensor):
     """``(start, step)`` when row ``i`` of ``ids`` is the run ``start + i * step + [0, s)``, else None."""
+    w = ids.shape[1]
+    if w == 0 or int(ids[0, -1]) - int(ids[0, 0]) != w - 1:  # the first row is not a run: most dynamic rows
+        return None
     if not bool((ids >= 0).all()):
         return None
     base = ids[:, :1]
@@ -255,39 +358,26 @@ def _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, 
     return s, raw, kc, vc, pos
 
 
-def _fused(ch, seg, dead, qc, kb, vb, kpm_b, bk, bq, G, scale):
-    """``(out (C, G*bq, Dv), lse (C, G*bq))`` of one plain-softmax segment of a chunk through the fused op."""
-    a, e, ids, bias, stride = seg
-    C, s_len = ch.r1 - ch.r0, e - a
-    kc = _keys(kb, ids, stride, C, s_len, bk)
-    vc = _keys(vb, ids, stride, C, s_len, bk)
-    real = _keys(kpm_b.view(-1, 1), ids, stride, C, s_len, bk)[..., 0] if kpm_b is not None else None
-    return _flash(qc, kc, vc, bias, dead, real, G, bq, scale)
+def _flash(qc, kc, vc, mask, dead, G, bq, scale, causal=False):
+    """``softmax(scale Q K^T + mask) V`` and its ``lse`` for ``qc (C, G*bq, D)``, ``kc, vc (C, L, D)``.
 
-
-def _flash(qc, kc, vc, bias, dead, real, G, bq, scale):
-    """``softmax(scale Q K^T + bias) V`` and its ``lse`` for ``qc (C, G*bq, D)``, ``kc, vc (C, L, D)``.
-
-    Without a tile mask the G folded heads stay rows of one product; with one, the heads become the op's head
-    axis (K and V broadcast, no copy) so the ``(C or 1, 1, bq, L)`` mask broadcasts over them. ``real (C, L)``
-    marks real keys. The op gives rows with no visible key ``out = 0`` but ``lse = 0``: ``dead`` rows (or those
-    the key padding empties) are set to ``-inf``."""
+    ``mask`` is additive, ``(C or 1, 1, bq or 1, L)``, or None. Without a per-query mask the G folded heads stay
+    rows of one product; with one, the heads become the op's head axis (K and V broadcast, no copy) so the mask
+    broadcasts over them; ``causal`` applies the op's own mask per head, query ``r`` sees key ``c <= r``. The op
+    gives rows with no visible key ``out = 0`` but ``lse = 0``: ``dead`` rows (broadcastable to ``(C, 1, bq)``)
+    are set to ``-inf``."""
     C, _, D = qc.shape
     L = kc.shape[1]
-    mask = None if bias is None else bias.to(qc.dtype)
-    if real is not None:
-        pad = torch.zeros(C, 1, 1, L, dtype=qc.dtype).masked_fill_(~real[:, None, None, :], float("-inf"))
-        mask = pad if mask is None else mask + pad
-        dead = ~torch.isfinite(mask).any(-1)
+    mask = None if mask is None else mask.to(qc.dtype)
     kc, vc = kc[:, None], vc[:, None]
-    if mask is not None and mask.shape[2] > 1:
+    if causal or (mask is not None and mask.shape[2] > 1):
         q4 = qc.view(C, G, bq, D)
         kc, vc = kc.expand(C, G, L, D), vc.expand(C, G, L, vc.shape[-1])
     else:
         q4 = qc.view(C, 1, G * bq, D)
-    out, lse = _FLASH(q4, kc, vc, attn_mask=mask, scale=scale)
+    out, lse = _FLASH(q4, kc, vc, is_causal=causal, attn_mask=mask, scale=scale)
     if dead is not None:
-        lse = lse.masked_fill(dead, float("-inf"))
+        lse = lse.view(C, -1, bq).masked_fill(dead, float("-inf"))
     return out.reshape(C, G * bq, -1), lse.reshape(C, G * bq)
 
 
@@ -298,17 +388,33 @@ def _merge(acc, lse, o, lse_o):
     return acc * (lse - safe).exp().unsqueeze(-1) + o * (lse_o - safe).exp().unsqueeze(-1), new
 
 
-def _run_tails(tails: _Tails, qf, kb, vb, kpm_b, out_u, lse_u, bk, bq, G, scale):
-    """Attend every row of ``tails`` to its tile in one call and merge into the unit's ``out_u``, ``lse_u``."""
-    D, Dv = kb.shape[-1], vb.shape[-1]
-    rows, ids = tails.rows, tails.ids
-    kc = kb.view(-1, bk, D).index_select(0, ids)
-    vc = vb.view(-1, bk, Dv).index_select(0, ids)
-    real = kpm_b.view(-1, bk).index_select(0, ids) if kpm_b is not None else None
-    o, lse = _flash(qf.index_select(0, rows), kc, vc, tails.bias, tails.dead, real, G, bq, scale)
-    acc, new = _merge(out_u.index_select(0, rows), lse_u.index_select(0, rows), o, lse)
-    out_u.index_copy_(0, rows, acc)
-    lse_u.index_copy_(0, rows, new)
+def _run_fused(runs: list[_Run], qf, kb, vb, kpm_b, out_u, lse_u, bk, bq, G, scale):
+    """Every fused call of one unit into ``out_u``, ``lse_u`` (zeros and ``-inf`` before the first)."""
+    for run in runs:
+        C = run.rows.shape[0]
+        qc = qf[run.span[0] : run.span[1]] if run.span else qf.index_select(0, run.rows)
+        kc = _keys(kb, run.ids, run.stride, C, run.s, bk)
+        vc = _keys(vb, run.ids, run.stride, C, run.s, bk)
+        mask, dead = run.bias, run.dead
+        if run.real is not None:
+            pad = torch.zeros(C, run.s, bk).masked_fill_(~run.real[:, :, None], float("-inf"))
+            mask = pad.view(C, 1, 1, run.s * bk) if mask is None else mask + pad.view(C, 1, 1, run.s * bk)
+        if kpm_b is not None:
+            keep = _keys(kpm_b.view(-1, 1), run.ids, run.stride, C, run.s, bk)[..., 0]
+            pad = torch.zeros(C, 1, 1, run.s * bk).masked_fill_(~keep[:, None, None, :], float("-inf"))
+            mask = pad if mask is None else mask + pad
+            dead = ~torch.isfinite(mask).any(-1)
+        o, lse = _flash(qc, kc, vc, mask, dead, G, bq, scale, run.causal)
+        if run.merge and run.span:
+            o, lse = _merge(out_u[run.span[0] : run.span[1]], lse_u[run.span[0] : run.span[1]], o, lse)
+        elif run.merge:
+            o, lse = _merge(out_u.index_select(0, run.rows), lse_u.index_select(0, run.rows), o, lse)
+        if run.span:
+            out_u[run.span[0] : run.span[1]] = o
+            lse_u[run.span[0] : run.span[1]] = lse
+        else:
+            out_u.index_copy_(0, run.rows, o)
+            lse_u.index_copy_(0, run.rows, lse)
 
 
 def _prepare(q, k, v, layout: BlockLayout, key_padding_mask):
@@ -428,16 +534,20 @@ def forward(
     cd, qp, kp, vp, kpm = _prepare(q, k, v, layout, key_padding_mask)
     G = _grouping(layout, B, Hq, Hkv)
     units = Hq // G
-    out_f = torch.empty(B, units, nqb, G * bq, Dv, dtype=cd)
-    lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
     fused = score is None and normalizer is None and layout.select is None
+    # The fused runs write only the rows they reach (a row with no tile keeps 0 and -inf).
+    out_f = (torch.zeros if fused else torch.empty)(B, units, nqb, G * bq, Dv, dtype=cd)
+    lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
     for b, lh, hk, h0 in _units(B, Hq, Hkv, G, layout):
         u = h0 // G
         sel = (layout, lh) if layout.select is not None else None
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         kb, vb = kp[b, hk], vp[b, hk]
         kpm_b = kpm[b] if kpm is not None else None
-        for ch in _plan(layout, lh, G * bq, split_masked=fused):
+        if fused:
+            _run_fused(_fused_plan(layout, lh), qf, kb, vb, kpm_b, out_f[b, u], lse_f[b, u], bk, bq, G, scale)
+            continue
+        for ch in _plan(layout, lh, G * bq):
             qc = qf[ch.r0 : ch.r1]
             if normalizer is not None:
                 o, lse = _elementwise(ch, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, normalizer)
@@ -445,13 +555,10 @@ def forward(
                 lse_f[b, u, ch.r0 : ch.r1] = lse
                 continue
             acc = lse = None
-            for i, seg in enumerate(ch.segments):
-                if fused:
-                    o, lse_s = _fused(ch, seg, ch.dead[i], qc, kb, vb, kpm_b, bk, bq, G, scale)
-                else:
-                    s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, sel)
-                    single = len(ch.segments) == 1
-                    o, lse_s = _softmax_v(s, vc, out_f[b, u, ch.r0 : ch.r1] if single else None)
+            for seg in ch.segments:
+                s, _, _, vc, _ = _segment(ch, seg, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, sel)
+                single = len(ch.segments) == 1
+                o, lse_s = _softmax_v(s, vc, out_f[b, u, ch.r0 : ch.r1] if single else None)
                 acc, lse = (o, lse_s) if acc is None else _merge(acc, lse, o, lse_s)
             if acc is None:
                 out_f[b, u, ch.r0 : ch.r1] = 0
@@ -459,9 +566,6 @@ def forward(
                 out_f[b, u, ch.r0 : ch.r1] = acc
             if lse is not None:
                 lse_f[b, u, ch.r0 : ch.r1] = lse
-        tails = layout._plans.get((lh, G * bq, True, "tails")) if fused else None
-        if tails is not None:
-            _run_tails(tails, qf, kb, vb, kpm_b, out_f[b, u], lse_f[b, u], bk, bq, G, scale)
     out = out_f.view(B, units, nqb, G, bq, Dv).transpose(2, 3).reshape(B, Hq, nqb * bq, Dv)
     lse = lse_f.view(B, units, nqb, G, bq).transpose(2, 3).reshape(B, Hq, nqb * bq)
     return out[:, :, :Nq], lse[:, :, :Nq]
