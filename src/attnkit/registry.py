@@ -507,12 +507,35 @@ _selector(
     lambda budget, *, block=64, n=256, **_: S.VMoBA(grid=(1, 16, n // 16), block=(1, 4, 4), budget=budget),
     supports={"gqa", "backward", "bf16", "grid"},
 )
+
+
+def _seer(budget, block, gate=None):
+    # Key tiles a quarter of the query block, a layer-wide budget, the first key tile (sinks) and the query
+    # block's worth of keys before its own kept: the configuration chosen on held-out SmolLM2 text (BENCHMARKS.md).
+    sub = max(1, block // 4)
+    return S.SeerAttention(
+        gate,
+        block_size=(block, sub),
+        budget=budget,
+        allocate="layer",
+        keep_first=1,
+        keep_local=4,
+        query_pool=None if gate is not None else sub,
+    )
+
+
 _selector(
     "seer_attention",
     S.SeerAttention.paper,
-    "block gate on pooled q and pooled [max, min, mean] k (training-free: mean); fit_gate distils it",
-    lambda budget, *, block=64, heads=4, head_dim=16, **_: S.SeerAttention(
-        None, block_size=block, budget=budget, keep_first=1, keep_local=1
+    "training-free gate (mean-pooled q sub-blocks vs key blocks), budget spent across the layer",
+    lambda budget, *, block=64, **_: _seer(budget, block),
+)
+_selector(
+    "seer_attention_trained",
+    S.SeerAttention.paper,
+    "SeerGate on pooled q and [max, min, mean] k, fitted by fit_gate (self-distillation); layer-wide budget",
+    lambda budget, *, block=64, heads=4, head_dim=16, gate=None, **_: _seer(
+        budget, block, gate if gate is not None else S.SeerGate(heads, head_dim, query_pool=max(1, block // 4))
     ),
     supports=_SEL | {"causal", "trainable"},
 )

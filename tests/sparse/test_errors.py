@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from attnkit.errors import PatternError, ShapeError, UnsupportedError
-from attnkit.sparse import BiLevelRouting, DynamicMask, KMeansRouting, MoBA, VerticalSlash, VMoBA, sparse_attention
+from attnkit.sparse import (
+    BiLevelRouting,
+    DynamicMask,
+    KMeansRouting,
+    MoBA,
+    SeerAttention,
+    SeerGate,
+    VerticalSlash,
+    VMoBA,
+    fit_gate,
+    sparse_attention,
+)
 from tests.helpers import rand_qkv
 
 
@@ -24,6 +35,19 @@ from tests.helpers import rand_qkv
         (lambda: KMeansRouting(4, 16, 0), "num_clusters"),
         (lambda: KMeansRouting(4, 16, 2, decay=1.0), "decay"),
         (lambda: DynamicMask(2, 16, query_block=0), "query_block"),
+        (lambda: SeerAttention(budget=None), "budget, threshold"),
+        (lambda: SeerAttention(budget=0.1, threshold=0.01), "budget, threshold"),
+        (lambda: SeerAttention(budget=None, threshold=1.5), "threshold"),
+        (lambda: SeerAttention(allocate="global"), "allocate"),
+        (lambda: SeerAttention(block_size=(64, 0)), "block_size"),
+        (lambda: SeerAttention(block_size=64, query_pool=24), "query_pool"),
+        (lambda: SeerAttention(SeerGate(4, 16), query_pool=16), "query_pool"),
+        (lambda: SeerAttention(keep_local=-1), "keep_local"),
+        (lambda: SeerGate(4, 16, query_pool=0), "query_pool"),
+        (
+            lambda: fit_gate(SeerGate(4, 16), [(torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16))], target="sum"),
+            "target",
+        ),
     ],
 )
 def test_bad_arguments(make, match):

@@ -16,13 +16,14 @@ from ..layout import BlockLayout
 from ._core import (
     BlockSelector,
     Selection,
+    allocate_blocks,
     block_visibility,
     check_count,
     expand_kv,
     group_mean,
     pool,
     query_blocks,
-    top_blocks,
+    tile,
 )
 
 
@@ -34,29 +35,49 @@ def block_scores(qp: torch.Tensor, kp: torch.Tensor, share_group: int = 1) -> to
 
 
 def select_blocks(
-    scores, q_len, kv_len, block, budget, causal, key_padding_mask=None, keep_first: int = 0, keep_local: int = 0
+    scores,
+    q_len,
+    kv_len,
+    block,
+    budget,
+    causal,
+    key_padding_mask=None,
+    keep_first: int = 0,
+    keep_local: int = 0,
+    allocate: str = "row",
+    threshold: float | None = None,
 ) -> Selection:
-    """Top-``budget`` blocks of each query block's row of ``scores``; causal keeps the diagonal block and never
-    takes a future one; the first ``keep_first`` blocks (attention sinks) are always kept, and so are the
-    ``keep_local`` blocks before the diagonal (bidirectional: within ``keep_local`` blocks of the query block);
-    a key block of only padding is never taken. Kept blocks count toward the budget."""
+    """The blocks of ``scores`` ``(B, H, nqb, nkb)`` a budget buys, as a :class:`Selection`.
+
+    ``block`` is an int or ``(block_q, block_k)``. Causal: the key blocks holding the query block's own positions
+    (the diagonal) are always kept and a future block is never taken. The first ``keep_first`` key blocks
+    (attention sinks) are always kept, and so are the ``keep_local`` key blocks before the diagonal
+    (bidirectional: those within ``keep_local`` key blocks of the query block's positions). A key block of only
+    padding is never taken. The rest is spent by :func:`allocate_blocks` (``allocate``: per row, head or layer)
+    or, with ``threshold``, every block whose score reaches it is kept (``budget`` unused). Kept blocks count
+    toward the budget."""
     B, H, nqb, nkb = scores.shape
-    allowed = block_visibility(nqb, nkb, block, q_len, kv_len, causal)[None, None].expand(B, H, nqb, nkb)
+    bq, bk = tile(block)
+    allowed = block_visibility(nqb, nkb, (bq, bk), q_len, kv_len, causal)[None, None].expand(B, H, nqb, nkb)
     if key_padding_mask is not None:
-        real = pool(key_padding_mask[:, None, :, None].float(), block, "max")[..., 0] > 0
+        real = pool(key_padding_mask[:, None, :, None].float(), bk, "max")[..., 0] > 0
         allowed = allowed & real[:, :, None, :]
+    k0 = torch.arange(nkb)[None, :] * bk
     forced = (torch.arange(nkb) < keep_first)[None, :].expand(nqb, nkb)
-    J = torch.arange(nkb)[None, :]
+    first, last = query_blocks(nqb, bq, q_len, kv_len - q_len if causal else 0)
     if causal:
-        _, last = query_blocks(nqb, block, q_len, kv_len - q_len)
-        diag = (last // block)[:, None]
-        forced = forced | ((J <= diag) & (J >= diag - keep_local))
+        own = (k0 + bk > first[:, None]) & (k0 <= last[:, None])
+        local = (k0 + bk > first[:, None] - keep_local * bk) & (k0 < first[:, None])
+        forced = forced | own | local
     elif keep_local:
-        forced = forced | ((J - torch.arange(nqb)[:, None]).abs() <= keep_local)
+        forced = forced | ((k0 + bk > first[:, None] - keep_local * bk) & (k0 <= last[:, None] + keep_local * bk))
     forced = forced[None, None] & allowed
-    blocks = top_blocks(scores, allowed, forced, budget)
+    if threshold is not None:
+        blocks = ((scores >= threshold) & allowed) | forced
+    else:
+        blocks = allocate_blocks(scores, allowed, forced, budget, allocate)
     layout = BlockLayout.from_blocks(
-        blocks, q_len, kv_len, block, causal=causal, q_offset=kv_len - q_len if causal else 0
+        blocks, q_len, kv_len, (bq, bk), causal=causal, q_offset=kv_len - q_len if causal else 0
     )
     return Selection(layout=layout, q_len=q_len, kv_len=kv_len)
 
