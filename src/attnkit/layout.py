@@ -114,6 +114,10 @@ class BlockLayout:
     q_offset: int = 0
     _plans: dict = field(default_factory=dict, repr=False)
 
+    def clear_plans(self) -> None:
+        """Forget the kernel plans cached on this layout, so the next call plans again (benchmarks time it)."""
+        self._plans.clear()
+
     @property
     def heads(self) -> int:
         return self.kv_ids.shape[0] // self.batch

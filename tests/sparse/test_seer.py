@@ -111,7 +111,7 @@ def test_budget_is_spent_on_the_best_blocks_of_its_scope(allocate, causal, budge
 
 def test_threshold_keeps_every_block_the_gate_rates_at_least_that():
     q, k, v = rand_qkv(1, 4, 2, 256, 256, 16, seed=4)
-    sel = SeerAttention(None, block_size=(32, 8), budget=None, threshold=0.05, query_pool=8)
+    sel = SeerAttention(None, block_size=(32, 8), threshold=0.05, query_pool=8)
     p = sel.scores(q, k, causal=True)
     s = sel.select(q, k, v, causal=True)
     blocks = torch.zeros(4, 8, 33, dtype=torch.bool)

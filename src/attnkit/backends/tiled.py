@@ -221,6 +221,7 @@ def _bulk_runs(ids_all, bulk, bk) -> list[_Run]:
     # The bulks right-aligned in S slots, rows in width order: a run is a slice, its last s columns.
     col = torch.arange(S)[None, :] - (S - widths)[:, None]
     right = ids_all[order, :S].gather(1, col.clamp(min=0))
+    real = col >= 0
     wl, ol = widths.tolist(), order.tolist()
     runs = []
     i = next((a for a, w in enumerate(wl) if w > 0), len(wl))
@@ -232,7 +233,7 @@ def _bulk_runs(ids_all, bulk, bk) -> list[_Run]:
         s = wl[j - 1]
         rt, span, ids = order[i:j], _span(ol[i:j]), right[i:j, S - s :]
         if lo < s:
-            runs.append(_Run(rt, span, ids.reshape(-1), s, col[i:j, S - s :] >= 0, None, None, None, False))
+            runs.append(_Run(rt, span, ids.reshape(-1), s, real[i:j, S - s :], None, None, None, False))
         else:
             split = _affine_suffix(ids) if span else s
             if 0 < split < s:  # a gathered prefix (sinks) before a band read through a view
@@ -256,7 +257,11 @@ def _tail_runs(layout, ids_all, mids_all, bulk, tail) -> list[_Run]:
     col = (bulk[rows, None] + torch.arange(T)[None, :]).clamp(max=ids_all.shape[1] - 1)
     mids = mids_all[rows].gather(1, col).masked_fill_(~inside, -3)
     ids = ids_all[rows].gather(1, col)
-    shapes, inverse = torch.unique(mids, dim=0, return_inverse=True)
+    same = (mids == mids[:1]).all(1)
+    if bool(same.all()):  # the usual case: every tail is the causal diagonal of an aligned block
+        shapes, inverse = mids[:1], torch.zeros(len(rows), dtype=torch.long)
+    else:
+        shapes, inverse = torch.unique(mids, dim=0, return_inverse=True)
     bq, bk = layout.block_q, layout.block_k
     tril = torch.zeros(bq, bq).masked_fill_(torch.ones(bq, bq, dtype=torch.bool).triu(1), float("-inf"))
     runs = []

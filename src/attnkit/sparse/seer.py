@@ -131,9 +131,9 @@ class SeerAttention(Selector):
 
     Which blocks (the paper converts the gate's soft scores to a mask by a threshold or a top-k):
 
-    * ``threshold=t``: every block with ``g_I(J) >= t`` (the paper's threshold method; ``budget`` must be None);
-    * otherwise ``budget`` (fraction of the visible blocks, or an int of blocks per query block) spent per
-      ``allocate``: ``"row"`` (top-k per query block), ``"head"`` or ``"layer"`` (the best blocks across every
+    * ``threshold=t``: every block with ``g_I(J) >= t`` (the paper's threshold method; no ``budget`` then);
+    * otherwise ``budget`` (default 1/8: a fraction of the visible blocks, or an int of blocks per query block)
+      spent per ``allocate``: ``"row"`` (top-k per query block), ``"head"`` or ``"layer"`` (the best blocks across every
       row of a head, or of every head: the threshold is set per call so that the density is the budget, and
       rows and heads whose attention is spread get more blocks than peaked ones).
 
@@ -149,7 +149,7 @@ class SeerAttention(Selector):
         gate: SeerGate | None = None,
         *,
         block_size: int | tuple = 64,
-        budget: float | int | None = 0.125,
+        budget: float | int | None = None,
         threshold: float | None = None,
         allocate: str = "row",
         keep_first: int = 0,
@@ -157,9 +157,10 @@ class SeerAttention(Selector):
         query_pool: int | None = None,
     ):
         check_block(block_size, pair=True)
-        if (budget is None) == (threshold is None):
-            raise PatternError(bad("budget, threshold", "exactly one of them", (budget, threshold)))
-        if budget is not None:
+        if budget is not None and threshold is not None:
+            raise PatternError(bad("budget, threshold", "one of them", (budget, threshold)))
+        if threshold is None:
+            budget = 0.125 if budget is None else budget
             check_budget(budget)
         if threshold is not None and not (isinstance(threshold, float) and 0.0 < threshold < 1.0):
             raise PatternError(bad("threshold", "a gate probability in (0, 1)", repr(threshold)))
