@@ -93,11 +93,11 @@ def explain(name, length, heads, kv_heads, dim, train, backend):
 )
 @click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
 def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):
-    """Benchmark every registered static pattern and linear mechanism against dense SDPA, the matmul rate and
-    the peers.
+    """Benchmark every registered static pattern, linear mechanism and dynamic selector against dense SDPA, the
+    matmul rate and the peers.
 
     The quick default (static N = 1k, 4k, 16k; linear N = 1k to 64k; dynamic selectors on SmolLM2 at 4k and 16k)
-    takes about 19 minutes on 2 cores.
+    takes about 23 minutes on 2 cores (about 6 more the first time, to capture the SmolLM2 tensors).
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

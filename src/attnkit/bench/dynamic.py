@@ -367,9 +367,10 @@ def pareto_plots(dyn: dict, folder) -> list:
     for N in sorted({r["N"] for r in dyn["rows"]}):
         fig, ax = plt.subplots(figsize=(6, 4.5))
         rows = [r for r in dyn["rows"] if r["N"] == N]
-        for name in sorted({r["selector"] for r in rows}):
+        for i, name in enumerate(sorted({r["selector"] for r in rows})):
             pts = sorted((r["total_ms"], r["rel_error"]) for r in rows if r["selector"] == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            # More selectors than the colour cycle has colours: the marker tells them apart.
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>ph*X"[i % 11], label=name)
         sd = rows[0]["sdpa_ms"] if rows else None
         if sd:
             ax.axvline(sd, linestyle="--", color="k", label="causal SDPA (error 0)")

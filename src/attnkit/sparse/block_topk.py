@@ -105,7 +105,8 @@ class BlockTopK(BlockSelector):
             heads put much of their mass on the first tokens, which mean pooling hides: see the benchmark.
         keep_local: key blocks before the diagonal always kept (a local window; 0 = the paper's pure top-k).
             The first queries of a block see few keys of their own block; the block before gives them their
-            local context. On SmolLM2 at 16k and budget 1/8 this took the error from 0.12 to 0.09 (BENCHMARKS.md).
+            local context. On SmolLM2 at 16k and budget 1/8 one such block took the error from 0.120 to 0.087
+            (0.099 with the layout shared per GQA group; BENCHMARKS.md).
     """
 
     share_group: bool = False
