@@ -1,7 +1,9 @@
 """Dynamic sparse attention on real SmolLM2 q, k, v: select, attend, and measure what the selection kept.
 
 SeerAttention is shown twice: training-free (pooled queries and keys), and with its gate fitted by
-self-distillation on other text (held out: tokens 8192 on) before it is judged here.
+self-distillation on other text (held out: tokens 8192 on) before it is judged here. At 1k tokens the two are
+about equal (the fitted gate 0.10 against 0.097 relative error here); the fitted gate pays at long range, where
+attention reaches far back: at 16k and a 1/8 budget it takes the error from 5.4% to 4.7% (BENCHMARKS.md).
 
 Run: .venv/bin/python examples/dynamic_sparse.py  (the first run captures the tensors, about 30 s)
 """
@@ -29,8 +31,10 @@ gate = SeerGate(heads=9, head_dim=64, query_pool=16)
 losses = fit_gate(gate, [(q_train, k_train)], block_size=(64, 16), steps=60, lr=3e-3, target="mass")
 print(f"fit_gate: distillation loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
-# 64-query blocks choosing keys in 16-key tiles; the budget is spent across every head and row of the layer.
-seer = dict(block_size=(64, 16), budget=0.25, allocate="layer", keep_first=1, keep_local=4)
+# 64-query blocks choosing keys in 16-key tiles; the budget is spent across every head and row of the layer. At
+# 1k tokens the registry's forced local window (keep_local=4) would fill most rows' budget by itself; here only the
+# first tile and the diagonal are forced, so the gate chooses the rest.
+seer = dict(block_size=(64, 16), budget=0.25, allocate="layer", keep_first=1)
 for name, selector in (
     ("MoBA", MoBA(block_size=64, budget=0.25, keep_first=1)),
     ("HiP", HierarchicalPruning(block_size=64, budget=0.25, keep_first=1)),
