@@ -176,7 +176,7 @@ def allocate_blocks(scores, allowed, forced, budget, allocate: str = "row") -> t
 
     A fractional budget is that share of the visible blocks of the scope (rounded up); an int is that many blocks
     per query block on average. Forced blocks count toward it and are kept even beyond it. Scores must be
-    comparable across the scope (log-probabilities of each row's distribution over key blocks, say) for
+    comparable across the scope (each row's distribution over key blocks, or its log, say) for
     ``"head"`` and ``"layer"``.
     """
     if allocate == "row":
