@@ -142,3 +142,24 @@ def test_packed_rows_with_key_padding_and_an_offset():
     assert err(out, ref) < 1e-5
     fin = torch.isfinite(ref_lse)
     assert torch.equal(fin, torch.isfinite(lse)) and (lse.double() - ref_lse)[fin].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("heads", [1, 2])  # one layout per query head, and one per KV head (G = 2 folded)
+def test_causal_tails_whose_first_queries_see_only_padding(heads):
+    """The causal diagonal runs through the op's own mask: a query whose keys in it (``c <= r``) are all padding
+    must get nothing from that tile (lse -inf before the merge), not the op's lse 0."""
+    q, k, v = rand_qkv(1, 2, 1, 64, 64, 8, seed=17)
+    nb = 64 // BLOCK
+    blocks = torch.ones(1, heads, nb, nb, dtype=torch.bool)
+    layout = BlockLayout.from_blocks(blocks, 64, 64, BLOCK, causal=True)
+    assert any(r.causal for g in range(layout.groups) for r in _fused_plan(layout, g)), "no causal tail run"
+    pad = torch.ones(1, 64, dtype=torch.bool)
+    pad[:, [16, 17, 18, 32, 50]] = False  # queries 16-18 and 32 see only padding in their own block
+    pad[:, 48] = False
+    mask = layout.dense_mask()
+    mask = mask.expand(1, 2, 64, 64) if heads == 1 else mask.repeat_interleave(2 // heads, 1)
+    run = lambda q, k, v: tiled_attention(q, k, v, layout, key_padding_mask=pad)[0]  # noqa: E731
+    check_against_oracle(run, q, k, v, mask=mask, key_padding_mask=pad, label=f"heads={heads}")
+    _, lse = tiled_attention(q, k, v, layout, key_padding_mask=pad)
+    _, ref_lse = reference.attention(q, k, v, mask=mask, key_padding_mask=pad, return_lse=True)
+    assert (lse.double() - ref_lse).abs().max() < 1e-4

@@ -408,7 +408,8 @@ def _run_fused(runs: list[_Run], qf, kb, vb, kpm_b, out_u, lse_u, bk, bq, G, sca
             keep = _keys(kpm_b.view(-1, 1), run.ids, run.stride, C, run.s, bk)[..., 0]
             pad = torch.zeros(C, 1, 1, run.s * bk).masked_fill_(~keep[:, None, None, :], float("-inf"))
             mask = pad if mask is None else mask + pad
-            dead = ~torch.isfinite(mask).any(-1)
+            # Under the op's causal mask query r sees keys c <= r only: it is dead when none of those is real.
+            dead = (keep.cumsum(-1) == 0)[:, None, :] if run.causal else ~torch.isfinite(mask).any(-1)
         o, lse = _flash(qc, kc, vc, mask, dead, G, bq, scale, run.causal)
         if run.merge and run.span:
             o, lse = _merge(out_u[run.span[0] : run.span[1]], lse_u[run.span[0] : run.span[1]], o, lse)
