@@ -602,13 +602,21 @@ _selector(
         block_size=block, budget=budget, keep_first=1, keep_local=1, share_group=True
     ),
 )
+
+
+def _sparsifiner(budget, heads, head_dim, predictor=None):
+    # A fitted predictor's weights at this budget; without one, the untrained (truncated identity) predictor.
+    sel = S.Sparsifiner(heads, head_dim, rank=max(1, head_dim // 4), budget=budget)
+    if predictor is not None:
+        sel.load_state_dict(predictor.state_dict())
+    return sel
+
+
 _selector(
     "sparsifiner",
     S.Sparsifiner.paper,
-    "low-rank connectivity predictor, top-k keys per query (token level)",
-    lambda budget, *, heads=4, head_dim=16, **_: S.Sparsifiner(
-        heads, head_dim, rank=max(1, head_dim // 4), budget=budget
-    ),
+    "low-rank connectivity predictor (fit_sparsifiner distils it), top-k keys per query (token level)",
+    lambda budget, *, heads=4, head_dim=16, predictor=None, **_: _sparsifiner(budget, heads, head_dim, predictor),
     supports=_SEL | {"causal", "trainable"},
 )
 _selector(

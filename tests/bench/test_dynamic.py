@@ -16,10 +16,12 @@ def test_every_selector_is_benchmarked(tmp_path):
         assert 0 < r["density"] <= 1 and 0 <= r["recall"] <= 1 + 1e-6, r
         assert math.isfinite(r["rel_error"]) and r["select_ms"] > 0 and r["attend_ms"] > 0, r
         assert r["causal"] == ("causal" in registry.get(r["selector"]).supports)
-    trained = [r for r in res["rows"] if r["selector"] == "seer_attention_trained"]
-    assert trained and all(r["fit_s"] > 0 for r in trained), "the trained gate must be fitted (on held-out text)"
+    for name in ("seer_attention_trained", "sparsifiner"):
+        trained = [r for r in res["rows"] if r["selector"] == name]
+        assert trained and all(r["fit_s"] > 0 for r in trained), f"{name} must be fitted (on held-out text)"
     assert {p["peer"].split(".")[0] for p in res["peers"]} == {"routing_transformer", "native_sparse_attention_pytorch"}
     text = "\n".join(markdown(res))
     assert "| moba | 1024 | causal | 1/4 |" in text and "| vmoba | 1024 | full | 1/4 |" in text
     assert "seer_attention_trained at 1024: fitted on held-out text" in text
+    assert "sparsifiner at 1024: fitted on held-out text" in text
     assert [p.name for p in pareto_plots(res, tmp_path)] == ["dynamic_pareto_1024.png"]

@@ -73,16 +73,20 @@ def fit_sparsifiner(
     the visible keys of each ``(q, k)`` in ``samples`` (Adam). Returns the loss per step."""
     if not samples:
         raise PatternError(bad("samples", "a non-empty list of (q, k) pairs", samples))
+    with torch.no_grad():  # the targets and their entropies once per sample, not once per step
+        targets = []
+        for q, k in samples:
+            vis = _visible(q.shape[2], k.shape[2], causal)
+            t = q.float() @ expand_kv(k, q.shape[1]).float().transpose(-1, -2) * q.shape[-1] ** -0.5
+            t = t.masked_fill(~vis, float("-inf")).softmax(-1)
+            targets.append((vis, t, (t * t.clamp(min=1e-30).log()).sum(-1).mean()))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
         q, k = samples[step % len(samples)]
-        vis = _visible(q.shape[2], k.shape[2], causal)
-        with torch.no_grad():
-            t = q.float() @ expand_kv(k, q.shape[1]).float().transpose(-1, -2) * q.shape[-1] ** -0.5
-            t = t.masked_fill(~vis, float("-inf")).softmax(-1)
+        vis, t, neg_entropy = targets[step % len(samples)]
         logp = model.connectivity(q, k).masked_fill(~vis, float("-inf")).log_softmax(-1)
-        loss = (t * (t.clamp(min=1e-30).log() - logp.masked_fill(~vis, 0.0))).sum(-1).mean()
+        loss = neg_entropy - (t * logp.masked_fill(~vis, 0.0)).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
