@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnkit.sparse import SeerAttention, SeerGate, block_attention_target, fit_gate
-from attnkit.sparse._core import _largest, block_visibility
+from attnkit.sparse._core import _SAMPLE, _largest, block_visibility
 from attnkit.sparse.block_topk import select_blocks
 from tests.helpers import rand_qkv
 
@@ -177,3 +177,27 @@ def test_largest_is_exact(values, k):
     assert not (m & ~valid).any()
     if m.any() and (valid & ~m).any():
         assert x[m].min() >= x[valid & ~m].max()
+
+
+def _check_largest(x, k):
+    m = _largest(x.clone(), k)
+    valid = ~torch.isnan(x)
+    assert int(m.sum()) == min(k, int(valid.sum()))
+    assert not (m & ~valid).any()
+    if m.any() and (valid & ~m).any():
+        assert x[m].min() >= x[valid & ~m].max()
+
+
+@pytest.mark.parametrize("k", [1, 1000, 150_000, 299_000])
+def test_largest_on_long_inputs_brackets_from_a_sample(k):
+    """Long inputs take the sampled bracket (and its histogram fallback): ties, NaN and infinities included."""
+    g = torch.Generator().manual_seed(k)
+    n = 40 * _SAMPLE
+    x = (torch.rand(n, generator=g) * 50).round().div(50).log()  # 51 distinct values: heavy ties, some -inf
+    x[torch.rand(n, generator=g) < 0.4] = float("nan")
+    x[torch.randperm(n, generator=g)[:300]] = float("inf")
+    _check_largest(x, k)
+    # A sample unlike the whole (the sampled positions hold the largest values): the bracket misses.
+    y = torch.rand(n, generator=g)
+    y[:: n // _SAMPLE] += 10.0
+    _check_largest(y, k)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import UnsupportedError, bad
@@ -156,9 +157,10 @@ def _affine_suffix(ids: torch.Tensor) -> int:
     w = ids.shape[1]
     if w == 0:
         return 0
-    breaks = (~(ids[:, 1:] == ids[:, :-1] + 1).all(0)).nonzero()
-    a = int(breaks.max()) + 1 if breaks.numel() else 0
-    return a if _stride(ids[:, a:]) is not None else w
+    a = ids.numpy()  # a few hundred small checks per plan: numpy's per-call cost is a tenth of torch's
+    breaks = np.flatnonzero(~(a[:, 1:] == a[:, :-1] + 1).all(0))
+    start = int(breaks[-1]) + 1 if breaks.size else 0
+    return start if _stride(ids[:, start:]) is not None else w
 
 
 def _fused_plan(layout: BlockLayout, head: int) -> list[_Run]:
@@ -288,18 +290,17 @@ def _tail_runs(layout, ids_all, mids_all, bulk, tail) -> list[_Run]:
 def _stride(ids: torch.Tensor):
     """``(start, step)`` when row ``i`` of ``ids`` is the run ``start + i * step + [0, s)``, else None."""
     w = ids.shape[1]
-    if w == 0 or int(ids[0, -1]) - int(ids[0, 0]) != w - 1:  # the first row is not a run: most dynamic rows
+    a = ids.numpy()
+    if w == 0 or a[0, -1] - a[0, 0] != w - 1:  # the first row is not a run: most dynamic rows
         return None
-    if not bool((ids >= 0).all()):
+    base = a[:, 0]
+    if (base < 0).any() or not (a == base[:, None] + np.arange(w)).all():
         return None
-    base = ids[:, :1]
-    if not bool((ids == base + torch.arange(ids.shape[1])).all()):
+    steps = np.diff(base)
+    step = int(steps[0]) if steps.size else 0
+    if step < 0 or not (steps == step).all():
         return None
-    steps = base[1:, 0] - base[:-1, 0]
-    step = int(steps[0]) if len(steps) else 0
-    if step < 0 or not bool((steps == step).all()):
-        return None
-    return int(base[0, 0]), step
+    return int(base[0]), step
 
 
 def _keys(kb: torch.Tensor, ids: torch.Tensor, stride, C: int, s: int, bk: int) -> torch.Tensor:
