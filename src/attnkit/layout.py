@@ -31,6 +31,11 @@ FULL = -1
 EMPTY = -2
 
 
+def tile(block) -> tuple[int, int]:
+    """``(block_q, block_k)`` of a block given as an int (square) or a pair."""
+    return (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+
+
 def _slots(any_: torch.Tensor, full: torch.Tensor):
     """``(kv_ids, mask_ids, partial)`` from per-tile flags ``(groups, nqb, nkb)``: each row's non-empty key
     blocks ascending in its slots (``-1`` past the last), full tiles marked ``FULL``, the rest ``EMPTY`` until
@@ -250,7 +255,7 @@ class BlockLayout:
         ``causal`` a tile wholly in the future is dropped even if selected. ``select`` refines the tiles at token
         grain. ``pairs`` counts the pairs of the tiles (before ``select``), exactly.
         """
-        bq, bk = (block, block) if isinstance(block, int) else tuple(block)
+        bq, bk = tile(block)
         if blocks.dim() != 4 or blocks.dtype != torch.bool:
             raise ShapeError(
                 bad("blocks", "a bool (batch, heads, nqb, nkb) tensor", (blocks.dtype, tuple(blocks.shape)))

@@ -65,7 +65,7 @@ class _Run:
     span: tuple | None  # (r0, r1) when ``rows`` is that range (q is then read through a view)
     ids: torch.Tensor  # (C * s,) key tiles row by row; padding slots point at tile 0
     s: int
-    real: torch.Tensor | None  # (C, s) bool, False on padding slots; None when no row is padded
+    real: torch.Tensor | None  # (C, 1, 1, s * bk) additive key mask, -inf on left-padding slots; None if unpadded
     bias: torch.Tensor | None  # (C or 1, 1, bq, s * bk) additive tile mask, or None when every tile is full
     dead: torch.Tensor | None  # (C or 1, 1, bq) rows the bias leaves without a key, or None
     stride: tuple | None  # (start, step): K and V read through a strided view, no copy
@@ -91,6 +91,13 @@ def _bias_for(layout: BlockLayout, mids: torch.Tensor) -> torch.Tensor | None:
     )
     C, S = mids.shape
     return table[mids + 2].permute(0, 2, 1, 3).reshape(C, 1, bq, S * bk)
+
+
+def _bias_and_dead(layout: BlockLayout, mids: torch.Tensor):
+    """The additive mask of ``mids`` (:func:`_bias_for`) and the ``(C or 1, 1, bq)`` rows it leaves without a
+    key (None when every tile is full)."""
+    bias = _bias_for(layout, mids)
+    return bias, None if bias is None else ~torch.isfinite(bias).any(-1)
 
 
 def _plan(layout: BlockLayout, head: int, rows: int) -> list[_Chunk]:
@@ -208,8 +215,7 @@ def _general_runs(layout, ids_all, mids_all, rows: list[int], width) -> list[_Ru
         while j < len(rows) and j - i < cap and rows[j] == rows[j - 1] + 1 and int(width[rows[j]]) == w:
             j += 1
         r = rows[i:j]
-        bias = _bias_for(layout, mids_all[r[0] : r[-1] + 1, :w])
-        dead = None if bias is None else ~torch.isfinite(bias).any(-1)
+        bias, dead = _bias_and_dead(layout, mids_all[r[0] : r[-1] + 1, :w])
         ids = ids_all[r[0] : r[-1] + 1, :w].reshape(-1)
         runs.append(_Run(torch.tensor(r), _span(r), ids, w, None, bias, dead, None, False))
         i = j
@@ -223,7 +229,7 @@ def _bulk_runs(ids_all, bulk, bk) -> list[_Run]:
     # The bulks right-aligned in S slots, rows in width order: a run is a slice, its last s columns.
     col = torch.arange(S)[None, :] - (S - widths)[:, None]
     right = ids_all[order, :S].gather(1, col.clamp(min=0))
-    real = col >= 0
+    padded = col < 0
     wl, ol = widths.tolist(), order.tolist()
     runs = []
     i = next((a for a, w in enumerate(wl) if w > 0), len(wl))
@@ -235,7 +241,10 @@ def _bulk_runs(ids_all, bulk, bk) -> list[_Run]:
         s = wl[j - 1]
         rt, span, ids = order[i:j], _span(ol[i:j]), right[i:j, S - s :]
         if lo < s:
-            runs.append(_Run(rt, span, ids.reshape(-1), s, real[i:j, S - s :], None, None, None, False))
+            # Left padding as an additive per-key mask, made once here rather than on every call of a cached plan.
+            real = torch.zeros(j - i, s, bk).masked_fill_(padded[i:j, S - s :, None], float("-inf"))
+            real = real.view(j - i, 1, 1, s * bk)
+            runs.append(_Run(rt, span, ids.reshape(-1), s, real, None, None, None, False))
         else:
             split = _affine_suffix(ids) if span else s
             if 0 < split < s:  # a gathered prefix (sinks) before a band read through a view
@@ -270,8 +279,7 @@ def _tail_runs(layout, ids_all, mids_all, bulk, tail) -> list[_Run]:
     for g in range(shapes.shape[0]):
         sel = (inverse == g).nonzero()[:, 0]
         t = int(inside[sel[0]].sum())
-        bias = _bias_for(layout, shapes[g : g + 1, :t])
-        dead = None if bias is None else ~torch.isfinite(bias).any(-1)
+        bias, dead = _bias_and_dead(layout, shapes[g : g + 1, :t])
         # The causal diagonal of aligned blocks (the tail is the query block's own keys): the op masks it itself.
         causal = bias is not None and t * bk == bq and torch.equal(bias[0, 0], tril)
         cap = max(1, _FUSED_KEYS // (t * bk))
@@ -403,8 +411,7 @@ def _run_fused(runs: list[_Run], qf, kb, vb, kpm_b, out_u, lse_u, bk, bq, G, sca
         vc = _keys(vb, run.ids, run.stride, C, run.s, bk)
         mask, dead = run.bias, run.dead
         if run.real is not None:
-            pad = torch.zeros(C, run.s, bk).masked_fill_(~run.real[:, :, None], float("-inf"))
-            mask = pad.view(C, 1, 1, run.s * bk) if mask is None else mask + pad.view(C, 1, 1, run.s * bk)
+            mask = run.real if mask is None else mask + run.real
         if kpm_b is not None:
             keep = _keys(kpm_b.view(-1, 1), run.ids, run.stride, C, run.s, bk)[..., 0]
             pad = torch.zeros(C, 1, 1, run.s * bk).masked_fill_(~keep[:, None, None, :], float("-inf"))

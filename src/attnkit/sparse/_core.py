@@ -20,7 +20,7 @@ import torch
 
 from ..backends.tiled import tiled_attention
 from ..errors import PatternError, ShapeError, UnsupportedError, bad
-from ..layout import BlockLayout, TokenSelect
+from ..layout import BlockLayout, TokenSelect, tile
 from ..shapes import validate
 
 _GATHER_ELEMS = 1 << 22  # gathered key elements per chunk of the token-level executor (16 MiB in fp32)
@@ -152,11 +152,6 @@ def check_block(block, name: str = "block_size", pair: bool = False):
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         want = "an int >= 1" + (" or a pair (block_q, block_k) of them" if pair else "")
         raise PatternError(bad(name, want, repr(block)))
-
-
-def tile(block) -> tuple[int, int]:
-    """``(block_q, block_k)`` of a block given as an int (square) or a pair."""
-    return (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
 
 
 ALLOCATIONS = ("row", "head", "layer")
