@@ -1,8 +1,9 @@
-"""The tiled kernel's two softmax paths on hand-built block layouts.
+"""The tiled kernel's softmax paths on hand-built block layouts.
 
-Plain softmax segments run through the fused CPU flash op (with the causal diagonal tiles batched per unit);
-a score mod sends the same layout down the unfused ``bmm``/``exp`` path. Both must match the float64 oracle
-over the layout's mask, including rows left with no key (out 0, lse -inf) and folded GQA heads.
+Plain softmax runs through the native C++ forward (``ATTNKIT_TILED_KERNEL=native``) or the torch-op forward,
+the fused CPU flash op with the causal diagonal tiles batched per unit (``torch``); a score mod sends the same
+layout down the unfused ``bmm``/``exp`` path. Every path must match the float64 oracle over the layout's mask,
+including rows left with no key (out 0, lse -inf) and folded GQA heads; the backward is the same for all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from attnkit.layout import BlockLayout
 from tests.helpers import check_against_oracle, err, rand_qkv
 
 BLOCK = 16
+PATHS = ["native", "torch", "unfused"]
 
 
 class _Identity:
@@ -26,6 +28,19 @@ class _Identity:
 
     def grad(self, s, h, qi, kj):
         return torch.ones_like(s)
+
+
+def _path(path: str, monkeypatch):
+    """Select a forward: the score mod for the unfused path, else None with the plain-softmax forward set."""
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "torch" if path == "unfused" else path)
+    return _Identity() if path == "unfused" else None
+
+
+@pytest.fixture(params=["native", "torch"])
+def softmax_forward(request, monkeypatch):
+    """Run the test once on each plain-softmax forward."""
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", request.param)
+    return request.param
 
 
 def _layout(heads, n, causal, seed):
@@ -39,27 +54,28 @@ def _layout(heads, n, causal, seed):
 
 @pytest.mark.parametrize("layout_heads", [2, 4])  # per KV head (folded GQA) and per query head
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("fused", [True, False])
-def test_both_paths_match_the_oracle(layout_heads, causal, fused):
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_matches_the_oracle(layout_heads, causal, path, monkeypatch):
     q, k, v = rand_qkv(1, 4, 2, 128, 128, 16, seed=3)
     layout = _layout(layout_heads, 128, causal, seed=layout_heads)
     mask = layout.dense_mask()
     if layout_heads == 2:
         mask = mask.repeat_interleave(2, 1)
-    score = None if fused else _Identity()
+    score = _path(path, monkeypatch)
     run = lambda q, k, v: tiled_attention(q, k, v, layout, score=score)[0]  # noqa: E731
-    check_against_oracle(run, q, k, v, mask=mask, label=f"fused={fused}")
+    check_against_oracle(run, q, k, v, mask=mask, label=path)
 
 
-def test_rows_without_keys_give_zero_and_minus_infinity():
-    """A query block whose only tile is padding: out 0, lse -inf on both paths, and no NaN gradient."""
+def test_rows_without_keys_give_zero_and_minus_infinity(monkeypatch):
+    """A query block whose only tile is padding: out 0, lse -inf on every path, and no NaN gradient."""
     q, k, v = rand_qkv(1, 2, 2, 64, 64, 16, seed=5)
     blocks = torch.eye(4, dtype=torch.bool)[None, None].expand(1, 2, 4, 4).clone()
     layout = BlockLayout.from_blocks(blocks, 64, 64, BLOCK, causal=False)
     pad = torch.ones(1, 64, dtype=torch.bool)
     pad[:, 48:] = False  # the last block is all padding: its queries see nothing
     outs = []
-    for score in (None, _Identity()):
+    for path in PATHS:
+        score = _path(path, monkeypatch)
         qs = q.clone().requires_grad_()
         out, lse = tiled_attention(qs, k, v, layout, key_padding_mask=pad, score=score)
         out.sum().backward()
@@ -67,10 +83,10 @@ def test_rows_without_keys_give_zero_and_minus_infinity():
         assert torch.isfinite(lse[:, :, :48]).all() and torch.isfinite(qs.grad).all()
         outs.append(out.detach())
     ref = reference.attention(q, k, v, mask=layout.dense_mask(), key_padding_mask=pad)
-    assert err(outs[0], ref) < 1e-5 and err(outs[1], ref) < 1e-5
+    assert all(err(o, ref) < 1e-5 for o in outs)
 
 
-def test_causal_lse_and_padding_with_an_offset():
+def test_causal_lse_and_padding_with_an_offset(softmax_forward):
     """Queries that are the last 96 of 128 keys (q_offset), padded keys, lse against the oracle's."""
     q, k, v = rand_qkv(1, 4, 2, 96, 128, 16, seed=7)
     nqb, nkb = 6, 8
@@ -102,8 +118,8 @@ def _irregular(batch, heads, nq, nk, bq, bk, causal, seed, q_offset=0):
 
 @pytest.mark.parametrize("bq,bk", [(32, 8), (16, 16), (8, 32)])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("fused", [True, False])
-def test_rectangular_tiles_and_irregular_rows(bq, bk, causal, fused):
+@pytest.mark.parametrize("path", PATHS)
+def test_rectangular_tiles_and_irregular_rows(bq, bk, causal, path, monkeypatch):
     """Tiles of block_q x block_k, rows of every width (packed and left-padded on the fused path), per batch
     row and per query head; forward and all three gradients against the oracle."""
     q, k, v = rand_qkv(2, 4, 2, 500, 500, 16, seed=11)
@@ -112,9 +128,9 @@ def test_rectangular_tiles_and_irregular_rows(bq, bk, causal, fused):
     runs = [r for g in range(layout.groups) for r in _fused_plan(layout, g)]
     assert any(r.real is not None for r in runs), "no left-padded run: the test misses the packing"
     assert not causal or any(r.merge and r.bias is not None for r in runs), "no batched causal tail"
-    score = None if fused else _Identity()
+    score = _path(path, monkeypatch)
     run = lambda q, k, v: tiled_attention(q, k, v, layout, score=score)[0]  # noqa: E731
-    check_against_oracle(run, q, k, v, mask=layout.dense_mask(), label=f"{bq}x{bk} causal={causal} fused={fused}")
+    check_against_oracle(run, q, k, v, mask=layout.dense_mask(), label=f"{bq}x{bk} causal={causal} {path}")
 
 
 def test_rectangular_mask_is_the_block_choice():
@@ -129,7 +145,7 @@ def test_rectangular_mask_is_the_block_choice():
     assert layout.pairs == int(want.sum())
 
 
-def test_packed_rows_with_key_padding_and_an_offset():
+def test_packed_rows_with_key_padding_and_an_offset(softmax_forward):
     """The fused path's left-padded runs and batched tails under key padding and q_offset (decode-like)."""
     q, k, v = rand_qkv(2, 4, 2, 96, 160, 16, seed=13)
     layout = _irregular(2, 2, 96, 160, 16, 8, True, seed=4, q_offset=64)
@@ -145,7 +161,7 @@ def test_packed_rows_with_key_padding_and_an_offset():
 
 
 @pytest.mark.parametrize("heads", [1, 2])  # one layout per query head, and one per KV head (G = 2 folded)
-def test_causal_tails_whose_first_queries_see_only_padding(heads):
+def test_causal_tails_whose_first_queries_see_only_padding(heads, softmax_forward):
     """The causal diagonal runs through the op's own mask: a query whose keys in it (``c <= r``) are all padding
     must get nothing from that tile (lse -inf before the merge), not the op's lse 0."""
     q, k, v = rand_qkv(1, 2, 1, 64, 64, 8, seed=17)

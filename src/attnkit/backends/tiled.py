@@ -18,7 +18,12 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
 * The backward recomputes ``P = exp(S - lse)`` per chunk (FlashAttention-2 style): ``dV += P^T dO``,
   ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; key-side
   gradients are scattered with ``index_add_``.
-* Plain softmax (no score mod, no normaliser, no token-grain refinement) runs through PyTorch's fused CPU
+* Plain softmax (no score mod, no normaliser, no token-grain refinement) in float32 (bf16/fp16 are computed in
+  float32) runs through the native C++ forward (:mod:`attnkit.backends.native`) when it is built: one loop over
+  (batch, head unit, query block) that copies its tiles' K and V rows into a per-thread buffer, 256 keys at a
+  time, and runs the two products as BLAS calls with the online softmax between them; the longest rows are
+  taken first. ``ATTNKIT_TILED_KERNEL=torch`` (or a failed build, which warns) runs the torch-op forward below.
+* The torch-op forward of plain softmax runs through PyTorch's fused CPU
   flash-attention op, which returns ``lse`` with the output. Its plan (:func:`_fused_plan`) cuts every row
   into its unmasked *bulk* and its masked *tail* (the causal diagonal): bulks are sorted by width and packed
   into calls of near-equal width, short rows left-padded under a per-key mask (never a per-pair one), so the
@@ -38,10 +43,12 @@ import torch
 
 from ..errors import UnsupportedError, bad
 from ..layout import FULL, BlockLayout
+from . import native
 
 _CHUNK_ELEMS = 1 << 19  # score elements per chunk (2 MiB): fewer ops, still cache-resident (measured 2^17..2^20)
 _MAX_KEYS = 2048  # keys per row per segment before the online-softmax merge takes over
 _BIAS_CACHE_BYTES = 64 << 20
+_NATIVE_KEYS = 256  # keys per chunk of the native forward (its K, V and score buffers stay in L2)
 _FUSED_KEYS = 1 << 13  # gathered keys per fused call: 2 MiB of K in fp32 at D = 64 stays in cache between the
 # gather and the op (measured on 16k dynamic layouts: 2^13 beat 2^11, 2^12 and 2^14 by 10-40%; 2^16 was 25% slower)
 # Fused softmax(Q K^T + mask) V with its logsumexp (the op F.scaled_dot_product_attention dispatches to on CPU);
@@ -549,6 +556,24 @@ def forward(
     G = _grouping(layout, B, Hq, Hkv)
     units = Hq // G
     fused = score is None and normalizer is None and layout.select is None
+    if fused and cd == torch.float32 and (ext := native.module()) is not None:
+        table = torch.tensor(list(_units(B, Hq, Hkv, G, layout)), dtype=torch.long).view(-1, 4)
+        out, lse = ext.forward(
+            qp,
+            kp,
+            vp,
+            layout.kv_ids.long().contiguous(),
+            layout.mask_ids.long().contiguous(),
+            layout.tile_masks.bool().contiguous(),
+            kpm,
+            table,
+            G,
+            bq,
+            bk,
+            scale,
+            _NATIVE_KEYS,
+        )
+        return out[:, :, :Nq], lse[:, :, :Nq]
     # The fused runs write only the rows they reach (a row with no tile keeps 0 and -inf).
     out_f = (torch.zeros if fused else torch.empty)(B, units, nqb, G * bq, Dv, dtype=cd)
     lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)

@@ -101,7 +101,8 @@ def markdown(res: dict) -> str:
     lines = [
         "# attnkit bench: static patterns",
         "",
-        f"Machine: {res['machine']['platform']}, {res['machine']['threads']} threads, torch {res['machine']['torch']}. "
+        f"Machine: {res['machine']['platform']}, {res['machine']['threads']} threads, torch {res['machine']['torch']}, "
+        f"tiled forward: {res['machine'].get('tiled_forward', 'torch')}. "
         f"Matrix product (2048², {cfg['dtype']}): **{res['matmul_gflops']:.0f} GFLOP/s**, measured in this run. "
         f"B={cfg['batch']}, H={cfg['heads']} (per-head patterns: their own), D={cfg['head_dim']}, {cfg['dtype']}. "
         f"Run took {res['seconds']:.0f} s.",

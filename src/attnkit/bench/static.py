@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import api, registry
+from ..backends import native
 from ..shapes import Dims
 from . import peers as _peers
 from .timing import matmul_rate, measure, peak_memory
@@ -162,6 +163,7 @@ def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = N
             "processor": platform.processor(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "tiled_forward": native.kernel_name(),
         },
         "matmul_gflops": rate / 1e9,
         "baselines": baseline_summary(base),

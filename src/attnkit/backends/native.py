@@ -1,0 +1,115 @@
+"""The native (C++) forward of the ``tiled`` kernel, built on first use and cached on disk.
+
+``_native/tiled_forward.cpp`` computes the plain-softmax forward of a :class:`~attnkit.layout.BlockLayout` in
+one C++ loop: per (batch, head unit, query block) it copies the key and value rows of its tiles into a
+per-thread buffer, chunk by chunk, and runs ``S = (scale Q) K^T`` and ``O += exp(S - m) V`` as two BLAS calls
+with the online softmax between them. Against the torch-op forward it removes the gathers into large tensors,
+the Python between ops and the padding of irregular rows (measured in ``BENCHMARKS.md``).
+
+It is built with torch's extension builder (a C++ compiler and ``ninja`` are needed; both come with the set-up)
+into ``$ATTNKIT_CACHE/native/<tag>`` (``~/.cache/attnkit`` by default), keyed by the source, the torch version
+and the CPU capability, so one build serves every later process: about a minute on 2 cores, once.
+
+Which forward the ``tiled`` backend runs is chosen by ``ATTNKIT_TILED_KERNEL``:
+
+* ``auto`` (default): the native forward when it builds; when it cannot be built, a warning that says why,
+  once per process, and the torch-op forward (same backend, same results within float32 rounding);
+* ``native``: the native forward, or :class:`~attnkit.errors.UnsupportedError` when it cannot be built;
+* ``torch``: the torch-op forward.
+
+It serves float32 (and bf16/fp16, which the kernel computes in float32) plain softmax without a token-grain
+selection; score mods, other normalisers, token-grain selections and float64 run the torch-op forward, which
+is also what the backward always uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedError, bad
+
+_SOURCE = Path(__file__).with_name("_native") / "tiled_forward.cpp"
+_MODES = ("auto", "native", "torch")
+_state: dict = {}
+
+
+def mode() -> str:
+    """The forward ``ATTNKIT_TILED_KERNEL`` asks for."""
+    m = os.environ.get("ATTNKIT_TILED_KERNEL", "auto").strip().lower() or "auto"
+    if m not in _MODES:
+        raise UnsupportedError(bad("ATTNKIT_TILED_KERNEL", " or ".join(_MODES), m))
+    return m
+
+
+def _flags() -> tuple[str, list[str]]:
+    """The CPU capability torch detected and the compiler flags for it (never ``-march=native``: a cache
+    directory may be shared by machines of different CPUs, and the tag keeps their builds apart)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-std=c++17", "-fopenmp"]  # ATen's parallel_for is inline OpenMP: without it, one thread
+    if cap in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return cap, flags
+
+
+def build_dir() -> Path:
+    cap, flags = _flags()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + f"{torch.__version__}|{cap}|{flags}".encode()).hexdigest()
+    root = os.environ.get("ATTNKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnkit")
+    return Path(root) / "native" / digest[:16]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    # ninja from the venv (the `ninja` wheel) when the venv's bin is not on PATH.
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    path = build_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    _, flags = _flags()
+    return cpp_extension.load(
+        name=f"attnkit_tiled_{path.name}",
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        build_directory=str(path),
+        verbose=False,
+    )
+
+
+def module():
+    """The built extension, or None when the torch-op forward is to run (``torch`` mode, or ``auto`` after a
+    failed build, which warns once)."""
+    m = mode()
+    if m == "torch":
+        return None
+    if "module" not in _state:
+        try:
+            _state["module"] = _build()
+        except Exception as e:  # the compiler's message is what the user needs to see
+            _state["module"], _state["error"] = None, f"{type(e).__name__}: {e}"
+            if m == "auto":
+                warnings.warn(
+                    "attnkit: the tiled kernel's native forward could not be built, so the torch-op forward "
+                    f"runs instead (set ATTNKIT_TILED_KERNEL=torch to choose it and silence this): {_state['error']}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    if _state["module"] is None and m == "native":
+        raise UnsupportedError(
+            bad("ATTNKIT_TILED_KERNEL", "a native forward that builds here", _state.get("error", "no build"))
+        )
+    return _state["module"]
+
+
+def kernel_name() -> str:
+    """``native`` or ``torch``: the forward the ``tiled`` backend runs in this process (builds if needed)."""
+    return "native" if module() is not None else "torch"

@@ -1,0 +1,122 @@
+"""The native (C++) forward of the tiled kernel: built here, matched to the oracle where the C++ has its own code
+paths (tile widths that are not a multiple of the 8-wide vector loop, Dv != D, folded GQA heads, key padding,
+rows with no key, chunks of several widths), and the policy when it cannot be built."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from attnkit import reference
+from attnkit.backends import native
+from attnkit.backends.tiled import tiled_attention
+from attnkit.errors import UnsupportedError
+from attnkit.layout import BlockLayout
+from tests.helpers import check_against_oracle, err, rand_qkv
+
+
+@pytest.fixture
+def native_forward(monkeypatch):
+    """Force the native forward and count its calls (so a test cannot pass on the torch-op forward)."""
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "native")
+    ext = native.module()
+    calls = []
+
+    class _Counting:
+        def forward(self, *args):
+            calls.append(args[-1])
+            return ext.forward(*args)
+
+    monkeypatch.setattr(native, "module", lambda: _Counting())
+    return calls
+
+
+def _blocks(batch, heads, nqb, nkb, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, heads, nqb, nkb, generator=g) < density
+
+
+@pytest.mark.parametrize("bq,bk,D,Dv", [(12, 12, 24, 40), (16, 5, 8, 8), (7, 24, 16, 16)])
+@pytest.mark.parametrize("layout_heads", [1, 2, 6])  # shared, per KV head (G = 3 folded), per query head
+def test_native_matches_the_oracle(bq, bk, D, Dv, layout_heads, native_forward):
+    q, k, v = rand_qkv(2, 6, 2, 100, 130, D, Dv=Dv, seed=bq * bk)
+    blocks = _blocks(2 if layout_heads > 1 else 1, layout_heads, -(-100 // bq), -(-130 // bk), 0.4, seed=D)
+    layout = BlockLayout.from_blocks(blocks, 100, 130, (bq, bk), causal=True, q_offset=30)
+    pad = torch.ones(2, 130, dtype=torch.bool)
+    pad[0, 10:45] = False
+    pad[1, 120:] = False
+    mask = layout.dense_mask()
+    G = 6 // layout_heads
+    mask = mask.expand(2, 6, 100, 130) if layout_heads == 1 else mask.repeat_interleave(G, 1)
+    run = lambda q, k, v: tiled_attention(q, k, v, layout, key_padding_mask=pad, q_offset=30)[0]  # noqa: E731
+    check_against_oracle(run, q, k, v, mask=mask, key_padding_mask=pad, label=f"{bq}x{bk} heads={layout_heads}")
+    _, lse = tiled_attention(q, k, v, layout, key_padding_mask=pad, q_offset=30)
+    _, ref_lse = reference.attention(q, k, v, mask=mask, key_padding_mask=pad, return_lse=True)
+    fin = torch.isfinite(ref_lse)
+    assert not fin.all(), "no query without a key: the test misses that case"
+    assert torch.equal(fin, torch.isfinite(lse)) and (lse.double() - ref_lse)[fin].abs().max() < 1e-4
+    assert native_forward, "the native forward did not run"
+
+
+def test_native_chunks_merge_across_a_long_row(native_forward, monkeypatch):
+    """Rows of more keys than one chunk (the online-softmax rescale between chunks), bf16 in and out."""
+    import attnkit.backends.tiled as tiled
+
+    monkeypatch.setattr(tiled, "_NATIVE_KEYS", 32)
+    q, k, v = rand_qkv(1, 2, 1, 256, 256, 16, dtype=torch.bfloat16, seed=4)
+    blocks = torch.ones(1, 1, 16, 16, dtype=torch.bool)
+    layout = BlockLayout.from_blocks(blocks, 256, 256, 16, causal=True)
+    run = lambda q, k, v: tiled_attention(q, k, v, layout)[0]  # noqa: E731
+    out = check_against_oracle(run, q, k, v, mask=layout.dense_mask())
+    assert out.dtype == torch.bfloat16 and native_forward == [32]  # one forward (the backward recomputes in torch)
+
+
+def test_native_rejects_a_layout_that_points_outside(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "native")
+    ext = native.module()
+    q, k, v = rand_qkv(1, 1, 1, 32, 32, 8, seed=1)
+    layout = BlockLayout.from_blocks(torch.ones(1, 1, 2, 2, dtype=torch.bool), 32, 32, 16, causal=False)
+    ids = layout.kv_ids.clone()
+    ids[0, 1, 1] = 2  # a third key block of a 2-block sequence
+    units = torch.tensor([[0, 0, 0, 0]])
+    with pytest.raises(RuntimeError, match="points outside"):
+        ext.forward(q, k, v, ids, layout.mask_ids, layout.tile_masks, None, units, 1, 16, 16, 0.3, 256)
+    with pytest.raises(RuntimeError, match="whole query blocks"):
+        ext.forward(q, k, v, ids[:, :1], layout.mask_ids[:, :1], layout.tile_masks, None, units, 1, 16, 16, 0.3, 256)
+
+
+def test_a_failed_build_warns_once_in_auto_and_raises_in_native(monkeypatch):
+    def broken():
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "auto")
+    q, k, v = rand_qkv(1, 2, 1, 64, 64, 8, seed=2)
+    layout = BlockLayout.from_blocks(torch.ones(1, 1, 4, 4, dtype=torch.bool), 64, 64, 16, causal=True)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        out = tiled_attention(q, k, v, layout)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiled_attention(q, k, v, layout)  # once per process
+    assert native.kernel_name() == "torch"
+    assert err(out, reference.attention(q, k, v, mask=layout.dense_mask())) < 1e-5
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "native")
+    with pytest.raises(UnsupportedError, match="ATTNKIT_TILED_KERNEL.*no compiler"):
+        tiled_attention(q, k, v, layout)
+
+
+def test_an_unknown_kernel_name_is_an_error(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "fast")
+    with pytest.raises(UnsupportedError, match="ATTNKIT_TILED_KERNEL.*auto or native or torch.*fast"):
+        native.mode()
+
+
+def test_the_build_is_reused(monkeypatch):
+    """A second process-level load finds the cached build (keyed by source, torch and CPU capability)."""
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "native")
+    native.module()
+    assert any(native.build_dir().glob("*.so"))
+    assert native.kernel_name() == "native"
