@@ -26,7 +26,7 @@ def native_forward(monkeypatch):
 
     class _Counting:
         def forward(self, *args):
-            calls.append(args[-1])
+            calls.append(args[12])  # max_keys: the chunk width it ran with
             return ext.forward(*args)
 
     monkeypatch.setattr(native, "module", lambda: _Counting())
@@ -82,9 +82,42 @@ def test_native_rejects_a_layout_that_points_outside(monkeypatch):
     ids[0, 1, 1] = 2  # a third key block of a 2-block sequence
     units = torch.tensor([[0, 0, 0, 0]])
     with pytest.raises(RuntimeError, match="points outside"):
-        ext.forward(q, k, v, ids, layout.mask_ids, layout.tile_masks, None, units, 1, 16, 16, 0.3, 256)
+        ext.forward(q, k, v, ids, layout.mask_ids, layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32)
     with pytest.raises(RuntimeError, match="whole query blocks"):
-        ext.forward(q, k, v, ids[:, :1], layout.mask_ids[:, :1], layout.tile_masks, None, units, 1, 16, 16, 0.3, 256)
+        ext.forward(
+            q, k, v, ids[:, :1], layout.mask_ids[:, :1], layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32
+        )
+
+
+@pytest.mark.parametrize("terms", ["rows", "cols+diags", "labels", "labels+positions"])
+def test_native_applies_each_token_grain_term(terms, native_forward):
+    """Every TokenSelect term (per-token block gates, key stripes, slash diagonals, cluster labels with and
+    without causal positions) against the oracle over the layout's own mask (``dense_mask`` applies them)."""
+    from attnkit.layout import TokenSelect
+
+    g = torch.Generator().manual_seed(len(terms))
+    Hq, Nq, Nk, bq, bk, off = 4, 80, 112, 16, 8, 32
+    groups = 2 * 2  # per batch row and KV head: G = 2 query heads folded
+    kw = {}
+    if "rows" in terms:
+        kw["rows"] = torch.rand(groups, Nq, Nk // bk, generator=g) < 0.5
+    if "cols" in terms:
+        kw["cols"] = torch.rand(groups, Nq // bq, Nk, generator=g) < 0.3
+        kw["diags"] = torch.rand(groups, 2 * Nk, generator=g) < 0.3
+    if "labels" in terms:
+        kw["labels"] = (torch.randint(0, 3, (groups, Nq), generator=g), torch.randint(0, 3, (groups, Nk), generator=g))
+    if "positions" in terms:
+        kw["positions"] = (
+            torch.randperm(Nq, generator=g)[None].expand(groups, Nq) + off,
+            torch.arange(Nk)[None].expand(groups, Nk),
+        )
+    blocks = torch.rand(2, 2, Nq // bq, Nk // bk, generator=g) < 0.6
+    layout = BlockLayout.from_blocks(blocks, Nq, Nk, (bq, bk), causal=True, q_offset=off, select=TokenSelect(**kw))
+    q, k, v = rand_qkv(2, Hq, 2, Nq, Nk, 16, seed=9)
+    mask = layout.dense_mask().repeat_interleave(2, 1)
+    run = lambda q, k, v: tiled_attention(q, k, v, layout, q_offset=off)[0]  # noqa: E731
+    check_against_oracle(run, q, k, v, mask=mask, label=terms)
+    assert native_forward
 
 
 def test_a_failed_build_warns_once_in_auto_and_raises_in_native(monkeypatch):

@@ -50,9 +50,13 @@ def _kw(sel, causal, Nq, Nk, pm):
     return kw
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,forward", [(torch.float32, "native"), (torch.float32, "torch"), (torch.bfloat16, "native")]
+)
 @pytest.mark.parametrize("name", NAMES)
-def test_kernel_computes_the_selection(name, dtype):
+def test_kernel_computes_the_selection(name, dtype, forward, monkeypatch):
+    """On the tiled kernel's native forward and its torch-op forward (token-grain selections included)."""
+    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", forward)
     rec = registry.get(name)
     for i, case in enumerate(_cases(rec)):
         M, causal = case["M"], case["causal"]
@@ -71,7 +75,7 @@ def test_kernel_computes_the_selection(name, dtype):
             k,
             v,
             grads=dtype == torch.float32,
-            label=f"{name} {case}",
+            label=f"{name} {case} {forward}",
             **kw,
         )
 

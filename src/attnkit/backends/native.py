@@ -17,9 +17,9 @@ Which forward the ``tiled`` backend runs is chosen by ``ATTNKIT_TILED_KERNEL``:
 * ``native``: the native forward, or :class:`~attnkit.errors.UnsupportedError` when it cannot be built;
 * ``torch``: the torch-op forward.
 
-It serves float32 (and bf16/fp16, which the kernel computes in float32) plain softmax without a token-grain
-selection; score mods, other normalisers, token-grain selections and float64 run the torch-op forward, which
-is also what the backward always uses.
+It serves float32 (and bf16/fp16, which the kernel computes in float32) plain softmax, with or without a
+token-grain selection (:class:`~attnkit.layout.TokenSelect`); score mods, other normalisers and float64 run the
+torch-op forward, which is also what the backward always uses.
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
 * The backward recomputes ``P = exp(S - lse)`` per chunk (FlashAttention-2 style): ``dV += P^T dO``,
   ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; key-side
   gradients are scattered with ``index_add_``.
-* Plain softmax (no score mod, no normaliser, no token-grain refinement) in float32 (bf16/fp16 are computed in
-  float32) runs through the native C++ forward (:mod:`attnkit.backends.native`) when it is built: one loop over
-  (batch, head unit, query block) that copies its tiles' K and V rows into a per-thread buffer, 256 keys at a
-  time, and runs the two products as BLAS calls with the online softmax between them; the longest rows are
-  taken first. ``ATTNKIT_TILED_KERNEL=torch`` (or a failed build, which warns) runs the torch-op forward below.
-* The torch-op forward of plain softmax runs through PyTorch's fused CPU
+* Plain softmax (no score mod, no normaliser) in float32 (bf16/fp16 are computed in float32) runs through the
+  native C++ forward (:mod:`attnkit.backends.native`) when it is built: one loop over (batch, head unit, query
+  block) that copies its tiles' K and V rows into a per-thread buffer, 256 keys at a time, and runs the two
+  products as BLAS calls with the online softmax between them, the tile masks and a token-grain selection
+  (:class:`~attnkit.layout.TokenSelect`) applied to the scores in between; the longest rows are taken first.
+  ``ATTNKIT_TILED_KERNEL=torch`` (or a failed build, which warns) runs the torch-op forward below.
+* The torch-op forward of plain softmax without a token-grain refinement runs through PyTorch's fused CPU
   flash-attention op, which returns ``lse`` with the output. Its plan (:func:`_fused_plan`) cuts every row
   into its unmasked *bulk* and its masked *tail* (the causal diagonal): bulks are sorted by width and packed
   into calls of near-equal width, short rows left-padded under a per-key mask (never a per-pair one), so the
@@ -544,6 +545,18 @@ def _elementwise(ch, qc, kb, vb, kpm_b, bk, bq, G, h0, q_offset, scale, score, n
     return acc, den.log()
 
 
+def _select_terms(select) -> list[torch.Tensor]:
+    """A :class:`~attnkit.layout.TokenSelect` as the native forward takes it: ``[]``, or its seven terms (rows,
+    cols, diags, query/key labels, query/key positions), an empty tensor for an absent one."""
+    if select is None:
+        return []
+    none = torch.empty(0)
+    labels, positions = select.labels or (None, None), select.positions or (None, None)
+    terms = [(select.rows, torch.bool), (select.cols, torch.bool), (select.diags, torch.bool)]
+    terms += [(t, torch.long) for t in (*labels, *positions)]
+    return [none if t is None else t.to(dtype).contiguous() for t, dtype in terms]
+
+
 def forward(
     q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0, normalizer=None
 ):
@@ -556,7 +569,7 @@ def forward(
     G = _grouping(layout, B, Hq, Hkv)
     units = Hq // G
     fused = score is None and normalizer is None and layout.select is None
-    if fused and cd == torch.float32 and (ext := native.module()) is not None:
+    if score is None and normalizer is None and cd == torch.float32 and (ext := native.module()) is not None:
         table = torch.tensor(list(_units(B, Hq, Hkv, G, layout)), dtype=torch.long).view(-1, 4)
         out, lse = ext.forward(
             qp,
@@ -572,6 +585,9 @@ def forward(
             bk,
             scale,
             _NATIVE_KEYS,
+            _select_terms(layout.select),
+            layout.q_offset,
+            layout.kv_len,
         )
         return out[:, :, :Nq], lse[:, :, :Nq]
     # The fused runs write only the rows they reach (a row with no tile keeps 0 and -inf).

@@ -112,6 +112,28 @@ float exp_shift_sum(float* x, int n, float m) {
   return s;
 }
 
+// A token-grain selection inside the tiles (attnkit.layout.TokenSelect): a pair of a tile interacts where the tile
+// mask allows it and any present term does. Every index is clamped to its tensor, as the Python side does (the
+// clamped pairs lie in padding that the tile masks already remove).
+struct Select {
+  const bool *rows = nullptr, *cols = nullptr, *diags = nullptr;  // (g, q, key block), (g, query block, k), (g, 2 nk)
+  const int64_t *q_lab = nullptr, *k_lab = nullptr, *q_pos = nullptr, *k_pos = nullptr;  // (g, q), (g, k)
+  int64_t rows_q = 0, rows_k = 0, cols_q = 0, cols_k = 0, diags_n = 0, lab_q = 0, lab_k = 0, pos_q = 0, pos_k = 0;
+  int64_t q_offset = 0, kv_len = 0;
+  bool any() const { return rows || cols || diags || q_lab; }
+};
+
+inline int64_t clamp_to(int64_t i, int64_t n) { return std::min(std::max<int64_t>(i, 0), n - 1); }
+
+bool selected(const Select& t, int64_t g, int64_t qi, int64_t kj, int64_t qb, int64_t kb) {
+  if (t.rows && t.rows[(g * t.rows_q + clamp_to(qi, t.rows_q)) * t.rows_k + clamp_to(kb, t.rows_k)]) return true;
+  if (t.cols && t.cols[(g * t.cols_q + clamp_to(qb, t.cols_q)) * t.cols_k + clamp_to(kj, t.cols_k)]) return true;
+  if (t.diags && t.diags[g * t.diags_n + clamp_to(t.q_offset + qi - kj + t.kv_len - 1, t.diags_n)]) return true;
+  if (t.q_lab && t.q_lab[g * t.lab_q + clamp_to(qi, t.lab_q)] == t.k_lab[g * t.lab_k + clamp_to(kj, t.lab_k)])
+    return !t.q_pos || t.k_pos[g * t.pos_k + clamp_to(kj, t.pos_k)] <= t.q_pos[g * t.pos_q + clamp_to(qi, t.pos_q)];
+  return false;
+}
+
 struct Problem {
   const float *q, *k, *v;
   const int64_t *kv_ids, *mask_ids, *units;
@@ -120,11 +142,13 @@ struct Problem {
   int64_t Hq, Hkv, nq, nk, D, Dv, nqb, S, bq, bk, G;
   float scale;
   int64_t max_keys;
+  Select select;
 };
 
 struct Scratch {
   std::vector<float> q, k, v, s, o, m, l;
   std::vector<int> dead_cols;
+  std::vector<char> allow;  // (bq, bk): the pairs of one tile that interact
   explicit Scratch(const Problem& p) {
     const int64_t M = p.G * p.bq, L = std::max<int64_t>(p.bk, (p.max_keys / p.bk) * p.bk);
     q.resize(M * p.D);
@@ -134,6 +158,7 @@ struct Scratch {
     o.resize(M * p.Dv);
     m.resize(M);
     l.resize(M);
+    allow.resize(p.bq * p.bk);
   }
 };
 
@@ -181,15 +206,20 @@ void run_item(const Problem& p, int64_t u, int64_t r, Scratch& w) {
     gemm_abt(static_cast<int>(M), L, static_cast<int>(D), w.q.data(), static_cast<int>(D), w.k.data(),
              static_cast<int>(D), S, L);
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t mid = mids[s0 + t];
-      if (mid < 0) continue;  // a full tile
-      const bool* tm = p.tile_masks + mid * bq * bk;
+      const int64_t mid = mids[s0 + t], J = ids[s0 + t];
+      if (mid < 0 && !p.select.any()) continue;  // a full tile
+      char* allow = w.allow.data();
+      for (int64_t i = 0; i < bq; ++i)
+        for (int64_t c = 0; c < bk; ++c) {
+          bool ok = mid < 0 || p.tile_masks[(mid * bq + i) * bk + c];
+          if (ok && p.select.any()) ok = selected(p.select, lh, r * bq + i, J * bk + c, r, J);
+          allow[i * bk + c] = ok;
+        }
       for (int64_t g = 0; g < p.G; ++g)
         for (int64_t i = 0; i < bq; ++i) {
           float* row = S + (g * bq + i) * L + t * bk;
-          const bool* mrow = tm + i * bk;
           for (int64_t c = 0; c < bk; ++c)
-            if (!mrow[c]) row[c] = kNegInf;
+            if (!allow[i * bk + c]) row[c] = kNegInf;
         }
     }
     if (keep) {
@@ -241,7 +271,8 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& kv_ids, const at::Tensor& mask_ids, const at::Tensor& tile_masks,
                                 const c10::optional<at::Tensor>& kpm, const at::Tensor& units, int64_t G, int64_t bq,
-                                int64_t bk, double scale, int64_t max_keys) {
+                                int64_t bk, double scale, int64_t max_keys, const std::vector<at::Tensor>& select,
+                                int64_t q_offset, int64_t kv_len) {
   check(q, "q", at::kFloat, 4);
   check(k, "k", at::kFloat, 4);
   check(v, "v", at::kFloat, 4);
@@ -262,6 +293,29 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   if (kpm.has_value()) {
     check(*kpm, "key_padding_mask", at::kBool, 2);
     p.kpm = kpm->data_ptr<bool>();
+  }
+  // select: [] or [rows, cols, diags, q_labels, k_labels, q_positions, k_positions], an empty tensor for an absent term.
+  TORCH_CHECK(select.empty() || select.size() == 7, "select: expected 0 or 7 tensors, got ", select.size());
+  if (!select.empty()) {
+    const int64_t groups = kv_ids.size(0);
+    auto term = [&](int i, at::ScalarType dtype, int64_t dim, const char* name) -> const at::Tensor* {
+      const at::Tensor& t = select[i];
+      if (t.numel() == 0) return nullptr;
+      check(t, name, dtype, dim);
+      TORCH_CHECK(t.size(0) == groups, name, ": expected ", groups, " groups, got ", t.size(0));
+      return &t;
+    };
+    Select& sel = p.select;
+    if (auto t = term(0, at::kBool, 3, "select.rows")) sel.rows = t->data_ptr<bool>(), sel.rows_q = t->size(1), sel.rows_k = t->size(2);
+    if (auto t = term(1, at::kBool, 3, "select.cols")) sel.cols = t->data_ptr<bool>(), sel.cols_q = t->size(1), sel.cols_k = t->size(2);
+    if (auto t = term(2, at::kBool, 2, "select.diags")) sel.diags = t->data_ptr<bool>(), sel.diags_n = t->size(1);
+    auto ql = term(3, at::kLong, 2, "select.q_labels"), kl = term(4, at::kLong, 2, "select.k_labels");
+    TORCH_CHECK(!ql == !kl, "select: expected both labels or neither");
+    if (ql) sel.q_lab = ql->data_ptr<int64_t>(), sel.lab_q = ql->size(1), sel.k_lab = kl->data_ptr<int64_t>(), sel.lab_k = kl->size(1);
+    auto qp = term(5, at::kLong, 2, "select.q_positions"), kp = term(6, at::kLong, 2, "select.k_positions");
+    TORCH_CHECK(!qp == !kp && (!qp || ql), "select: expected both positions, with labels, or neither");
+    if (qp) sel.q_pos = qp->data_ptr<int64_t>(), sel.pos_q = qp->size(1), sel.k_pos = kp->data_ptr<int64_t>(), sel.pos_k = kp->size(1);
+    sel.q_offset = q_offset, sel.kv_len = kv_len;
   }
   p.Hq = q.size(1), p.nq = q.size(2), p.D = q.size(3);
   p.Hkv = k.size(1), p.nk = k.size(2), p.Dv = v.size(3);
@@ -312,6 +366,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "Block-sparse softmax attention forward over a BlockLayout: (out, lse)",
+  m.def("forward", &forward, "Block-sparse softmax attention forward over a BlockLayout (and its TokenSelect): (out, lse)",
         py::call_guard<py::gil_scoped_release>());
 }
