@@ -17,6 +17,10 @@ Which forward the ``tiled`` backend runs is chosen by ``ATTNKIT_TILED_KERNEL``:
 * ``native``: the native forward, or :class:`~attnkit.errors.UnsupportedError` when it cannot be built;
 * ``torch``: the torch-op forward.
 
+It links against what ``libtorch_cpu`` exports: MKL's ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` (each worker's
+products run on that worker alone), as in the pinned ``torch==2.13.0`` CPU build. A torch built on another BLAS
+fails to load it, which ``auto`` reports and survives.
+
 It serves float32 (and bf16/fp16, which the kernel computes in float32) plain softmax, with or without a
 token-grain selection (:class:`~attnkit.layout.TokenSelect`); score mods, other normalisers and float64 run the
 torch-op forward, which is also what the backward always uses.
