@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .._cache import cache_root
 from ..errors import UnsupportedError, bad
 
 _SOURCE = Path(__file__).with_name("_native") / "tiled_forward.cpp"
@@ -63,8 +64,7 @@ def _flags() -> tuple[str, list[str]]:
 def build_dir() -> Path:
     cap, flags = _flags()
     digest = hashlib.sha256(_SOURCE.read_bytes() + f"{torch.__version__}|{cap}|{flags}".encode()).hexdigest()
-    root = os.environ.get("ATTNKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnkit")
-    return Path(root) / "native" / digest[:16]
+    return cache_root() / "native" / digest[:16]
 
 
 def _build():

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
+from .._cache import cache_root
 from ..errors import UnsupportedError, bad
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,8 +62,7 @@ def english_text() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ATTNKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnkit")
-    path = Path(root) / "qkv"
+    path = cache_root() / "qkv"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -169,9 +169,9 @@ int64_t row_slots(const Problem& p, int64_t lh, int64_t r) {
   return n;
 }
 
-void run_item(const Problem& p, int64_t u, int64_t r, Scratch& w) {
+// Query block r of unit u, whose layout row has n_slots key tiles.
+void run_item(const Problem& p, int64_t u, int64_t r, int64_t n_slots, Scratch& w) {
   const int64_t b = p.units[4 * u], lh = p.units[4 * u + 1], hk = p.units[4 * u + 2], h0 = p.units[4 * u + 3];
-  const int64_t n_slots = row_slots(p, lh, r);
   if (n_slots == 0) return;  // out stays 0, lse -inf
   const int64_t* ids = p.kv_ids + (lh * p.nqb + r) * p.S;
   const int64_t* mids = p.mask_ids + (lh * p.nqb + r) * p.S;
@@ -357,7 +357,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch w(p);
     const int before = MKL_Set_Num_Threads_Local(1);
-    for (int64_t i = next++; i < items; i = next++) run_item(p, order[i] / p.nqb, order[i] % p.nqb, w);
+    for (int64_t i = next++; i < items; i = next++) run_item(p, order[i] / p.nqb, order[i] % p.nqb, cost[order[i]], w);
     MKL_Set_Num_Threads_Local(before);
   });
   return {out, lse};
