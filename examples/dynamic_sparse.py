@@ -10,6 +10,7 @@ Run: .venv/bin/python examples/dynamic_sparse.py  (the first run captures the te
 
 import torch
 
+from attnkit import sparse_attention
 from attnkit.bench.dynamic import dense_reference, quality
 from attnkit.models import capture_qkv
 from attnkit.sparse import (
@@ -19,7 +20,6 @@ from attnkit.sparse import (
     SeerGate,
     VerticalSlash,
     fit_gate,
-    sparse_attention,
 )
 
 q, k, v = capture_qkv(1024)[12]  # (1, 9, 1024, 64) queries, (1, 3, 1024, 64) keys and values: GQA

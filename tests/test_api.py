@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import attnkit as ak
-from attnkit.patterns.base import _LAYOUT_CACHE, clear_cache
+from attnkit import layout_cache
+from attnkit.patterns.base import clear_cache
 from tests.helpers import check_against_oracle, rand_qkv
 
 P = ak.patterns
@@ -66,11 +67,11 @@ def test_second_call_hits_the_layout_cache():
     pat = P.Power(window=8)
     q, k, v = rand_qkv(1, 2, 2, 300, 300, 16)
     ak.attention(q, k, v, pattern=pat, backend="tiled")
-    layouts = [v for k, v in _LAYOUT_CACHE.items() if k[0] == "layout" and k[1] == pat]
+    layouts = [v for k, v in layout_cache.entries("layout") if k.pattern == pat]
     assert len(layouts) == 1
     plans = dict(layouts[0]._plans)
     ak.attention(q, k, v, pattern=pat, backend="tiled")
-    again = [v for k, v in _LAYOUT_CACHE.items() if k[0] == "layout" and k[1] == pat]
+    again = [v for k, v in layout_cache.entries("layout") if k.pattern == pat]
     assert again == layouts and again[0]._plans.keys() == plans.keys()
 
 

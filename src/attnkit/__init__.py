@@ -6,7 +6,7 @@
 """
 
 from . import linear, patterns, reference, registry, scores, sparse
-from .api import Explanation, attention, explain
+from .api import Explanation, attention, explain, sparse_attention
 from .backends.tiled import tiled_attention
 from .errors import (
     AttnkitError,
@@ -37,6 +37,7 @@ __all__ = [
     "explain",
     "linear",
     "sparse",
+    "sparse_attention",
     "patterns",
     "reference",
     "registry",

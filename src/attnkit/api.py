@@ -1,29 +1,43 @@
-"""The one entry point: :func:`attention`, and :func:`explain`, which says what it would do and why."""
+"""The one entry point: :func:`attention`, and :func:`explain`, which says what it would do and why.
+
+Both validate the call into one :class:`~attnkit.backends.request.Request`, ask every backend
+``why_not(request)``, choose, and (``attention``) ``run(request)``. A static pattern and a dynamic selector take
+the same path: a selector's ``select`` runs first (under ``torch.no_grad``) and the request carries its
+:class:`~attnkit.sparse.Selection`.
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import reference as _reference
 from .backends import BACKENDS
-from .backends import flex as _flex
-from .backends import sdpa as _sdpa
-from .backends.tiled import tiled_attention
+from .backends.request import Request, needs_grad
 from .errors import DTypeError, MemoryBudgetError, NonFiniteError, ShapeError, UnsupportedError, bad
-from .patterns.base import _FINE, Pattern, _cache_get, _cache_put
+from .patterns.base import Pattern
 from .patterns.causal import Causal
-from .scores import Normalizer, ScoreMod
+from .records import register_function
+from .scores import Normalizer, ScoreMod, Sigmoid, Softplus
 from .shapes import Dims, validate
+from .sparse import Selection, Selector
 
 _SPARSE_BELOW = 0.5  # auto prefers the tiled kernel when fewer than this fraction of pairs interact
 _SHORT_QUERIES = 16  # decode steps and short chunks: a q_len x kv_len mask is cheap, SDPA wins
+_EXACT_DENSITY_MAX = 4096  # above this, a token-grain selection's density is estimated from its tiles
 
 
 @dataclass
 class Explanation:
-    """What :func:`attention` would do with these arguments. ``str()`` gives a readable account."""
+    """What :func:`attention` would do with these arguments. ``str()`` gives a readable account.
+
+    For a dynamic selector, ``selection`` holds what the selection cost and chose: ``selector``, ``seconds``,
+    ``form`` (``"blocks"``, ``"blocks, token-grain"``, ``"permuted blocks"`` or ``"token indices"``) and
+    ``density_exact``.
+    """
 
     backend: str
     reasons: dict
@@ -34,6 +48,7 @@ class Explanation:
     bytes: float
     dims: Dims
     notes: list = field(default_factory=list)
+    selection: dict | None = None
 
     def __str__(self) -> str:
         d = self.dims
@@ -44,6 +59,13 @@ class Explanation:
         ]
         for name, why in self.reasons.items():
             lines.append(f"    {name:9s} {'chosen' if name == self.backend else why}")
+        if self.selection is not None:
+            s = self.selection
+            lines.append(
+                f"  selection: {s['selector']} chose {s['form']} in {1e3 * s['seconds']:.1f} ms, "
+                f"{s['of_visible']:.4f} of the pairs it could see"
+                + ("" if s["density_exact"] else " (density from its tiles)")
+            )
         lines.append(
             f"  density: {self.density:.4f} of the {d.q_len}x{d.kv_len} pairs interact"
             f" (ideal speed-up over dense {1 / max(self.density, 1e-12):.1f}x)"
@@ -55,99 +77,143 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend, normalizer=None):
+def _request(
+    q, k, v, *, pattern, score, scale, key_padding_mask, q_offset, return_lse, normalizer, backend, causal
+) -> tuple[Request, float | None]:
+    """Validate the call; run a selector's ``select``. Returns the request and the selection's seconds."""
     dims = validate(q, k, v, key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale)
-    if backend not in ("auto",) + BACKENDS:
-        raise ShapeError(bad("backend", f"'auto' or one of {BACKENDS}", repr(backend)))
-    if pattern is not None:
-        if not isinstance(pattern, Pattern):
-            raise DTypeError(bad("pattern", "an attnkit.patterns.Pattern or None", type(pattern).__name__))
-        pattern.check(dims.q_len, dims.kv_len, q_offset, dims.q_heads)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ShapeError(bad("backend", f"'auto' or one of {tuple(BACKENDS)}", repr(backend)))
+    if causal not in (None, True, False):
+        raise DTypeError(bad("causal", "None, True or False", repr(causal)))
+    if score is not None and not isinstance(score, ScoreMod):
+        raise DTypeError(bad("score", "an attnkit.scores.ScoreMod or None", type(score).__name__))
     if score is not None:
-        if not isinstance(score, ScoreMod):
-            raise DTypeError(bad("score", "an attnkit.scores.ScoreMod or None", type(score).__name__))
         score.check(dims.q_heads)
     if normalizer is not None and not isinstance(normalizer, Normalizer):
         raise DTypeError(bad("normalizer", "an attnkit.scores.Normalizer or None", type(normalizer).__name__))
-    return dims
+    common = dict(
+        q=q,
+        k=k,
+        v=v,
+        dims=dims,
+        score=score,
+        normalizer=normalizer,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        q_offset=q_offset,
+        return_lse=return_lse,
+        needs_grad=needs_grad(q, k, v),
+    )
+    if pattern is None or isinstance(pattern, Pattern):
+        if causal:
+            pattern = Causal() if pattern is None else pattern & Causal()
+        if pattern is not None:
+            pattern.check(dims.q_len, dims.kv_len, q_offset, dims.q_heads)
+        return Request(pattern=pattern, **common), None
+    if not isinstance(pattern, Selector | Selection):
+        want = "an attnkit.patterns.Pattern, an attnkit.sparse Selector or Selection, or None"
+        raise DTypeError(bad("pattern", want, type(pattern).__name__))
+    if q_offset:
+        raise UnsupportedError(bad("q_offset", "0 with a dynamic selector (it selects over the whole call)", q_offset))
+    t0 = time.perf_counter()
+    sel, causal = _select(pattern, q, k, v, dims, causal, key_padding_mask)
+    seconds = time.perf_counter() - t0 if isinstance(pattern, Selector) else None
+    return Request(selection=sel, causal=causal, **common), seconds
 
 
-def choose_block(pattern, dims: Dims, training: bool) -> int:
-    """Tile size for ``tiled``: the candidate with the least computed area, weighted by per-tile overhead."""
-    if pattern is None:
-        return 64
-    key = ("block", pattern, dims.q_len, dims.kv_len, dims.q_offset, dims.q_heads, training)
-    hit = _cache_get(key)
-    if hit is not None:
-        return hit
-    any_, _, _ = pattern.tile_stats(dims.q_len, dims.kv_len, dims.q_offset, dims.q_heads)
-    # Measured on 2 cores (fwd): time ~ computed area x (1 + 8 / b) across windows, neighbourhoods, grids and
-    # power-of-two patterns; the backward's per-tile scatter favours larger tiles (1 + 32 / b).
-    overhead = 32 if training else 8
-    best, best_cost = _FINE, float("inf")
-    for b in (16, 32, 64, 128):
-        f = b // _FINE
-        G, nqt, nkt = any_.shape
-        pad = torch.zeros(G, -(-nqt // f) * f, -(-nkt // f) * f, dtype=torch.bool)
-        pad[:, :nqt, :nkt] = any_
-        tiles = int(pad.view(G, -1, f, pad.shape[2] // f, f).any(4).any(2).sum())
-        cost = tiles * b * b * (1 + overhead / b)
-        if cost < best_cost:
-            best, best_cost = b, cost
-    _cache_put(key, best)
-    return best
-
-
-def _plan(q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend, normalizer=None):
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    budget = _sdpa.DEFAULT_BUDGET
-    reasons = {
-        "sdpa": _sdpa.why_not(q, k, v, dims, pattern, score, budget),
-        "flex": _flex.why_not(q, k, v, dims, pattern, score, return_lse, needs_grad),
-        "tiled": None
-        if q.device.type == "cpu"
-        else (f"tiled is a CPU kernel; on {q.device.type} use 'flex' (compiled FlexAttention) or 'sdpa'"),
-        "reference": "float64 oracle, for tests; never chosen by auto",
-    }
-    if normalizer is not None:
-        reasons["sdpa"] = f"normalizer {normalizer!r} replaces the softmax, which SDPA has built in; use 'tiled'"
-        reasons["flex"] = f"normalizer {normalizer!r} replaces the softmax, which FlexAttention has built in"
-    if backend != "auto":
-        return backend, reasons, needs_grad
-    dense_fast = pattern is None or _sdpa_causal_fast(pattern, dims, key_padding_mask)
-    short = reasons["sdpa"] is None and dims.q_len <= _SHORT_QUERIES and not needs_grad
-    density = None if dense_fast or short else _density(pattern, dims)
-    if short:
-        choice = "sdpa"
-        why = f"{dims.q_len} queries (decode): the {dims.q_len} x {dims.kv_len} mask is cheap, no layout to build"
-    elif reasons["sdpa"] is None and (dense_fast or density >= _SPARSE_BELOW):
-        choice = "sdpa"
-        why = (
-            "dense or near-dense request: fused SDPA is faster"
-            if dense_fast
-            else f"density {density:.2f} >= {_SPARSE_BELOW}: dense SDPA with a mask is faster"
-        )
-    elif q.device.type != "cpu" and reasons["flex"] is None:
-        choice, why = "flex", "on GPU, compiled FlexAttention is faster"
+def _select(selector, q, k, v, dims, causal, kpm) -> tuple[Selection, bool]:
+    if isinstance(selector, Selection):
+        sel = selector
+        # A selection made by attention() knows its cut; one made by selector.select() directly does not, and
+        # runs as the caller says (default causal).
+        if sel.causal is not None and causal is not None and causal != sel.causal:
+            raise ShapeError(bad("causal", f"{sel.causal}, as the selection was made", causal))
+        causal = sel.causal if causal is None else causal
+        causal = True if causal is None else causal
     else:
-        choice = "tiled"
-        if reasons["flex"] is None:
-            reasons["flex"] = "on CPU the first compile takes ~20 s; auto does not make a call wait for it"
-        why = f"density {_density(pattern, dims):.3f}: a dense mask computes every pair; tiled skips empty tiles"
-    for name in ("sdpa", "flex", "tiled"):
+        causal = selector.causal_ok if causal is None else causal
+        if causal and not selector.causal_ok:
+            raise UnsupportedError(bad("causal", f"False ({type(selector).__name__} is not causal)", causal))
+        if causal and dims.q_len > dims.kv_len:
+            raise ShapeError(bad("q", f"at most Nk = {dims.kv_len} queries with causal=True", dims.q_len))
+        with torch.no_grad():
+            sel = selector.select(q.detach(), k.detach(), v.detach(), causal=causal, key_padding_mask=kpm)
+        sel.causal = causal
+        if sel.key_bias is not None and hasattr(selector, "key_bias"):
+            # The bias is part of the function (not of the choice of keys): recompute it under autograd so
+            # that the selector's parameters and v get its gradient.
+            sel.key_bias = selector.key_bias(v, dims.q_heads)
+    if (sel.q_len, sel.kv_len) != (dims.q_len, dims.kv_len):
+        raise ShapeError(
+            bad("pattern (a selection)", f"one made for {dims.q_len} x {dims.kv_len}", (sel.q_len, sel.kv_len))
+        )
+    return sel, causal
+
+
+def _choose(req: Request, backend: str) -> tuple[str, dict]:
+    """The backend to run and, for every backend, why it is not used (None for the one chosen)."""
+    reasons = {name: mod.why_not(req) for name, mod in BACKENDS.items()}
+    reasons["reference"] = "float64 oracle, for tests; never chosen by auto"
+    if backend != "auto":
+        if backend == "reference":
+            reasons["reference"] = None
+        return backend, reasons
+    d = req.dims
+    if req.selection is not None:
+        choice = "tiled" if reasons["tiled"] is None else "gather"
+        why = f"the selection runs on '{choice}'"
+    else:
+        dense_fast = req.pattern is None or req.dense_causal
+        short = reasons["sdpa"] is None and d.q_len <= _SHORT_QUERIES and not req.needs_grad
+        density = None if dense_fast or short else _density(req)
+        if short:
+            choice = "sdpa"
+            why = f"{d.q_len} queries (decode): the {d.q_len} x {d.kv_len} mask is cheap, no layout to build"
+        elif reasons["sdpa"] is None and (dense_fast or density >= _SPARSE_BELOW):
+            choice = "sdpa"
+            why = (
+                "dense or near-dense request: fused SDPA is faster"
+                if dense_fast
+                else f"density {density:.2f} >= {_SPARSE_BELOW}: dense SDPA with a mask is faster"
+            )
+        elif req.device.type != "cpu" and reasons["flex"] is None:
+            choice, why = "flex", "on GPU, compiled FlexAttention is faster"
+        else:
+            choice = "tiled"
+            if reasons["flex"] is None:
+                reasons["flex"] = "on CPU the first compile takes ~20 s; auto does not make a call wait for it"
+            why = f"density {_density(req):.3f}: a dense mask computes every pair; tiled skips empty tiles"
+    for name in BACKENDS:
         if name != choice and reasons[name] is None:
             reasons[name] = why
-    return choice, reasons, needs_grad
+    return choice, reasons
 
 
-def _density(pattern, dims) -> float:
-    if pattern is None:
+def _density(req: Request) -> float:
+    d = req.dims
+    if req.selection is not None:
+        return _selection_density(req)[0]
+    if req.pattern is None:
         return 1.0
-    return pattern.density(dims.q_len, dims.kv_len, dims.q_offset, dims.q_heads)
+    return req.pattern.density(d.q_len, d.kv_len, d.q_offset, d.q_heads)
 
 
-def _sdpa_causal_fast(pattern, dims, kpm) -> bool:
-    return isinstance(pattern, Causal) and dims.q_offset == 0 and dims.q_len == dims.kv_len and kpm is None
+def _selection_density(req: Request) -> tuple[float, bool]:
+    """``(density, exact)`` of the request's selection: exact up to 4k tokens or for pure block layouts."""
+    sel = req.selection
+    if sel.layout is not None and sel.layout.select is None and sel.q_order is None:
+        return sel.density(req.causal), True
+    if req.dims.q_len <= _EXACT_DENSITY_MAX:
+        return sel.density(req.causal), True
+    return sel.density(req.causal, exact=False), False
+
+
+def _raise_if_cannot(choice: str, reasons: dict) -> None:
+    why = reasons.get(choice)
+    if why:
+        cls = MemoryBudgetError if "memory budget" in why else UnsupportedError
+        raise cls(f"backend='{choice}' cannot run this request: {why}")
 
 
 def attention(
@@ -155,50 +221,76 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    pattern: Pattern | None = None,
+    pattern: Pattern | Selector | Selection | None = None,
     score: ScoreMod | None = None,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     q_offset: int = 0,
     return_lse: bool = False,
     normalizer: Normalizer | None = None,
+    causal: bool | None = None,
     backend: str = "auto",
 ):
-    r"""Attention over any pattern, score modification, normaliser and backend.
+    r"""Attention over any pattern or dynamic selector, score modification, normaliser and backend.
 
     .. math::
         \mathrm{out}_i = \sum_{j \in P(i)} \frac{\exp(s_{ij})}{\sum_{j' \in P(i)} \exp(s_{ij'})} v_j,\qquad
         s_{ij} = \mathrm{mod}(\mathrm{scale}\; q_i \cdot k_j), \qquad
         \mathrm{lse}_i = \log \sum_{j \in P(i)} \exp(s_{ij})
 
-    where ``P(i)`` are the keys the pattern allows for query ``i`` (absolute position ``q_offset + i``) that
-    are not padding.
+    where ``P(i)`` are the keys the pattern allows for query ``i`` (absolute position ``q_offset + i``), or the
+    keys a dynamic selector chose for it from ``q`` and ``k``, that are not padding.
 
     Args:
         q: ``(B, Hq, Nq, D)``. k: ``(B, Hkv, Nk, D)``. v: ``(B, Hkv, Nk, Dv)``; ``Hq % Hkv == 0`` (GQA).
-        pattern: a :class:`~attnkit.patterns.Pattern` (None = every key).
+        pattern: a static :class:`~attnkit.patterns.Pattern`; a dynamic :class:`~attnkit.sparse.Selector`
+            (its ``select`` runs first, under ``torch.no_grad``: the output is differentiable in ``q, k, v``,
+            not through the choice); a :class:`~attnkit.sparse.Selection` a selector already returned (to time
+            selection and attention apart); or None (every key).
         score: a :class:`~attnkit.scores.ScoreMod` applied to the scaled logits.
         scale: logit scale, default ``1 / sqrt(D)``.
         key_padding_mask: bool ``(B, Nk)``, True where the key is real.
         q_offset: absolute position of the first query (decode with a KV cache: ``Nk - Nq``).
-        return_lse: also return ``lse`` ``(B, Hq, Nq)`` (float32 for low-precision inputs).
+        return_lse: also return ``lse`` ``(B, Hq, Nq)`` (float32 for low-precision inputs). With a selector,
+            ``exp(lse_sparse - lse_dense)`` is the share of the dense attention mass the selection kept.
         normalizer: a :class:`~attnkit.scores.Normalizer` (:class:`~attnkit.scores.Sigmoid`,
             :class:`~attnkit.scores.Softplus`) in place of the softmax: the weights become ``p(s_ij)``, divided
             by their row sum when the normaliser is ``l1``, and ``lse = log sum_j p(s_ij)``. Runs on ``tiled``
             (and ``reference``).
-        backend: ``"auto"``, ``"sdpa"``, ``"flex"``, ``"tiled"`` or ``"reference"``. A named backend that cannot
-            run the request raises :class:`~attnkit.errors.UnsupportedError`; nothing falls back silently.
+        causal: with a static pattern (or None), True intersects it with :class:`~attnkit.patterns.Causal`
+            (SDPA's ``is_causal``). With a selector, whether it selects under the causal cut, the queries being
+            the last ``Nq`` of the ``Nk`` positions (default: True when the selector can).
+        backend: ``"auto"``, ``"sdpa"``, ``"flex"``, ``"tiled"``, ``"gather"`` or ``"reference"``. A named
+            backend that cannot run the request raises :class:`~attnkit.errors.UnsupportedError`; nothing
+            falls back silently.
 
     Returns:
         ``out`` ``(B, Hq, Nq, Dv)`` in the dtype of ``q`` (and ``lse``). A query with no visible key gives
         ``out = 0`` and ``lse = -inf``. Non-finite inputs raise :class:`~attnkit.errors.NonFiniteError` (checked
         on CPU with one pass over the output).
     """
-    dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend, normalizer)
-    result = _dispatch(
-        q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, return_lse, backend, normalizer
+    req, _ = _request(
+        q,
+        k,
+        v,
+        pattern=pattern,
+        score=score,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        q_offset=q_offset,
+        return_lse=return_lse,
+        normalizer=normalizer,
+        backend=backend,
+        causal=causal,
     )
-    out = result[0] if return_lse else result
+    out, lse = _run(req, backend)
+    return (out, lse) if return_lse else out
+
+
+def _run(req: Request, backend: str):
+    choice, reasons = _choose(req, backend)
+    _raise_if_cannot(choice, reasons)
+    out, lse = BACKENDS[choice].run(req)
     # One cheap reduction over the output (not the inputs): NaN/inf in q, k or v reaches it. The exact
     # check runs only when the sum is not finite (a sum can overflow on huge but finite values).
     if out.device.type == "cpu" and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
@@ -209,58 +301,44 @@ def attention(
                 "a non-finite output; check the inputs",
             )
         )
-    return result
+    return out, lse
 
 
-def _dispatch(q, k, v, dims, pattern, score, scale, key_padding_mask, q_offset, return_lse, backend, normalizer=None):
-    choice, reasons, needs_grad = _plan(
-        q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend, normalizer
-    )
-    if reasons.get(choice) and choice != "reference":
-        cls = MemoryBudgetError if "memory budget" in reasons[choice] else UnsupportedError
-        raise cls(f"backend='{choice}' cannot run this request: {reasons[choice]}")
-    kw = dict(
-        pattern=pattern,
-        score=score,
-        scale=scale,
-        key_padding_mask=key_padding_mask,
-        q_offset=q_offset,
-        return_lse=return_lse,
-    )
-    if choice == "sdpa":
-        if _sdpa_causal_fast(pattern, dims, key_padding_mask) and score is None:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=dims.group > 1
-            )
-            return (out, _sdpa._lse(q, k, None, scale, dims.group, causal=True)) if return_lse else out
-        return _sdpa.attention(q, k, v, dims, **kw)
-    if choice == "flex":
-        return _flex.attention(q, k, v, dims, **kw)
-    if choice == "reference":
-        out = _reference.attention(q, k, v, normalizer=normalizer, **kw)
-        return (out[0].to(q.dtype), out[1]) if return_lse else out.to(q.dtype)
-    layout = _layout(pattern, dims, needs_grad)
-    bound = normalizer.bind(dims.kv_len) if normalizer is not None else None
-    out, lse = tiled_attention(
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selector: Selector | Selection,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_selection: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """``attention(q, k, v, pattern=selector, causal=causal, ...)``, which can also return the
+    :class:`~attnkit.sparse.Selection` it ran (``return_selection``). Returns ``out``, then ``lse`` and the
+    selection when asked."""
+    if not isinstance(selector, Selector | Selection):
+        raise DTypeError(bad("selector", "an attnkit.sparse Selector or Selection", type(selector).__name__))
+    req, _ = _request(
         q,
         k,
         v,
-        layout,
+        pattern=selector,
+        score=None,
         scale=scale,
-        score=score,
         key_padding_mask=key_padding_mask,
-        q_offset=q_offset,
-        normalizer=bound,
+        q_offset=0,
+        return_lse=return_lse,
+        normalizer=None,
+        backend=backend,
+        causal=causal,
     )
-    return (out, lse) if return_lse else out
-
-
-def _layout(pattern, dims, training):
-    from .patterns.base import Full
-
-    pat = pattern if pattern is not None else Full()
-    b = choose_block(pattern, dims, training)
-    return pat.block_layout(dims.q_len, dims.kv_len, b, b, dims.q_offset, dims.q_heads)
+    out, lse = _run(req, backend)
+    res = (out,) + ((lse,) if return_lse else ()) + ((req.selection,) if return_selection else ())
+    return res if len(res) > 1 else out
 
 
 def explain(
@@ -275,30 +353,94 @@ def explain(
     q_offset=0,
     return_lse=False,
     normalizer=None,
+    causal=None,
     backend="auto",
 ) -> Explanation:
     """Say which backend :func:`attention` uses for these arguments, why the others are not used, the
-    pattern's density, the useful FLOPs and the bytes moved. Runs no attention."""
-    dims = _check_args(q, k, v, pattern, score, key_padding_mask, q_offset, scale, backend, normalizer)
-    choice, reasons, needs_grad = _plan(
-        q, k, v, dims, pattern, score, key_padding_mask, q_offset, return_lse, backend, normalizer
+    density, the useful FLOPs and the bytes moved. Runs no attention; a dynamic selector's ``select`` runs
+    (that is where its density comes from), and its cost is reported."""
+    req, seconds = _request(
+        q,
+        k,
+        v,
+        pattern=pattern,
+        score=score,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        q_offset=q_offset,
+        return_lse=return_lse,
+        normalizer=normalizer,
+        backend=backend,
+        causal=causal,
     )
-    density = _density(pattern, dims)
-    # Only the tiled backend has a layout; building one for an sdpa or flex answer would be work for nothing.
-    layout = _layout(pattern, dims, needs_grad) if choice == "tiled" else None
-    flops = 4.0 * dims.batch * dims.q_heads * dims.q_len * dims.kv_len * density * dims.head_dim
-    elt = q.element_size()
-    nbytes = (
-        elt
-        * dims.batch
-        * (
-            dims.q_heads * dims.q_len * (dims.head_dim + dims.v_dim)
-            + dims.kv_heads * dims.kv_len * (dims.head_dim + dims.v_dim)
+    choice, reasons = _choose(req, backend)
+    d = req.dims
+    selection = None
+    if req.selection is not None:
+        density, exact = _selection_density(req)
+        sel = req.selection
+        form = (
+            "token indices"
+            if sel.indices is not None
+            else "permuted blocks"
+            if sel.q_order is not None
+            else "blocks, token-grain"
+            if sel.layout.select is not None
+            else "blocks"
         )
+        name = type(pattern).__name__ if isinstance(pattern, Selector) else "a given Selection"
+        # Selection densities are of the visible pairs (the causal triangle); report them over all pairs, as
+        # a static pattern's are, so the ideal speed-up compares with dense attention the same way.
+        visible = d.q_len * d.kv_len
+        if req.causal:
+            visible = d.q_len * (d.q_len + 1) / 2 + d.q_len * (d.kv_len - d.q_len)
+        selection = {
+            "selector": name,
+            "seconds": seconds or 0.0,
+            "form": form,
+            "density_exact": exact,
+            "of_visible": density,
+        }
+        density = density * visible / (d.q_len * d.kv_len)
+    else:
+        density = _density(req)
+    # Only the tiled backend has a layout; building one for an sdpa or flex answer would be work for nothing.
+    layout = None
+    if choice == "tiled" and not reasons["tiled"]:
+        layout = BACKENDS["tiled"].layout(req)
+    flops = 4.0 * d.batch * d.q_heads * d.q_len * d.kv_len * density * d.head_dim
+    nbytes = (
+        q.element_size()
+        * d.batch
+        * (d.q_heads * d.q_len * (d.head_dim + d.v_dim) + d.kv_heads * d.kv_len * (d.head_dim + d.v_dim))
     )
     notes = []
     if reasons.get(choice) and choice != "reference":
         notes.append(f"the named backend cannot run this: {reasons[choice]}")
     computed = layout.tile_density if layout is not None else None
     block = (layout.block_q, layout.block_k) if layout is not None else None
-    return Explanation(choice, reasons, density, computed, block, flops, nbytes, dims, notes)
+    return Explanation(choice, reasons, density, computed, block, flops, nbytes, d, notes, selection)
+
+
+# -- records: the normalisers of attnkit.scores run through attention(normalizer=...) -------------------------
+_NORMALISED = {"gqa", "backward", "bf16", "causal", "padding"}
+register_function(
+    "sigmoid_attention",
+    paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al., 2024)",
+    summary="causal sigmoid(s - log n) weights (n = the training length) on the tiled kernel, no row normalisation",
+    supports=_NORMALISED,
+    fn=attention,
+    ref=_reference.attention,
+    kwargs=lambda n: {"pattern": Causal(), "normalizer": Sigmoid(-math.log(n))},
+    source=Sigmoid,
+)
+register_function(
+    "softplus_attention",
+    paper="Softplus Attention with Re-weighting Boosts Length Extrapolation in LLMs (Gao & Spratling, 2025)",
+    summary="causal softplus(log(n_i) s) weights, l1-normalised (LSSA) on the tiled kernel",
+    supports=_NORMALISED,
+    fn=attention,
+    ref=_reference.attention,
+    kwargs={"pattern": Causal(), "normalizer": Softplus()},
+    source=Softplus,
+)

@@ -99,10 +99,9 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     The quick default (static N = 1k, 4k, 16k; linear N = 1k to 64k; dynamic selectors on SmolLM2 at 4k and 16k)
     takes about 20 minutes on 2 cores (about 6 more the first time, to capture the SmolLM2 tensors).
     """
+    import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    import torch
 
     from . import registry
     from .bench import BenchConfig, run_static

@@ -31,6 +31,11 @@ FULL = -1
 EMPTY = -2
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``, in integers."""
+    return -(-a // b)
+
+
 def tile(block) -> tuple[int, int]:
     """``(block_q, block_k)`` of a block given as an int (square) or a pair."""
     return (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit import registry
-from attnkit.patterns.base import _LAYOUT_CACHE
+from attnkit import layout_cache, registry
 from tests.helpers import check_against_oracle, rand_qkv
 
 pytestmark = pytest.mark.compiled
@@ -42,12 +41,11 @@ def test_flex_second_call_reuses_block_mask_and_compile():
     pat = ak.patterns.SlidingWindow(15, 0)
     q, k, v = rand_qkv(1, 2, 2, 128, 128, 16, seed=29)
     ak.attention(q, k, v, pattern=pat, backend="flex")
-    keys = {k for k in _LAYOUT_CACHE if k[0] == "flex-bm" and k[1] == pat}
-    assert len(keys) == 1
-    bm = _LAYOUT_CACHE[keys.pop()]
+    masks = [v for key, v in layout_cache.entries("flex-block-mask") if key.pattern == pat]
+    assert len(masks) == 1
     ak.attention(q, k, v, pattern=pat, backend="flex")
-    again = [v for k, v in _LAYOUT_CACHE.items() if k[0] == "flex-bm" and k[1] == pat]
-    assert again == [bm]
+    again = [v for key, v in layout_cache.entries("flex-block-mask") if key.pattern == pat]
+    assert again == masks
 
 
 def test_flex_bf16_and_decode_offset():

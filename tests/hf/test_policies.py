@@ -27,7 +27,7 @@ def test_family_e_is_registered():
 def test_record_runs_prefill_and_decode_within_its_cache(smollm2, text_ids, name):
     model, _ = smollm2
     n = 128
-    pol = registry.get(name).factory(n, model)
+    pol = registry.get(name).make(n, model=model)
     assert isinstance(pol, akhf.Policy)
     ids = text_ids[:, :n]
     with akhf.applied(model, pol), torch.no_grad():

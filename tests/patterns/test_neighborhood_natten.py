@@ -5,13 +5,12 @@ This test is never skipped: the set-up (scripts/setup.sh) installs natten, and w
 
 from __future__ import annotations
 
+import natten  # noqa: E402 - the peers extra; a missing install must fail, not skip
 import pytest
 import torch
 
 import attnkit as ak
 from attnkit.shapes import bhnd_to_spatial, spatial_to_bhnd
-
-import natten  # noqa: E402 - the peers extra; a missing install must fail, not skip
 
 CASES = [
     ((33,), 7, 1, 1, False),

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit import registry
+from attnkit import registry, sparse_attention
 from attnkit.reference import selected_attention
-from attnkit.sparse import sparse_attention
 from tests.helpers import check_against_oracle, err, rand_qkv
 
 RECORDS = registry.records("B")
@@ -21,7 +20,7 @@ B, HQ, HKV, N, D, BLOCK = 2, 4, 2, 256, 16, 16
 
 
 def _make(rec, budget, n=N):
-    return rec.factory(budget, heads=HQ, kv_heads=HKV, head_dim=D, block=BLOCK, n=n)
+    return rec.make(n, budget=budget, heads=HQ, kv_heads=HKV, head_dim=D, block=BLOCK)
 
 
 def _cases(rec):

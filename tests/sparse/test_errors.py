@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.errors import PatternError, ShapeError, UnsupportedError
+from attnkit import sparse_attention
+import attnkit as ak
+from attnkit.errors import DTypeError, PatternError, ShapeError, UnsupportedError
 from attnkit.sparse import (
     BiLevelRouting,
     DynamicMask,
@@ -16,7 +18,6 @@ from attnkit.sparse import (
     VerticalSlash,
     VMoBA,
     fit_gate,
-    sparse_attention,
 )
 from tests.helpers import rand_qkv
 
@@ -56,8 +57,10 @@ def test_bad_arguments(make, match):
 
 def test_bad_calls():
     q, k, v = rand_qkv(1, 4, 2, 64, 64, 16)
-    with pytest.raises(ShapeError, match="selector"):
+    with pytest.raises(DTypeError, match="selector"):
         sparse_attention(q, k, v, "moba")
+    with pytest.raises(DTypeError, match="pattern"):
+        ak.attention(q, k, v, pattern="moba")
     with pytest.raises(UnsupportedError, match="causal"):
         sparse_attention(q, k, v, VMoBA(grid=(1, 8, 8), block=(1, 4, 4)), causal=True)
     with pytest.raises(PatternError, match="causal"):
@@ -67,7 +70,7 @@ def test_bad_calls():
     with pytest.raises(ShapeError, match="q, k"):
         sparse_attention(q, k, v, VMoBA(grid=(1, 16, 16), block=(1, 4, 4)), causal=False)
     sel = MoBA(block_size=16).select(q, k, v)
-    with pytest.raises(ShapeError, match="selector"):
+    with pytest.raises(ShapeError, match="selection"):
         sparse_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32], sel)
     with pytest.raises(ShapeError, match="q"):
         sparse_attention(torch.randn(1, 4, 80, 16), k, v, MoBA(block_size=16))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit import registry
+from attnkit import registry, sparse_attention
 from attnkit.bench.dynamic import dense_reference, quality
 from attnkit.sparse import (
     KMeansRouting,
@@ -14,7 +14,6 @@ from attnkit.sparse import (
     Sparsifiner,
     fit_gate,
     fit_sparsifiner,
-    sparse_attention,
 )
 
 N = 1024
@@ -48,7 +47,7 @@ def test_error_falls_as_the_budget_grows(name, qkv, dense):
     rec = registry.get(name)
     errs, recalls = [], []
     for budget in (1 / 8, 1 / 4, 1 / 2):
-        sel = rec.factory(budget, heads=9, kv_heads=3, head_dim=64, block=64, n=N)
+        sel = rec.make(N, budget=budget, heads=9, kv_heads=3, head_dim=64, block=64)
         out, lse = sparse_attention(q, k, v, sel, causal=True, return_lse=True)
         qual = quality(out, lse, *dense)
         errs.append(qual["rel_error"])
@@ -80,10 +79,10 @@ def test_fit_sparsifiner_lowers_the_distillation_loss(qkv, dense):
     # The registry record takes the fitted weights (at its own budget); fitted on the first quarter, it keeps
     # more of the dense mass on the whole sequence than the untrained predictor.
     rec = registry.get("sparsifiner")
-    fitted = rec.factory(0.125, heads=9, kv_heads=3, head_dim=64, n=N, predictor=model)
+    fitted = rec.make(N, budget=0.125, heads=9, kv_heads=3, head_dim=64, predictor=model)
     assert torch.equal(fitted.wq, model.wq) and fitted is not model
     recalls = []
-    for sel in (rec.factory(0.125, heads=9, kv_heads=3, head_dim=64, n=N), fitted):
+    for sel in (rec.make(N, budget=0.125, heads=9, kv_heads=3, head_dim=64), fitted):
         out, lse = sparse_attention(q, k, v, sel, causal=True, return_lse=True)
         recalls.append(quality(out, lse, *dense)["recall"])
     assert recalls[1] > recalls[0] + 0.1, recalls

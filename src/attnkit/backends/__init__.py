@@ -1,3 +1,24 @@
-"""Kernels: *how* attention is computed. ``sdpa``, ``flex``, ``tiled`` (and ``reference``, the oracle)."""
+"""Kernels: *how* attention is computed.
 
-BACKENDS = ("sdpa", "flex", "tiled", "reference")
+Every backend is a module with ``why_not(request) -> str | None`` (``None`` when it can run the
+:class:`~attnkit.backends.request.Request`, else the reason, naming one that can) and
+``run(request) -> (out, lse or None)``. :func:`attnkit.attention` asks them in this order and knows nothing else
+about them.
+
+* ``sdpa``: dense or masked ``scaled_dot_product_attention`` (any device);
+* ``flex``: compiled FlexAttention from the pattern's ``mask_mod`` (CPU inference, GPU);
+* ``tiled``: our block-sparse CPU kernel over a :class:`~attnkit.layout.BlockLayout`, forward and backward;
+* ``gather``: token-index selections (CPU);
+* ``reference``: the float64 oracle, for tests.
+"""
+
+from . import _tiled_entry as tiled_backend
+from . import flex, gather, reference, sdpa
+
+BACKENDS = {
+    "sdpa": sdpa,
+    "flex": flex,
+    "tiled": tiled_backend,
+    "gather": gather,
+    "reference": reference,
+}

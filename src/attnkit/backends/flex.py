@@ -13,8 +13,10 @@ import functools
 
 import torch
 
-from ..errors import UnsupportedError
-from ..patterns.base import _cache_get, _cache_put
+from .. import layout_cache
+from ..layout_cache import Key
+from ..patterns.base import Full
+from .request import Request
 
 BLOCK = 128
 
@@ -27,19 +29,26 @@ def available() -> bool:
     return True
 
 
-def why_not(q, k, v, dims, pattern, score, return_lse: bool, needs_grad: bool) -> str | None:
+def why_not(req: Request) -> str | None:
     if not available():
         return "torch.nn.attention.flex_attention is not available in this torch build"
-    if q.device.type == "cpu":
-        if needs_grad:
+    if req.selection is not None:
+        return (
+            "a dynamic selection is made per call from q and k; a BlockMask per call would recompile on CPU "
+            "(use 'tiled' or 'gather')"
+        )
+    if req.normalizer is not None:
+        return f"normalizer {req.normalizer!r} replaces the softmax, which FlexAttention has built in"
+    if req.device.type == "cpu":
+        if req.needs_grad:
             return (
                 "compiled FlexAttention on CPU has no backward (torch 2.13); use backend='tiled', our CPU "
                 "kernel with a backward, or run flex on a GPU"
             )
-        if return_lse:
+        if req.return_lse:
             return "compiled FlexAttention on CPU cannot return lse (torch 2.13); use backend='tiled'"
-        if q.dtype not in (torch.float32, torch.bfloat16):
-            return f"compiled FlexAttention on CPU supports float32 and bfloat16, not {q.dtype}"
+        if req.q.dtype not in (torch.float32, torch.bfloat16):
+            return f"compiled FlexAttention on CPU supports float32 and bfloat16, not {req.q.dtype}"
     return None
 
 
@@ -54,8 +63,8 @@ def block_mask(pattern, B, Hq, Nq, Nk, q_offset, device):
     """The pattern's ``BlockMask`` for these sizes (cached)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = ("flex-bm", pattern, Nq, Nk, q_offset, Hq if pattern.num_heads else None, str(device))
-    bm = _cache_get(key)
+    key = Key("flex-block-mask", pattern, Nq, Nk, q_offset, Hq if pattern.num_heads else None, (str(device),))
+    bm = layout_cache.get(key)
     if bm is None:
         off = q_offset
 
@@ -64,19 +73,14 @@ def block_mask(pattern, B, Hq, Nq, Nk, q_offset, device):
 
         H = Hq if pattern.num_heads else None
         bm = create_block_mask(mask_mod, None, H, Nq, Nk, device=device, BLOCK_SIZE=BLOCK)
-        _cache_put(key, bm)
+        layout_cache.put(key, bm)
     return bm
 
 
-def attention(
-    q, k, v, dims, *, pattern=None, score=None, scale=None, key_padding_mask=None, q_offset=0, return_lse=False
-):
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    reason = why_not(q, k, v, dims, pattern, score, return_lse, needs_grad)
-    if reason:
-        raise UnsupportedError(f"backend='flex': {reason}")
-    from ..patterns.base import Full
-
+def run(req: Request):
+    """``(out, lse or None)``; the caller has checked :func:`why_not`."""
+    q, k, v, dims = req.q, req.k, req.v, req.dims
+    pattern, score, key_padding_mask, q_offset = req.pattern, req.score, req.key_padding_mask, req.q_offset
     bm = block_mask(
         pattern if pattern is not None else Full(),
         dims.batch,
@@ -98,8 +102,12 @@ def attention(
                 s = torch.where(kpm[b, kv_idx], s, float("-inf"))
             return s
 
+    return_lse = req.return_lse
     kw = {"return_lse": True} if return_lse else {}
-    out = _compiled()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=dims.group > 1, **kw)
+    out = _compiled()(
+        q, k, v, score_mod=score_mod, block_mask=bm, scale=req.scale, enable_gqa=dims.group > 1, **kw
+    )
+    lse = None
     if return_lse:
         out, lse = out
     if key_padding_mask is not None:
@@ -109,16 +117,14 @@ def attention(
         out = torch.where(live, out, torch.zeros((), dtype=out.dtype))
         if return_lse:
             lse = lse.masked_fill(~live[..., 0], float("-inf"))
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def _live_rows(pattern, dims, q_offset, kpm, device):
-    from ..patterns.base import Full
-
     pat = pattern if pattern is not None else Full()
-    key = ("flex-live-cols", pat, dims.q_len, dims.kv_len, q_offset, dims.q_heads)
-    m = _cache_get(key)
+    key = Key("flex-live", pat, dims.q_len, dims.kv_len, q_offset, dims.q_heads)
+    m = layout_cache.get(key)
     if m is None:
         m = pat.dense_mask(dims.q_len, dims.kv_len, q_offset, dims.q_heads, device=device)
-        _cache_put(key, m)
+        layout_cache.put(key, m)
     return (m[None] & kpm[:, None, None, :]).any(-1, keepdim=True)

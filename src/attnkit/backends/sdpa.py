@@ -14,8 +14,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..errors import MemoryBudgetError, UnsupportedError
-from ..patterns.base import _cache_get, _cache_put
+from .. import layout_cache
+from ..layout_cache import Key
+from .request import Request
 
 DEFAULT_BUDGET = int(os.environ.get("ATTNKIT_MEMORY_BUDGET", str(4 << 30)))
 
@@ -30,11 +31,17 @@ def mask_bytes(B, Hq, Nq, Nk, pattern, key_padding_mask, score) -> int:
     return bm * hm * Nq * Nk * per
 
 
-def why_not(q, k, v, dims, pattern, score, budget: int) -> str | None:
+def why_not(req: Request, budget: int | None = None) -> str | None:
     """Why this backend cannot run the request, or None."""
-    if score is not None and not score.additive:
-        return f"score {score!r} is not an additive bias; SDPA cannot apply it (use 'tiled' or 'flex')"
-    need = mask_bytes(dims.batch, dims.q_heads, dims.q_len, dims.kv_len, pattern, None, score)
+    budget = DEFAULT_BUDGET if budget is None else budget
+    if req.selection is not None:
+        return "a dynamic selection runs on the kernels that read it: 'tiled' (blocks) or 'gather' (token indices)"
+    if req.normalizer is not None:
+        return f"normalizer {req.normalizer!r} replaces the softmax, which SDPA has built in; use 'tiled'"
+    if req.score is not None and not req.score.additive:
+        return f"score {req.score!r} is not an additive bias; SDPA cannot apply it (use 'tiled' or 'flex')"
+    d = req.dims
+    need = mask_bytes(d.batch, d.q_heads, d.q_len, d.kv_len, req.pattern, None, req.score)
     if need > budget:
         return (
             f"the dense mask needs {need / 2**20:.1f} MiB, over the memory budget of {budget / 2**20:.1f} MiB "
@@ -44,32 +51,27 @@ def why_not(q, k, v, dims, pattern, score, budget: int) -> str | None:
 
 
 def _dense_mask(pattern, Nq, Nk, q_offset, Hq, device):
-    key = ("dense", pattern, Nq, Nk, q_offset, Hq, str(device))
-    m = _cache_get(key)
+    key = Key("dense", pattern, Nq, Nk, q_offset, Hq, (str(device),))
+    m = layout_cache.get(key)
     if m is None:
         m = pattern.dense_mask(Nq, Nk, q_offset, Hq, device=device)
-        _cache_put(key, m)
+        layout_cache.put(key, m)
     return m
 
 
-def attention(
-    q,
-    k,
-    v,
-    dims,
-    *,
-    pattern=None,
-    score=None,
-    scale=None,
-    key_padding_mask=None,
-    q_offset=0,
-    return_lse=False,
-    budget: int = DEFAULT_BUDGET,
-):
-    reason = why_not(q, k, v, dims, pattern, score, budget)
-    if reason:
-        cls = MemoryBudgetError if "budget" in reason else UnsupportedError
-        raise cls(f"backend='sdpa': {reason}")
+def run(req: Request):
+    """``(out, lse or None)``; the caller has checked :func:`why_not`."""
+    q, k, v, dims = req.q, req.k, req.v, req.dims
+    if req.dense_causal and req.score is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=req.scale, enable_gqa=dims.group > 1)
+        return out, (_lse(q, k, None, req.scale, dims.group, causal=True) if req.return_lse else None)
+    pattern, score, key_padding_mask, q_offset, scale = (
+        req.pattern,
+        req.score,
+        req.key_padding_mask,
+        req.q_offset,
+        req.scale,
+    )
     Hq, Nq, Nk = dims.q_heads, dims.q_len, dims.kv_len
     visible = None
     if pattern is not None:
@@ -90,9 +92,7 @@ def attention(
     if visible is not None:
         live = visible.any(-1, keepdim=True)  # rows with at least one key; SDPA gives NaN elsewhere
         out = torch.where(live, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    if not return_lse:
-        return out
-    return out, _lse(q, k, attn_mask, scale, g)
+    return out, (_lse(q, k, attn_mask, scale, g) if req.return_lse else None)
 
 
 def _lse(q, k, attn_mask, scale, g, chunk: int = 1024, causal: bool = False):

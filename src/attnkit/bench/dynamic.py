@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from ..sparse import sparse_attention
+from ..api import sparse_attention
 from .timing import measure
 
 SIZES = (4096, 16384)
 BUDGETS = (1 / 16, 1 / 8, 1 / 4)
 # Quadratic-cost selection on CPU (SALE's emulated low-bit estimate, Sparsifiner's N^2 x rank predictor) or a
 # token-level gather: measured at 4k in the quick run, at 16k with --full.
-SLOW = ("sale", "sparsifiner", "dynamic_mask")
 HELD_OUT = 8192  # first token of the held-out text the trained selectors are fitted on (the judged text is 0..4095)
 
 
@@ -74,50 +73,17 @@ def _fixture(N: int, layer: int, start: int = 0):
     return q, k, v
 
 
-def fit_seer_gate(N: int, layer: int, block=(64, 16), steps: int = 150, lr: float = 3e-3):
-    """SeerAttention's gate fitted by self-distillation (block-mass target) on held-out text of length ``N``.
-
-    Settings chosen on a second held-out text (tokens 16384 on): the mass target beat the paper's block maxima
-    (4.4% against 5.2% error at 16k and a 1/8 budget), more steps did not help. Returns ``(gate, seconds)``."""
-    from ..sparse import SeerGate, fit_gate
-
-    q, k, _ = _fixture(N, layer, start=HELD_OUT)
+def _fit(name: str, N: int, layer: int):
+    """A trained selector's factory options, fitted (its record's ``fit``) on held-out text of length ``N``;
+    ``({}, None)`` for the others. Returns ``(options, seconds)``."""
+    rec = registry.get(name)
+    if rec.fit is None:
+        return {}, None
+    q, k, v = _fixture(N, layer, start=HELD_OUT)
     torch.manual_seed(0)
-    gate = SeerGate(q.shape[1], q.shape[3], query_pool=block[1])
     t0 = time.perf_counter()
-    fit_gate(gate, [(q, k)], block_size=block, steps=steps, lr=lr, target="mass")
-    return gate.eval(), time.perf_counter() - t0
-
-
-def _fitted_seer(N: int, layer: int):
-    gate, seconds = fit_seer_gate(N, layer)
-    return {"gate": gate}, seconds
-
-
-def fit_sparsifiner_predictor(layer: int, n: int = 1024):
-    """Sparsifiner's connectivity predictor distilled from dense attention (``fit_sparsifiner``'s defaults:
-    100 Adam steps at lr 1e-2) on ``n`` held-out tokens. It has no positional part, so one fit serves every
-    length; the dense target is ``n x n`` per head (at 4k, 150 M floats per tensor). Returns ``(model, seconds)``."""
-    from ..sparse import Sparsifiner
-    from ..sparse.token import fit_sparsifiner
-
-    q, k, _ = _fixture(n, layer, start=HELD_OUT)
-    torch.manual_seed(0)
-    model = Sparsifiner(q.shape[1], q.shape[3], rank=max(1, q.shape[3] // 4))
-    t0 = time.perf_counter()
-    fit_sparsifiner(model, [(q, k)])
-    return model.eval(), time.perf_counter() - t0
-
-
-def _fitted_sparsifiner(N: int, layer: int):
-    model, seconds = fit_sparsifiner_predictor(layer, min(N, 1024))
-    return {"predictor": model}, seconds
-
-
-# Selectors fitted before they are judged: registry name -> fit(N, layer) -> (factory kwargs, fit seconds).
-# Dynamic Mask Attention's parameters are trained with the model (language-model loss), which this bench does not
-# do: it runs at initialisation.
-TRAINED = {"seer_attention_trained": _fitted_seer, "sparsifiner": _fitted_sparsifiner}
+    options = rec.fit(q, k, v)
+    return options, time.perf_counter() - t0
 
 
 def run_dynamic(cfg: DynamicConfig, progress=None) -> dict:
@@ -134,7 +100,7 @@ def run_dynamic(cfg: DynamicConfig, progress=None) -> dict:
                 n
                 for n in names
                 if ("causal" in registry.get(n).supports) == causal
-                and (N <= 4096 or cfg.full or (causal and n not in SLOW))
+                and (N <= 4096 or cfg.full or (causal and "slow" not in registry.get(n).tags))
             ]
             if not todo:
                 continue
@@ -142,7 +108,7 @@ def run_dynamic(cfg: DynamicConfig, progress=None) -> dict:
             ref = dense_reference(q, k, v, causal)
             say(f"dynamic N={N}: {'causal' if causal else 'full'} SDPA {t_dense * 1e3:.0f} ms")
             for i, name in enumerate(todo):
-                extra, fit_s = TRAINED[name](N, cfg.layer) if name in TRAINED else ({}, None)
+                extra, fit_s = _fit(name, N, cfg.layer)
                 if fit_s is not None:
                     say(f"  {name}: fitted on held-out text in {fit_s:.0f} s")
                 if i:  # this shared machine drifts by tens of percent over minutes: SDPA is timed next to each selector
@@ -171,8 +137,8 @@ def _cell(name, budget, q, k, v, causal, ref, t_dense, extra=None) -> dict:
     """One (selector, budget) measurement: selection and attention (plan included) timed apart, quality against
     ``ref``."""
     N = q.shape[2]
-    sel_obj = registry.get(name).factory(
-        budget, heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3], block=64, n=N, **(extra or {})
+    sel_obj = registry.get(name).make(
+        N, budget=budget, heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3], block=64, **(extra or {})
     )
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -192,7 +158,7 @@ def _cell(name, budget, q, k, v, causal, ref, t_dense, extra=None) -> dict:
         "N": N,
         "causal": causal,
         "budget": budget,
-        "density": sel.density(causal) if N <= 4096 else _density_fast(sel, causal),
+        "density": sel.density(causal, exact=N <= 4096),
         **quality(out, lse, *ref),
         "select_ms": t_sel * 1e3,
         "attend_ms": t_att * 1e3,
@@ -208,18 +174,6 @@ def _attend_fresh(q, k, v, sel, causal):
     if sel.layout is not None:
         sel.layout.clear_plans()
     return sparse_attention(q, k, v, sel, causal=causal)
-
-
-def _density_fast(sel, causal: bool) -> float:
-    """Density without an N x N mask (used above 4k): pairs of the layout's tiles (token-grain refinements
-    ignored), or gathered keys per query block (the causal cut inside the block ignored)."""
-    n = sel.q_len
-    visible = n * (n + 1) / 2 if causal else n * sel.kv_len
-    if sel.layout is None:
-        return float((sel.indices >= 0).sum() * sel.query_block) / (
-            sel.indices.shape[0] * sel.indices.shape[1] * visible
-        )
-    return sel.layout.pairs / (sel.layout.groups * visible)
 
 
 def _peers(q, k, v, ref_out, t_sdpa, cfg, say) -> list:
@@ -324,7 +278,7 @@ def cells(cfg: DynamicConfig) -> int:
                 x
                 for x in names
                 if ("causal" in registry.get(x).supports) == causal
-                and (N <= 4096 or cfg.full or (causal and x not in SLOW))
+                and (N <= 4096 or cfg.full or (causal and "slow" not in registry.get(x).tags))
             ]
             n += (1 + len(todo) * len(cfg.budgets)) if todo else 0
     return n

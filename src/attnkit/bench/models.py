@@ -23,7 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("dense", "streaming_llm", "duo_attention", "moa", "h2o", "snapkv", "snapkv_head_aware")
+from .. import registry
+
+# Every registered KV policy (family E), after the dense baseline.
+POLICIES = ("dense",) + registry.names(kind="policy")
 BUDGETS = (1 / 8, 1 / 4, 1 / 2)
 
 
@@ -45,19 +48,16 @@ class EvalConfig:
 QUICK = EvalConfig(lengths=(256,), budgets=(1 / 4,), passkey_lengths=(256,), depths=(0.2, 0.8), chunk=128)
 
 
-_RECORD = {"snapkv_head_aware": "head_aware_kv"}  # report name -> registry name
-
-
 def make_policy(name: str, budget: float, length: int, model):
     """The policy ``name`` holding ``budget * length`` KV entries per head (on average) at ``length`` tokens:
     the registry's family-E factory (``dense`` is :class:`attnkit.hf.Dense`)."""
-    from .. import hf, registry
+    from .. import hf
 
     if name == "dense":
         return hf.Dense()
     if name not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {name!r}")
-    return registry.get(_RECORD.get(name, name)).factory(length, model, budget)
+    return registry.get(name).make(length, model=model, budget=budget)
 
 
 def _kv_bytes(cache) -> int:

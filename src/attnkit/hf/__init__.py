@@ -8,14 +8,31 @@ Everything goes through transformers' public ``AttentionInterface`` and ``Cache`
 file, no monkeypatched forward. See :func:`apply` for what is supported.
 """
 
-from ._integration import Handle, applied, apply, masked_attention
 from .artifacts import CalibrationError
-from .cache import HeadwiseCache
 from .duo import DuoAttention
-from .moa import MoA
 from .kv import H2O, HeadAware, KVCompress, SnapKV, Uniform
+from .moa import MoA
 from .policy import Dense, PerLayer, Policy, SparsePrefill
 from .streaming import StreamingLLM
+
+# transformers is imported on first use of what needs it, so that loading the policies (the registry does) stays
+# light and works without the models extra.
+_LAZY = {
+    "Handle": "._integration",
+    "applied": "._integration",
+    "apply": "._integration",
+    "masked_attention": "._integration",
+    "HeadwiseCache": ".cache",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "H2O",

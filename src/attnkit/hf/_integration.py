@@ -13,7 +13,6 @@ from ..api import attention as _attention
 from ..errors import DTypeError, UnsupportedError, bad
 from ..patterns.base import Pattern
 from ..patterns.causal import Causal
-from ..sparse import sparse_attention
 from ._rope import find_inv_freq, rerotate
 from .cache import HeadwiseCache
 from .policy import Policy
@@ -249,7 +248,7 @@ def _attend_full(q, k, v, mask, layer, policy, causal, scale):
             raise UnsupportedError(
                 bad("prefill", "the whole prompt in one step for a dynamic selector", f"{Q} queries over {K} keys")
             )
-        return sparse_attention(q, k, v, pat, causal=causal, scale=scale, key_padding_mask=kpm)
+        return _attention(q, k, v, pattern=pat, causal=causal, scale=scale, key_padding_mask=kpm)
     if pat is not None and kpm is not None:
         # patterns count real tokens: with left padding the index is not the position
         pos = (kpm.long().cumsum(1) - 1).clamp_min(0)

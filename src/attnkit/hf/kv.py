@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError, bad
-from .policy import Policy, check_count, keep_top, resolve_budget
+from ..records import register
+from .policy import POLICY_SUPPORTS, Policy, check_count, keep_top, kv_tokens, resolve_budget
 
 _PHASES = ("prefill", "decode", "both")
 
@@ -204,3 +205,40 @@ class KVCompress(Policy):
 
     def describe(self):
         return f"{self.name}(budget={self.budget}, phase={self.phase})"
+
+
+register(
+    "h2o",
+    family="E",
+    kind="policy",
+    paper="H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (Zhang et al., 2023)",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: KVCompress(H2O(), budget=kv_tokens(n, budget), phase="both"),
+    summary="keep the keys with the largest accumulated attention plus a recent window",
+    source=H2O,
+)
+register(
+    "snapkv",
+    family="E",
+    kind="policy",
+    paper="SnapKV: LLM Knows What You are Looking for Before Generation (Li et al., 2024)",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: KVCompress(SnapKV(), budget=kv_tokens(n, budget), phase="prefill"),
+    summary="an observation window of the last prompt queries votes (max-pooled) for the keys to keep",
+    source=SnapKV,
+)
+register(
+    "head_aware_kv",
+    family="E",
+    kind="policy",
+    paper="HACK: Head-Aware KV Cache Compression for Visual Autoregressive Modeling; Ada-KV",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: KVCompress(
+        SnapKV(), budget=kv_tokens(n, budget), allocator=HeadAware(), phase="prefill"
+    ),
+    summary="per-head budgets from where each head's attention mass lies (joint top-k), real per-head memory",
+    source=HeadAware,
+)

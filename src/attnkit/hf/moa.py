@@ -19,15 +19,17 @@ import numpy as np
 import torch
 
 from ..errors import ShapeError, bad
-from ..patterns.base import PerHead
 from ..models.smollm2 import english_text
+from ..patterns.base import PerHead
+from ..records import register
 from . import artifacts
-from .policy import Policy, check_count, keep_top, recency
+from .policy import POLICY_SUPPORTS, Policy, check_count, keep_top, recency
 from .streaming import sinks_and_window
 
 METHOD = "moa"
 CALIBRATION_OFFSET = 60_000  # tokens
 CANDIDATES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+
 
 
 @dataclass(frozen=True)
@@ -188,3 +190,16 @@ def profile(
             p.requires_grad_(True)
     settings = dict(length=length, samples=samples, sinks=sinks, candidates=list(candidates))
     return {"values": costs.tolist(), "settings": settings}
+
+
+register(
+    "moa",
+    family="E",
+    kind="policy",
+    paper="MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression (Fu et al., 2024)",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: MoA.load(model, budget),
+    summary="per-head elastic window span = beta * N, chosen by a profiled DP under a mean-span budget",
+    source=MoA,
+)

@@ -20,6 +20,8 @@ import torch
 
 from ..errors import DTypeError, ShapeError, bad
 from ..patterns.base import Pattern
+from ..patterns.global_tokens import AShape as _a_shape
+from ..records import register
 
 
 class Policy:
@@ -180,3 +182,23 @@ def check_count(name: str, value, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ShapeError(bad(name, f"an int >= {lo}", value))
     return value
+
+
+def kv_tokens(n: int, budget: float) -> int:
+    """KV entries per head that a budget (a fraction of the context) buys at ``n`` tokens: at least 8."""
+    return max(8, int(budget * n))
+
+
+POLICY_SUPPORTS = frozenset({"causal", "decode", "gqa", "padding"})
+
+register(
+    "sparse_prefill",
+    family="E",
+    kind="policy",
+    paper="Efficient Streaming Language Models with Attention Sinks (A-shape prefill, as in MInference)",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: SparsePrefill(_a_shape(4, kv_tokens(n, budget))),
+    summary="any static pattern at prefill only (here A-shape: sinks + window); decoding stays dense",
+    source=SparsePrefill,
+)

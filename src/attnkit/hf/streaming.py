@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from ..patterns.global_tokens import AShape
 from ..patterns.sliding_window import SlidingWindow
-from .policy import Policy, check_count, keep_top, recency
+from ..records import register
+from .policy import POLICY_SUPPORTS, Policy, check_count, keep_top, kv_tokens, recency
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,16 @@ class StreamingLLM(Policy):
 def sinks_and_window(sinks: int, window: int):
     """Causal ``sinks`` first keys plus the last ``window`` (query included); a plain window when ``sinks == 0``."""
     return AShape(sinks, window) if sinks else SlidingWindow(left=window - 1, right=0)
+
+
+register(
+    "streaming_llm",
+    family="E",
+    kind="policy",
+    paper="Efficient Streaming Language Models with Attention Sinks (Xiao et al., ICLR 2024)",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: StreamingLLM(budget=kv_tokens(n, budget), sinks=4),
+    summary="sinks + recent window, as a prefill pattern and an evicting cache with RoPE re-rotation",
+    source=StreamingLLM,
+)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import reference as _ref
 from ..errors import PatternError, ShapeError, bad
+from ..records import register_function
 from ._common import check_qkv
 
 
@@ -115,3 +117,14 @@ class AgentAttention(torch.nn.Module):
                 vv = vv.reshape(B, C, *self.spatial)
             out = out + self.dwc(vv).reshape(B, C, N).transpose(1, 2)
         return self.proj(out)
+
+
+register_function(
+    "agent_attention",
+    paper="Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)",
+    summary="n agents pooled from q: softmax(Q A^T) softmax(A K^T) V",
+    supports={"gqa", "backward", "bf16", "cross"},
+    fn=agent_attention,
+    ref=_ref.agent_attention,
+    extras=lambda q, k, v: {"agents": pool_agents(q, max(1, min(q.shape[2], 49) // 7))},
+)

@@ -45,10 +45,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import reference as _ref
 from ..backends.sdpa import DEFAULT_BUDGET
 from ..errors import DTypeError, MemoryBudgetError, PatternError, ShapeError, bad
+from ..records import register_function
 from ._common import check_qkv
-from .feature_maps import Identity, resolve
+from .decay import retnet_decay, transnormer_decay
+from .feature_maps import FAVOR, Hedgehog, Identity, resolve
 
 MODES = ("auto", "parallel", "chunk", "recurrent")
 _SLAB = 2048  # tokens per slab of the chunked form (temporaries of a few MiB: cache-resident, no page faults)
@@ -350,3 +353,91 @@ def _normalise(y, totals, normalize, Dv):
     if normalize == "inline":
         return a + (1 - z) * u / n
     return a * (1 + 1 / z.clamp_min(tiny)) - (z / n) * u
+
+
+# -- records: the engine under each paper's feature map, normaliser and decay ---------------------------------
+_LINEAR = frozenset({"gqa", "backward", "bf16", "padding"})
+_KATHAROPOULOS = (
+    "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention (Katharopoulos et al., 2020)"
+)
+
+
+def _register(name, paper, summary, *, exact=True, causal=True, setup=None, source=None, **kwargs):
+    register_function(
+        name,
+        paper=paper,
+        summary=summary,
+        supports=_LINEAR | ({"causal", "decode"} if causal else {"cross"}),
+        fn=linear_attention,
+        ref=_ref.linear_attention,
+        kwargs={"causal": causal, **kwargs},
+        exact=exact,
+        setup=setup,
+        source=source,
+    )
+
+
+def _hedgehog(heads, head_dim):
+    fmap = Hedgehog(heads, head_dim)
+    with torch.no_grad():  # a trained-looking map: the identity initialisation would hide per-head mistakes
+        g = torch.Generator().manual_seed(0)
+        fmap.weight.add_(0.3 * torch.randn(fmap.weight.shape, generator=g))
+    return {"feature_map": fmap}
+
+
+_register("linear_elu", _KATHAROPOULOS, "causal linear attention, phi = elu + 1, sum-normalised", feature_map="elu+1")
+_register(
+    "linear_elu_bidirectional",
+    _KATHAROPOULOS,
+    "non-causal linear attention, phi = elu + 1 (cross attention allowed)",
+    causal=False,
+    feature_map="elu+1",
+)
+_register("linear_relu", _KATHAROPOULOS, "causal linear attention, phi = relu", feature_map="relu")
+_register(
+    "performer_favor",
+    "Rethinking Attention with Performers (Choromanski et al., 2021)",
+    "FAVOR+ positive orthogonal random features (2D of them): an unbiased estimate of softmax",
+    exact=False,
+    setup=lambda h, d: {"feature_map": FAVOR(d, 2 * d)},
+    source=FAVOR,
+)
+_register(
+    "hedgehog",
+    "The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry (Zhang et al., 2024)",
+    "learnable per-head softmax-mimicking map [softmax(Wx), softmax(-Wx)]; fit with fit_hedgehog",
+    setup=_hedgehog,
+    source=Hedgehog,
+)
+_register(
+    "mala",
+    "Rectifying Magnitude Neglect in Linear Attention (MALA, Fan et al., 2025)",
+    "magnitude-aware weights (1 + 1/z) phi.phi - z/n, phi = elu + 1",
+    feature_map="elu+1",
+    normalize="mala",
+)
+_register(
+    "inline",
+    "Bridging the Divide: Reconsidering Softmax and Linear Attention (InLine, Han et al., 2024)",
+    "injective weights phi.phi - mean + 1/n, phi = relu",
+    feature_map="relu",
+    normalize="inline",
+)
+_register(
+    "retnet",
+    "Retentive Network: A Successor to Transformer for Large Language Models (Sun et al., 2023)",
+    "retention: q.k / sqrt(D) with per-head decay 1 - 2^(-5-h), unnormalised",
+    feature_map="identity",
+    normalize=False,
+    setup=lambda h, d: {"decay": retnet_decay(h), "scale": d**-0.5},
+    source=retnet_decay,
+)
+_register(
+    "lightning_transnormer",
+    "Lightning Attention-2 (Qin et al., 2024); TransNormerLLM (Qin et al., 2023)",
+    "TransNormerLLM: per-head decay exp(-8h/H (1 - l/L)) (layer 0 of 2), RMS-normalised output",
+    feature_map="identity",
+    normalize="rms",
+    setup=lambda h, d: {"decay": transnormer_decay(h, 0, 2), "scale": d**-0.5},
+    source=transnormer_decay,
+)

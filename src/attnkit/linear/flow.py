@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference as _ref
 from ..errors import UnsupportedError, bad
+from ..records import register_function
 from ._common import check_qkv
 from .engine import linear_attention
 from .feature_maps import FeatureMap
@@ -81,3 +83,24 @@ class _Given(FeatureMap):
 
     def forward(self, x, is_query):
         return x
+
+
+_FLOW = "Flowformer: Linearizing Transformers with Conservation Flows (Wu et al., ICML 2022)"
+register_function(
+    "flowformer",
+    paper=_FLOW,
+    summary="flow conservation: competition (softmax over sources), allocation (sigmoid gate on sinks)",
+    supports={"gqa", "backward", "bf16", "padding", "cross"},
+    fn=flow_attention,
+    ref=_ref.flow_attention,
+    kwargs={"causal": False},
+)
+register_function(
+    "flowformer_causal",
+    paper=_FLOW,
+    summary="causal flow attention (cumulative flows normalised by position)",
+    supports={"gqa", "backward", "bf16", "causal"},
+    fn=flow_attention,
+    ref=_ref.flow_attention,
+    kwargs={"causal": True},
+)

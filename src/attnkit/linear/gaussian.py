@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ShapeError, bad
+from ..records import register
 
 
 class GaussianAdaptiveAttention(torch.nn.Module):
@@ -44,3 +45,16 @@ class GaussianAdaptiveAttention(torch.nn.Module):
         scale = self.log_scale.exp().view(1, 1, -1, 1).to(x.dtype)
         dens = torch.exp(-(xh - mu).pow(2) / (2 * scale * var + self.eps))
         return (xh * dens).view(B, N, C)
+
+
+register(
+    "gaussian_adaptive",
+    family="C",
+    kind="module",
+    paper="Gaussian Adaptive Attention is All You Need (GAAM, Ioannides et al., 2024)",
+    exact=True,
+    supports={"backward", "bf16"},
+    factory=lambda n: GaussianAdaptiveAttention(32, 4),
+    summary="per-head learnable Gaussian (mean offset, variance scale) re-weighting features over the sequence",
+    source=GaussianAdaptiveAttention,
+)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference as _ref
 from ..errors import PatternError, bad
+from ..records import register_function
 from ._common import check_qkv
 
 _BLOCK = 128  # queries per block: the (block, D, D) covariances stay small
@@ -58,3 +60,14 @@ def local_linear_attention(q, k, v, *, causal: bool = True, ridge: float = 1.0, 
         beta = torch.linalg.solve(skk + ridge * eye, skv)
         outs.append(vbar + ((qx[:, :, a:b] - kbar)[..., None, :] @ beta)[..., 0, :])
     return torch.cat(outs, 2).to(q.dtype)
+
+
+register_function(
+    "local_linear",
+    paper="Local Linear Attention: An Optimal Interpolation of Linear and Softmax Attention (Zuo et al., 2025)",
+    summary="softmax-weighted local linear regression per query (ridge 1); quadratic",
+    supports={"gqa", "backward", "bf16", "causal"},
+    fn=local_linear_attention,
+    ref=_ref.local_linear_attention,
+    kwargs={"causal": True, "ridge": 1.0},
+)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference as _ref
 from ..errors import PatternError, ShapeError, bad
+from ..records import register_function
 from ._common import check_qkv
 
 _QUERY_SLAB = 2048  # queries per slab of the across-chunk scores (bounds the N x N / L temporary)
@@ -80,3 +82,15 @@ def rat_attention(q, k, v, forget, *, chunk_size: int = 16, scale: float | None 
         pc, po = torch.exp(cross - m), torch.exp(o - m)
         outs.append((pc @ v_end + po * v_own[:, :, a:b]) / (pc.sum(-1, keepdim=True) + po))
     return torch.cat(outs, 2).to(q.dtype)
+
+
+register_function(
+    "rat",
+    paper="RAT: Bridging RNN Efficiency and Attention Accuracy in Language Modeling (Wei et al., 2025)",
+    summary="gated recurrence inside chunks of min(n/8, 16), softmax across chunk states",
+    supports={"gqa", "backward", "bf16", "causal"},
+    fn=rat_attention,
+    ref=_ref.rat_attention,
+    kwargs=lambda n: {"chunk_size": max(2, min(16, n // 8))},
+    extras=lambda q, k, v: {"forget": torch.sigmoid(k.mean(-1, keepdim=True))},
+)

@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from .. import layout_cache
 from ..errors import PatternError, bad
 from ..layout import BlockLayout
+from ..layout_cache import Key
 
 _ROW_BUDGET = 1 << 23  # mask elements evaluated at once while building a layout
 _FINE = 16  # tile size of the stats that every block size is derived from
-_LAYOUT_CACHE: OrderedDict[tuple, object] = OrderedDict()
-_LAYOUT_CACHE_SIZE = 32
-_DECODE_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
-_DECODE_CACHE_SIZE = 8
 
 
 class Pattern:
@@ -92,8 +89,8 @@ class Pattern:
         self, q_len: int, kv_len: int, q_offset: int = 0, heads: int | None = None, tile: int = _FINE
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per ``tile x tile`` block: does any / every in-range pair interact; and the exact pair count."""
-        key = ("stats", self, q_len, kv_len, q_offset, heads, tile)
-        hit = _cache_get(key)
+        key = Key("stats", self, q_len, kv_len, q_offset, heads, (tile,))
+        hit = layout_cache.get(key)
         if hit is not None:
             return hit
         self.check(q_len, kv_len, q_offset, heads)
@@ -117,7 +114,7 @@ class Pattern:
                 any_[g, t0:t1] = counts > 0
                 all_[g, t0:t1] = counts == tile * tile
         out = (any_, all_, pairs)
-        _cache_put(key, out)
+        layout_cache.put(key, out)
         return out
 
     def block_layout(
@@ -134,8 +131,8 @@ class Pattern:
         for name, bsz in (("block_q", block_q), ("block_k", block_k)):
             if bsz <= 0 or bsz % _FINE:
                 raise PatternError(bad(name, f"a positive multiple of {_FINE}", bsz))
-        key = ("layout", self, q_len, kv_len, q_offset, heads, block_q, block_k)
-        hit = _cache_get(key)
+        key = Key("layout", self, q_len, kv_len, q_offset, heads, (block_q, block_k))
+        hit = layout_cache.get(key)
         if hit is not None:
             return hit
         any_, all_, pairs = self.tile_stats(q_len, kv_len, q_offset, heads)
@@ -160,7 +157,7 @@ class Pattern:
             return m & (q < q_len)[:, :, None] & (kv < kv_len)[:, None, :]
 
         layout = BlockLayout.from_tile_stats(b_any, b_all, tile_masks, q_len, kv_len, block_q, block_k, pairs)
-        _cache_put(key, layout)
+        layout_cache.put(key, layout)
         return layout
 
     def density(self, q_len: int, kv_len: int, q_offset: int = 0, heads: int | None = None) -> float:
@@ -178,37 +175,9 @@ class Pattern:
         return self.dense_mask(q_len or n, kv_len or n, heads=heads)[0]
 
 
-def _cache_for(key) -> OrderedDict:
-    # Keys are (kind, pattern, q_len, kv_len, q_offset, ...). Decode steps (q_offset > 0) change the key on
-    # every token: they get a small cache of their own so they never evict the layouts of whole sequences.
-    return _DECODE_CACHE if len(key) > 4 and isinstance(key[4], int) and key[4] > 0 else _LAYOUT_CACHE
-
-
-def _cache_get(key):
-    cache = _cache_for(key)
-    try:
-        val = cache[key]
-    except (KeyError, TypeError):
-        return None
-    cache.move_to_end(key)
-    return val
-
-
-def _cache_put(key, val) -> None:
-    cache = _cache_for(key)
-    try:
-        cache[key] = val
-    except TypeError:  # an unhashable pattern is simply not cached
-        return
-    limit = _LAYOUT_CACHE_SIZE if cache is _LAYOUT_CACHE else _DECODE_CACHE_SIZE
-    while len(cache) > limit:
-        cache.popitem(last=False)
-
-
 def clear_cache() -> None:
     """Forget every cached tile statistic, layout and mask."""
-    _LAYOUT_CACHE.clear()
-    _DECODE_CACHE.clear()
+    layout_cache.clear()
 
 
 # -- composition ------------------------------------------------------------------------------------

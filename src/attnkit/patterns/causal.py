@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import SEQUENCE, register
 from .base import Pattern
 
+
+__all__ = ["Causal"]
 
 @dataclass(frozen=True)
 class Causal(Pattern):
@@ -27,3 +30,16 @@ class Causal(Pattern):
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
+
+
+register(
+    "causal",
+    family="A",
+    kind="pattern",
+    paper="Attention Is All You Need (Vaswani et al., 2017)",
+    exact=True,
+    supports=SEQUENCE | {"causal"},
+    factory=lambda n: Causal(),
+    summary="kv <= q",
+    source=Causal,
+)

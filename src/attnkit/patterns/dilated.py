@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
 
+
+__all__ = ["Dilated"]
 
 @dataclass(frozen=True)
 class Dilated(Pattern):
@@ -41,3 +44,16 @@ class Dilated(Pattern):
         if not self.is_causal:
             d = d.abs()
         return (d >= 0) & (d % self.dilation == 0) & (d < self.window * self.dilation)
+
+
+register(
+    "dilated",
+    family="A",
+    kind="pattern",
+    paper="LongNet: Scaling Transformers to 1,000,000,000 Tokens (2023)",
+    exact=True,
+    supports=SEQUENCE | {"causal"},
+    factory=lambda n: Dilated(max(2, window_size(n, 16, 128)), 2),
+    summary="every 2nd key over a span of min(n/8, 256)",
+    source=Dilated,
+)

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
+from .sliding_window import SlidingWindow
 
+
+__all__ = ["AShape", "GlobalTokens", "Sinks"]
 
 @dataclass(frozen=True)
 class Sinks(Pattern):
@@ -68,3 +72,28 @@ class AShape(Pattern):
     def mask_mod(self, b, h, q_idx, kv_idx):
         d = q_idx - kv_idx
         return (d >= 0) & ((kv_idx < self.sinks) | (d < self.window))
+
+
+register(
+    "global_tokens",
+    family="A",
+    kind="pattern",
+    paper="Longformer (global attention); BigBird (2020)",
+    exact=True,
+    supports=SEQUENCE,
+    factory=lambda n: GlobalTokens(4) | SlidingWindow(window_size(n, 16, 128), window_size(n, 16, 128)),
+    summary="4 global tokens + symmetric window min(n/16, 128)",
+    source=GlobalTokens,
+)
+
+register(
+    "a_shape",
+    family="A",
+    kind="pattern",
+    paper="Efficient Streaming Language Models with Attention Sinks (StreamingLLM, 2023)",
+    exact=True,
+    supports=SEQUENCE | {"causal"},
+    factory=lambda n: AShape(sinks=4, window=window_size(n, 8, 256)),
+    summary="4 sinks + causal window min(n/8, 256)",
+    source=AShape,
+)

@@ -23,9 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PatternError, bad
+from ..records import SPATIAL, grid_side, register
 from ._grid import GridPattern, every_dim, grid_shape
 from .base import as_tuple
 
+
+__all__ = ["HaloBlocks"]
 
 @dataclass(frozen=True)
 class HaloBlocks(GridPattern):
@@ -53,3 +56,16 @@ class HaloBlocks(GridPattern):
             return (xk >= lo) & (xk < lo + self.block[i] + 2 * self.halo[i])
 
         return every_dim(q_idx, kv_idx, self.shape, rule)
+
+
+register(
+    "halo_2d",
+    family="A",
+    kind="pattern",
+    paper="Scaling Local Self-Attention for Parameter Efficient Visual Backbones (HaloNet, 2021)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: HaloBlocks((grid_side(n, 2, 8) // 4 * 4,) * 2, block=4, halo=1),
+    summary="4x4 query blocks, halo 1",
+    source=HaloBlocks,
+)

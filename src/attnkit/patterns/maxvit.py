@@ -27,9 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PatternError, bad
+from ..records import SPATIAL, grid_side, register
 from ._grid import GridPattern, every_dim, grid_shape
 from .base import as_tuple
 
+
+__all__ = ["BlockAxis", "GridAxis"]
 
 def _spatial(name: str, shape, value, lo: int = 1):
     shape = grid_shape(shape)
@@ -71,3 +74,28 @@ class GridAxis(GridPattern):
     def mask_mod(self, b, h, q_idx, kv_idx):
         cells = [n // g for n, g in zip(self.shape, self.grid, strict=True)]
         return every_dim(q_idx, kv_idx, self.shape, lambda i, xq, xk: xq % cells[i] == xk % cells[i])
+
+
+register(
+    "maxvit_block",
+    family="A",
+    kind="pattern",
+    paper="MaxViT: Multi-Axis Vision Transformer (Tu et al., 2022)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: BlockAxis((grid_side(n, 2, 8) // 4 * 4,) * 2, window=4),
+    summary="4x4 non-overlapping windows",
+    source=BlockAxis,
+)
+
+register(
+    "maxvit_grid",
+    family="A",
+    kind="pattern",
+    paper="MaxViT: Multi-Axis Vision Transformer (Tu et al., 2022)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: GridAxis((grid_side(n, 2, 8) // 4 * 4,) * 2, grid=4),
+    summary="4x4 dilated global grid",
+    source=GridAxis,
+)

@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PatternError, bad
+from ..records import SPATIAL, register
 from .base import Pattern, _require_int
 
+
+__all__ = ["BlockCausalSpans", "ModalityMutual"]
 
 def _segments(length: int, spans) -> tuple[tuple[int, int], ...]:
     _require_int("length", length)
@@ -86,3 +89,28 @@ class ModalityMutual(_SpanPattern):
     def mask_mod(self, b, h, q_idx, kv_idx):
         sq, sk = self._lookup(q_idx), self._lookup(kv_idx)
         return (kv_idx <= q_idx) | ((sq >= 0) & (sk < 0))
+
+
+register(
+    "block_causal_spans",
+    family="A",
+    kind="pattern",
+    paper="TC-LLaVA (frame-wise block causal mask, 2024)",
+    exact=True,
+    supports=SPATIAL - {"spatial"},
+    factory=lambda n: BlockCausalSpans(n, ((n // 8, n // 8 + n // 4), (n // 2, n // 2 + n // 4))),
+    summary="causal text, two bidirectional image spans of n/4",
+    source=BlockCausalSpans,
+)
+
+register(
+    "modality_mutual",
+    family="A",
+    kind="pattern",
+    paper="AKI: Unlocking Causal Attention into Modality-Mutual Attention (2025)",
+    exact=True,
+    supports=SPATIAL - {"spatial"},
+    factory=lambda n: ModalityMutual(n, ((n // 8, n // 8 + n // 4),)),
+    summary="causal, image tokens also see later text",
+    source=ModalityMutual,
+)

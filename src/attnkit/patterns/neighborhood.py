@@ -41,9 +41,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatternError, bad
+from ..records import SPATIAL, grid_side, register, window_size
 from ._grid import GridPattern, every_dim, grid_shape
 from .base import as_tuple
 
+
+__all__ = ["Neighborhood"]
 
 @dataclass(frozen=True)
 class Neighborhood(GridPattern):
@@ -98,3 +101,64 @@ class Neighborhood(GridPattern):
             centre = torch.maximum(torch.minimum(leader, n_g - 1 - right), torch.full_like(leader, left))
             m = (xk >= centre - left) & (xk <= centre + right)
         return m & (gq == gk)
+
+
+register(
+    "neighborhood_1d",
+    family="A",
+    kind="pattern",
+    paper="Faster Neighborhood Attention (Hassani et al., 2024)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: Neighborhood((n,), kernel_size=max(3, window_size(n, 8, 256) - 1) | 1),
+    summary="NATTEN 1-D neighbourhood, kernel min(n/8, 255)",
+    source=Neighborhood,
+)
+
+register(
+    "neighborhood_2d",
+    family="A",
+    kind="pattern",
+    paper="Faster Neighborhood Attention (Hassani et al., 2024)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: Neighborhood((grid_side(n, 2, 8),) * 2, kernel_size=7),
+    summary="NATTEN 2-D neighbourhood, kernel 7x7",
+    source=Neighborhood,
+)
+
+register(
+    "dilated_neighborhood_2d",
+    family="A",
+    kind="pattern",
+    paper="Dilated Neighborhood Attention Transformer (DiNAT, 2022)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: Neighborhood((grid_side(n, 2, 10),) * 2, kernel_size=5, dilation=2),
+    summary="2-D neighbourhood 5x5, dilation 2",
+    source=Neighborhood,
+)
+
+register(
+    "strided_neighborhood_2d",
+    family="A",
+    kind="pattern",
+    paper="Generalized Neighborhood Attention (GNA, 2025)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: Neighborhood((grid_side(n, 2, 8),) * 2, kernel_size=7, stride=4),
+    summary="2-D neighbourhood 7x7, stride 4 (GNA)",
+    source=Neighborhood,
+)
+
+register(
+    "neighborhood_3d_causal",
+    family="A",
+    kind="pattern",
+    paper="Generalized Neighborhood Attention (GNA, 2025)",
+    exact=True,
+    supports=SPATIAL | {"causal"},
+    factory=lambda n: Neighborhood((grid_side(n, 3, 4),) * 3, kernel_size=3, is_causal=True),
+    summary="3-D (video) neighbourhood 3x3x3, causal in every dim",
+    source=Neighborhood,
+)

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
 
+
+__all__ = ["Power"]
 
 @dataclass(frozen=True)
 class Power(Pattern):
@@ -39,3 +42,16 @@ class Power(Pattern):
         d = q_idx - kv_idx
         pow2 = (d > 0) & ((d & (d - 1)) == 0)
         return (d >= 0) & ((d < self.window) | pow2)
+
+
+register(
+    "power",
+    family="A",
+    kind="pattern",
+    paper="PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention (2025)",
+    exact=True,
+    supports=SEQUENCE | {"causal"},
+    factory=lambda n: Power(window=window_size(n, 16, 128)),
+    summary="causal window min(n/16, 128) + power-of-2 distances",
+    source=Power,
+)

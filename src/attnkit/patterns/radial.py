@@ -29,8 +29,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import SPATIAL, register
 from .base import Pattern, _require_int
 
+
+__all__ = ["Radial"]
 
 @dataclass(frozen=True)
 class Radial(Pattern):
@@ -62,3 +65,16 @@ class Radial(Pattern):
         wide = width > 0
         thin = (ds == 0) & (dt % step == 0)
         return (wide & (ds <= width)) | (~wide & thin)
+
+
+register(
+    "radial",
+    family="A",
+    kind="pattern",
+    paper="Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long Video Generation (2025)",
+    exact=True,
+    supports=SPATIAL,
+    factory=lambda n: Radial(frame_tokens=max(4, n // 16), num_frames=16, window=max(1, n // 64)),
+    summary="16 frames, spatial window halving with frame distance",
+    source=Radial,
+)

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
 
+
+__all__ = ["SlidingWindow"]
 
 @dataclass(frozen=True)
 class SlidingWindow(Pattern):
@@ -44,3 +47,28 @@ class SlidingWindow(Pattern):
     def mask_mod(self, b, h, q_idx, kv_idx):
         d = q_idx - kv_idx
         return (d <= self.left) & (d >= -self.right)
+
+
+register(
+    "sliding_window",
+    family="A",
+    kind="pattern",
+    paper="Longformer (Beltagy et al., 2020); Mistral 7B",
+    exact=True,
+    supports=SEQUENCE | {"causal"},
+    factory=lambda n: SlidingWindow(window_size(n, 8, 256) - 1, 0),
+    summary="causal window of min(n/8, 256) keys",
+    source=SlidingWindow,
+)
+
+register(
+    "sliding_window_symmetric",
+    family="A",
+    kind="pattern",
+    paper="Longformer (Beltagy et al., 2020)",
+    exact=True,
+    supports=SEQUENCE,
+    factory=lambda n: SlidingWindow(window_size(n, 16, 128), window_size(n, 16, 128)),
+    summary="window of min(n/16, 128) keys on each side",
+    source=SlidingWindow,
+)

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
 
+
+__all__ = ["StridedShards"]
 
 @dataclass(frozen=True)
 class StridedShards(Pattern):
@@ -45,3 +48,16 @@ class StridedShards(Pattern):
     def mask_mod(self, b, h, q_idx, kv_idx):
         d = q_idx - kv_idx
         return (d >= 0) & ((d < self.local) | (kv_idx % self.shards == h % self.shards))
+
+
+register(
+    "strided_shards",
+    family="A",
+    kind="pattern",
+    paper="S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (2024)",
+    exact=True,
+    supports=SEQUENCE | {"causal", "per_head"},
+    factory=lambda n: StridedShards(heads=4, shards=4, local=window_size(n, 16, 128)),
+    summary="4 heads, 4 strided shards + local window min(n/16, 128)",
+    source=StridedShards,
+)

@@ -1,11 +1,12 @@
 """Dynamic, content-based sparse attention (family B): selectors that look at q and k and choose what to compute.
 
 ``selector.select(q, k, v, causal=...)`` returns a :class:`Selection` (a per-batch, per-head block layout, a
-permuted layout, or token indices); :func:`sparse_attention` runs it on the CPU kernels. Every selector reaches
-dense attention when its budget covers every key.
+permuted layout, or token indices); ``attnkit.attention(q, k, v, pattern=selector)`` selects and runs it on the
+CPU kernels (``tiled`` for block layouts, ``gather`` for token indices), as it runs a static pattern. Every
+selector reaches dense attention when its budget covers every key.
 """
 
-from ._core import Selection, Selector, gather_attention, sparse_attention
+from ._core import Selection, Selector
 from .block_topk import BiLevelRouting, BlockTopK
 from .estimate import AnchorStripes, LinearEstimate, QuantizedEstimate, VerticalSlash
 from .hip import HierarchicalPruning
@@ -36,6 +37,4 @@ __all__ = [
     "block_attention_target",
     "fit_gate",
     "fit_sparsifiner",
-    "gather_attention",
-    "sparse_attention",
 ]

@@ -18,12 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.tiled import tiled_attention
-from ..errors import PatternError, ShapeError, UnsupportedError, bad
+from ..errors import PatternError, bad
 from ..layout import BlockLayout, TokenSelect, tile
-from ..shapes import validate
-
-_GATHER_ELEMS = 1 << 22  # gathered key elements per chunk of the token-level executor (16 MiB in fp32)
 
 
 @dataclass(eq=False)
@@ -40,7 +36,8 @@ class Selection:
 
     ``q_offset`` (block-shared indices under ``causal``): query ``i`` drops keys after ``q_offset + i``.
     ``padding_applied``: the selection already excludes padded keys (the kernel need not mask them).
-    ``stats`` holds what the selector wants to report (chosen budget, clusters, ...).
+    ``stats`` holds what the selector wants to report (chosen budget, clusters, ...). ``causal`` is set by
+    :func:`attnkit.attention` when it makes the selection (whether it was chosen under the causal cut).
     """
 
     layout: BlockLayout | None = None
@@ -54,6 +51,7 @@ class Selection:
     padding_applied: bool = False
     q_offset: int | None = None
     stats: dict = field(default_factory=dict)
+    causal: bool | None = None
 
     def dense_mask(self, heads: int) -> torch.Tensor:
         """``(B or 1, heads, Nq, Nk)`` bool: the pairs computed, in the original token order (O(N^2); tests)."""
@@ -82,9 +80,22 @@ class Selection:
             m = m.repeat_interleave(heads // m.shape[1], 1)
         return m
 
-    def density(self, causal: bool) -> float:
-        """Fraction of the visible pairs (the causal triangle when ``causal``) that are computed."""
-        return selection_density(self, causal)
+    def density(self, causal: bool, exact: bool = True) -> float:
+        """Fraction of the visible pairs (the causal triangle when ``causal``) that are computed.
+
+        ``exact=False`` needs no ``N x N`` mask: the pairs of the layout's tiles (token-grain refinements
+        ignored), or the gathered keys per query block (the causal cut inside the block ignored)."""
+        return selection_density(self, causal) if exact else _tile_density(self, causal)
+
+
+def _tile_density(sel: Selection, causal: bool) -> float:
+    n, m = sel.q_len, sel.kv_len
+    visible = n * (n + 1) / 2 + n * (m - n) if causal else n * m
+    if sel.layout is None:
+        return float((sel.indices >= 0).sum() * sel.query_block) / (
+            sel.indices.shape[0] * sel.indices.shape[1] * visible
+        )
+    return sel.layout.pairs / (sel.layout.groups * visible)
 
 
 def selection_density(sel: Selection, causal: bool) -> float:
@@ -365,162 +376,4 @@ def layout_from_rows(rows: torch.Tensor, q_len: int, kv_len: int, block: int, ca
     )
 
 
-def sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selector,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    return_selection: bool = False,
-    return_lse: bool = False,
-):
-    r"""Attention over the pairs a dynamic selector chooses.
 
-    .. math::
-        \mathrm{out}_i = \sum_{j \in S(i)} \mathrm{softmax}_{j \in S(i)}(\mathrm{scale}\; q_i \cdot k_j)\, v_j
-
-    where ``S(i)`` is the selection for query ``i`` (intersected with the causal cut and the key padding).
-    With ``causal`` the queries are the last ``Nq`` positions of the keys.
-
-    Args:
-        q, k, v: ``(B, Hq, Nq, D)``, ``(B, Hkv, Nk, D)``, ``(B, Hkv, Nk, Dv)`` (GQA when ``Hkv < Hq``).
-        selector: a :class:`Selector` (its ``select`` runs under ``torch.no_grad``) or a :class:`Selection`
-            it already returned (to time selection and attention apart).
-        key_padding_mask: bool ``(B, Nk)``, True for real keys.
-        return_selection: also return the :class:`Selection`.
-        return_lse: also return ``lse = log sum_{j in S(i)} exp(s_ij)`` ``(B, Hq, Nq)`` (float32 for low
-            precision); ``exp(lse_sparse - lse_dense)`` is the share of the dense attention mass the selection kept.
-
-    Returns ``out`` ``(B, Hq, Nq, Dv)`` in the dtype of ``q``; differentiable in ``q``, ``k``, ``v`` (the
-    selection itself is not). A query left with no key gives 0. CPU only: the GPU path (FlexAttention block
-    masks from the same layouts) is not written yet.
-    """
-    dims = validate(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
-    if causal and dims.q_len > dims.kv_len:
-        raise ShapeError(bad("q", f"at most Nk = {dims.kv_len} queries with causal=True", dims.q_len))
-    if q.device.type != "cpu":
-        raise UnsupportedError(bad("q", "CPU tensors (the dynamic-sparse kernels are CPU kernels so far)", q.device))
-    if isinstance(selector, Selection):
-        sel = selector
-    elif isinstance(selector, Selector):
-        if causal and not selector.causal_ok:
-            raise UnsupportedError(bad("causal", f"False ({type(selector).__name__} is not causal)", causal))
-        with torch.no_grad():
-            sel = selector.select(q.detach(), k.detach(), v.detach(), causal=causal, key_padding_mask=key_padding_mask)
-        if sel.key_bias is not None and hasattr(selector, "key_bias"):
-            # The bias is part of the function (not of the choice of keys): recompute it under autograd so
-            # that the selector's parameters and v get its gradient.
-            sel.key_bias = selector.key_bias(v, dims.q_heads)
-    else:
-        raise ShapeError(bad("selector", "an attnkit.sparse Selector or Selection", type(selector).__name__))
-    if (sel.q_len, sel.kv_len) != (dims.q_len, dims.kv_len):
-        raise ShapeError(bad("selector", f"a selection for {dims.q_len} x {dims.kv_len}", (sel.q_len, sel.kv_len)))
-    out, lse = _run(q, k, v, sel, dims, causal, scale, key_padding_mask)
-    res = (out,) + ((lse,) if return_lse else ()) + ((sel,) if return_selection else ())
-    return res if len(res) > 1 else out
-
-
-def _run(q, k, v, sel: Selection, dims, causal, scale, kpm):
-    scale = dims.head_dim**-0.5 if scale is None else scale
-    q_offset = dims.kv_len - dims.q_len if causal else 0
-    if sel.indices is not None:
-        return gather_attention(
-            q,
-            k,
-            v,
-            sel.indices,
-            scale=scale,
-            key_padding_mask=kpm,
-            query_block=sel.query_block,
-            q_offset=q_offset if causal else None,
-            key_bias=sel.key_bias,
-        )
-    if sel.q_order is None:
-        return tiled_attention(q, k, v, sel.layout, scale=scale, key_padding_mask=kpm, q_offset=q_offset)
-    # Permuted selection: gather q, k, v into the selector's order (per query head), run, scatter back.
-    B, Hq = q.shape[:2]
-    qo, ko = sel.q_order, sel.k_order
-    if qo.shape[1] != Hq:
-        raise ShapeError(bad("selector", f"orders for {Hq} query heads", qo.shape[1]))
-    kk, vv = expand_kv(k, Hq), expand_kv(v, Hq)
-    qp = q.gather(2, qo[..., None].expand(-1, -1, -1, q.shape[-1]))
-    kp = kk.gather(2, ko[..., None].expand(-1, -1, -1, k.shape[-1]))
-    vp = vv.gather(2, ko[..., None].expand(-1, -1, -1, v.shape[-1]))
-    kpm_p = None
-    if kpm is not None and not sel.padding_applied:
-        if ko.shape[0] == B and bool((ko == ko[:, :1]).all()):
-            kpm_p = kpm.gather(1, ko[:, 0])
-        else:
-            raise UnsupportedError(bad("key_padding_mask", "None with a per-head key order", "a mask"))
-    out, lse = tiled_attention(qp, kp, vp, sel.layout, scale=scale, key_padding_mask=kpm_p)
-    out = torch.empty_like(out).scatter_(2, qo[..., None].expand_as(out), out)
-    return out, torch.empty_like(lse).scatter_(2, qo, lse)
-
-
-def gather_attention(
-    q,
-    k,
-    v,
-    indices: torch.Tensor,
-    *,
-    scale: float,
-    key_padding_mask=None,
-    query_block: int = 1,
-    q_offset: int | None = None,
-    key_bias: torch.Tensor | None = None,
-):
-    """Token-level sparse attention over gathered keys; ``(out, lse)``.
-
-    ``indices`` ``(B, Hq, ceil(Nq / query_block), K)``: row ``r`` lists the keys (``-1`` = none) read by the
-    ``query_block`` queries ``r * query_block ...``; with ``q_offset`` (causal) query ``i`` drops keys
-    ``j > q_offset + i``. ``key_bias`` ``(B, Hq, Nk)`` is added to the logits (Dynamic Mask Attention).
-    Chunks of rows gather their keys, so memory is ``O(chunk x K x D)``; autograd runs through the gathers.
-    """
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    qb = query_block
-    R = ceil_div(Nq, qb)
-    if indices.shape[:3] != (B, Hq, R):
-        raise ShapeError(bad("indices", f"(B, Hq, ceil(Nq / {qb}), K) = ({B}, {Hq}, {R}, K)", tuple(indices.shape)))
-    K = indices.shape[-1]
-    cd = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    kf = k.to(cd).reshape(B * Hkv * Nk, D)
-    vf = v.to(cd).reshape(B * Hkv * Nk, Dv)
-    base = ((torch.arange(B)[:, None] * Hkv + torch.arange(Hq)[None, :] // (Hq // Hkv)) * Nk)[..., None, None]
-    safe = indices.clamp(min=0)
-    live = indices >= 0
-    if key_padding_mask is not None:
-        live = live & key_padding_mask.gather(1, safe.view(B, -1)).view_as(indices)
-    flat = base + safe
-    qp = q.to(cd)
-    if R * qb != Nq:
-        qp = torch.cat([qp, qp.new_zeros(B, Hq, R * qb - Nq, D)], 2)
-    qp = qp.view(B, Hq, R, qb, D)
-    step = max(1, _GATHER_ELEMS // max(1, B * Hq * K * max(D, qb)))
-    outs, lses = [], []
-    for r0 in range(0, R, step):
-        r1 = min(R, r0 + step)
-        idx = flat[:, :, r0:r1].reshape(-1)
-        kc = kf.index_select(0, idx).view(B, Hq, r1 - r0, K, D)
-        vc = vf.index_select(0, idx).view(B, Hq, r1 - r0, K, Dv)
-        s = torch.einsum("bhrqd,bhrkd->bhrqk", qp[:, :, r0:r1], kc) * scale
-        if key_bias is not None:
-            s = s + key_bias.to(cd).gather(2, safe[:, :, r0:r1].reshape(B, Hq, -1)).view(B, Hq, r1 - r0, 1, K)
-        ok = live[:, :, r0:r1, None, :]
-        if q_offset is not None:
-            qpos = q_offset + torch.arange(r0 * qb, r1 * qb).view(1, 1, r1 - r0, qb, 1)
-            ok = ok & (safe[:, :, r0:r1, None, :] <= qpos)
-        ok = ok.expand_as(s)
-        s = s.masked_fill(~ok, float("-inf"))
-        any_ = ok.any(-1, keepdim=True)
-        p = torch.softmax(s.masked_fill(~any_, 0.0), -1) * any_
-        outs.append(torch.einsum("bhrqk,bhrkd->bhrqd", p, vc).reshape(B, Hq, (r1 - r0) * qb, Dv))
-        lses.append(torch.logsumexp(s.detach(), -1).reshape(B, Hq, (r1 - r0) * qb))
-    return torch.cat(outs, 2)[:, :, :Nq].to(q.dtype), torch.cat(lses, 2)[:, :, :Nq]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)

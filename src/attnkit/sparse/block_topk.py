@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PatternError, ShapeError, bad
 from ..layout import BlockLayout
+from ..records import register
 from ._core import (
     BlockSelector,
     Selection,
@@ -192,3 +193,45 @@ def region_order(grid: tuple, region: tuple) -> torch.Tensor:
     n = len(grid)
     perm = [2 * d for d in range(n)] + [2 * d + 1 for d in range(n)]
     return idx.permute(*perm).reshape(-1)
+
+
+_SELECTOR = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal"})
+register(
+    "bilevel_routing",
+    family="B",
+    kind="selector",
+    paper=BiLevelRouting.paper,
+    exact=False,
+    supports=_SELECTOR,
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: BiLevelRouting(
+        block_size=block, budget=budget, keep_first=1, keep_local=1
+    ),
+    summary="region-to-region top-k routing, token attention in routed regions (1-D)",
+    source=BiLevelRouting,
+)
+register(
+    "bilevel_routing_2d",
+    family="B",
+    kind="selector",
+    paper=BiLevelRouting.paper,
+    exact=False,
+    supports={"gqa", "backward", "bf16", "grid"},
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: BiLevelRouting(
+        block_size=16, budget=budget, grid=(16, n // 16), region=(4, 4)
+    ),
+    summary="bi-level routing over 2-D regions of an image grid (non-causal)",
+    source=BiLevelRouting,
+)
+register(
+    "minference_block_sparse",
+    family="B",
+    kind="selector",
+    paper=BlockTopK.paper,
+    exact=False,
+    supports=_SELECTOR,
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: BlockTopK(
+        block_size=block, budget=budget, keep_first=1, keep_local=1, share_group=True
+    ),
+    summary="top-k blocks from mean-pooled 64-token q and k blocks",
+    source=BlockTopK,
+)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PatternError, bad
 from ..layout import BlockLayout, TokenSelect
+from ..records import register
 from ._core import (
     BlockSelector,
     Selection,
@@ -27,6 +28,10 @@ from ._core import (
 )
 from .block_topk import _check_qk, select_blocks
 from .moba import token_block_gate
+
+
+def _elu_plus_one(x, is_query):
+    return torch.nn.functional.elu(x) + 1
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,11 @@ class LinearEstimate(BlockSelector):
     paper = "SEA: Sparse Linear Attention with Estimated Attention Mask"
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
-        from ..linear.feature_maps import resolve
-
         _check_qk(q, k)
-        fm = resolve(self.feature_map)
+        if isinstance(self.feature_map, str) and self.feature_map != "elu+1":
+            want = "'elu+1' or a feature map object (attnkit.linear.Hedgehog, ...)"
+            raise PatternError(bad("feature_map", want, repr(self.feature_map)))
+        fm = _elu_plus_one if self.feature_map == "elu+1" else self.feature_map
         fq, fk = fm(q.float(), True), fm(k.float(), False)
         if key_padding_mask is not None:
             fk = fk * key_padding_mask[:, None, :, None]
@@ -271,3 +277,59 @@ class VerticalSlash(Selector):
             ),
         )
         return Selection(layout=layout, q_len=Nq, kv_len=Nk)
+
+
+_SELECTOR = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal"})
+register(
+    "sea",
+    family="B",
+    kind="selector",
+    paper=LinearEstimate.paper,
+    exact=False,
+    supports=_SELECTOR,
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: LinearEstimate(
+        block_size=block, budget=budget
+    ),
+    summary="linear-attention (elu+1) estimate of each query's block mass, top-k blocks",
+    source=LinearEstimate,
+)
+register(
+    "sale",
+    family="B",
+    kind="selector",
+    paper=QuantizedEstimate.paper,
+    exact=False,
+    supports=_SELECTOR,
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: QuantizedEstimate(
+        block_size=block, budget=budget
+    ),
+    summary="4-bit q.k estimate, relative attention score per tile, top-k blocks",
+    source=QuantizedEstimate,
+    tags={"slow"},
+)
+register(
+    "anchor_attention",
+    family="B",
+    kind="selector",
+    paper=AnchorStripes.paper,
+    exact=False,
+    supports=_SELECTOR,
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: AnchorStripes(
+        block_size=block, budget=budget, init=block
+    ),
+    summary="anchor from initial + local keys, key stripes nearest the anchor",
+    source=AnchorStripes,
+)
+register(
+    "minference_vertical_slash",
+    family="B",
+    kind="selector",
+    paper=VerticalSlash.paper,
+    exact=False,
+    supports={"gqa", "backward", "bf16", "padding", "causal"},
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: VerticalSlash(
+        budget=budget, last_q=block, local=block, block_size=block
+    ),
+    summary="vertical and slash lines estimated from the last 64 queries",
+    source=VerticalSlash,
+)

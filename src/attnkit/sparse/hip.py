@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import BlockLayout
+from ..records import register
 from ._core import BlockSelector, Selection, budget_count, expand_kv, pool, query_blocks
 from .block_topk import _check_qk
 
@@ -76,3 +77,18 @@ class HierarchicalPruning(BlockSelector):
             sel &= real_blk[:, None, None, :]
         layout = BlockLayout.from_blocks(sel, Nq, Nk, b, causal=causal, q_offset=off)
         return Selection(layout=layout, q_len=Nq, kv_len=Nk)
+
+
+register(
+    "hip",
+    family="B",
+    kind="selector",
+    paper=HierarchicalPruning.paper,
+    exact=False,
+    supports={"gqa", "backward", "bf16", "padding", "cross", "causal"},
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: HierarchicalPruning(
+        block_size=block, budget=budget, keep_first=1
+    ),
+    summary="training-free tree search for the top-k key blocks, O(N k log N)",
+    source=HierarchicalPruning,
+)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..records import register
 from ._core import (
     BlockSelector,
     Selection,
@@ -99,3 +100,31 @@ class LongHeads(Selector):
         return token_block_gate(
             q.float(), k, self.chunk_size, self.budget, causal, key_padding_mask, keys=reps, keep_first=1
         )
+
+
+register(
+    "moba",
+    family="B",
+    kind="selector",
+    paper=MoBA.paper,
+    exact=False,
+    supports={"gqa", "backward", "bf16", "padding", "cross", "causal"},
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: MoBA(
+        block_size=block, budget=budget, keep_first=1
+    ),
+    summary="per-token top-k key blocks by mean-pooled key gates, own block forced",
+    source=MoBA,
+)
+register(
+    "longheads",
+    family="B",
+    kind="selector",
+    paper=LongHeads.paper,
+    exact=False,
+    supports={"gqa", "backward", "bf16", "padding", "cross", "causal"},
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: LongHeads(
+        chunk_size=block, budget=budget
+    ),
+    summary="per-head, per-token chunk choice: first + own + best chunks",
+    source=LongHeads,
+)

@@ -6,6 +6,7 @@ import torch
 
 from ..errors import PatternError, ShapeError, bad
 from ..layout import BlockLayout, TokenSelect
+from ..records import register
 from ._core import Selection, Selector, expand_kv
 
 
@@ -140,3 +141,18 @@ class KMeansRouting(Selector, torch.nn.Module):
             padding_applied=True,
             stats={"cluster_size_max": int(sizes.max()), "cluster_size_mean": float(sizes.mean())},
         )
+
+
+register(
+    "routing_kmeans",
+    family="B",
+    kind="selector",
+    paper=KMeansRouting.paper,
+    exact=False,
+    supports={"gqa", "backward", "bf16", "padding", "causal", "trainable"},
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: KMeansRouting(
+        heads, head_dim, max(1, round(1 / budget)), block_size=block
+    ),
+    summary="online k-means over unit q and k, attention inside each cluster (1/budget clusters)",
+    source=KMeansRouting,
+)

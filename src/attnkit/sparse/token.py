@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PatternError, ShapeError, bad
+from ..records import register
 from ._core import Selection, Selector, check_budget, expand_kv, query_blocks, top_keys
 
 
@@ -153,3 +154,55 @@ class DynamicMask(Selector, torch.nn.Module):
         scores = z[:, :, None, :].expand(B, Hq, R, Nk)
         idx = top_keys(scores, vis, None if local is None else local[None, None], self.budget)
         return Selection(indices=idx, query_block=qb, key_bias=z, q_len=Nq, kv_len=Nk, q_offset=off if causal else None)
+
+
+_SELECTOR = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal", "trainable"})
+
+
+def _sparsifiner(n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64, predictor=None):
+    # A fitted predictor's weights at this budget; without one, the untrained (truncated identity) predictor.
+    sel = Sparsifiner(heads, head_dim, rank=max(1, head_dim // 4), budget=budget)
+    if predictor is not None:
+        sel.load_state_dict(predictor.state_dict())
+    return sel
+
+
+def _fit_sparsifiner(q, k, v, *, tokens: int = 1024):
+    """The connectivity predictor distilled from dense attention (:func:`fit_sparsifiner`'s defaults: 100 Adam
+    steps at lr 1e-2) on the first ``tokens`` held-out tokens. It has no positional part, so one fit serves every
+    length; the dense target is ``tokens x tokens`` per head (at 4k, 150 M floats per tensor)."""
+    q, k = q[:, :, :tokens], k[:, :, :tokens]
+    model = Sparsifiner(q.shape[1], q.shape[3], rank=max(1, q.shape[3] // 4))
+    fit_sparsifiner(model, [(q, k)])
+    return {"predictor": model.eval()}
+
+
+register(
+    "sparsifiner",
+    family="B",
+    kind="selector",
+    paper=Sparsifiner.paper,
+    exact=False,
+    supports=_SELECTOR,
+    factory=_sparsifiner,
+    summary="low-rank connectivity predictor (fit_sparsifiner distils it), top-k keys per query (token level)",
+    source=Sparsifiner,
+    tags={"slow"},
+    fit=_fit_sparsifiner,
+)
+# Dynamic Mask Attention's parameters are trained with the model (language-model loss): no fit here, the
+# benchmark runs it at initialisation.
+register(
+    "dynamic_mask",
+    family="B",
+    kind="selector",
+    paper=DynamicMask.paper,
+    exact=False,
+    supports=_SELECTOR,
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: DynamicMask(
+        kv_heads, head_dim, budget=budget, query_block=block
+    ),
+    summary="key mask and bias from the values, top-k keys per query block (token level)",
+    source=DynamicMask,
+    tags={"slow"},
+)

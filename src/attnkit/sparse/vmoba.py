@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatternError, ShapeError, bad
+from ..records import register
 from ._core import Selection, Selector, check_budget, expand_kv, layout_from_rows, pool, top_blocks
 from .block_topk import _check_qk, region_order
 
 MODES = ("topk", "global", "threshold")
+
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,19 @@ class VMoBA(Selector):
         sel = Selection(layout=layout, q_order=qord, k_order=qord, q_len=N, kv_len=N)
         sel.stats["blocks_per_query"] = float(rows.sum(-1).float().mean())
         return sel
+
+
+register(
+    "vmoba",
+    family="B",
+    kind="selector",
+    paper=VMoBA.paper,
+    exact=False,
+    supports={"gqa", "backward", "bf16", "grid"},
+    # A (1, 16, n / 16) grid in (1, 4, 4) blocks: n must be a multiple of 16.
+    factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: VMoBA(
+        grid=(1, 16, n // 16), block=(1, 4, 4), budget=budget
+    ),
+    summary="MoBA over 1-D/2-D/3-D blocks of a (T, H, W) grid, top-k / global / threshold",
+    source=VMoBA,
+)

@@ -1,0 +1,34 @@
+"""``reference``: the float64 oracle (:mod:`attnkit.reference`) as a backend, for tests; ``auto`` never picks it.
+The result is cast back to the dtype of ``q``."""
+
+from __future__ import annotations
+
+from .. import reference as _oracle
+from .request import Request
+
+
+def why_not(req: Request) -> str | None:
+    return None
+
+
+def run(req: Request):
+    if req.selection is not None:
+        out = _oracle.selected_attention(
+            req.q, req.k, req.v, req.selection, causal=req.causal, key_padding_mask=req.key_padding_mask
+        )
+        return out.to(req.q.dtype), None
+    res = _oracle.attention(
+        req.q,
+        req.k,
+        req.v,
+        pattern=req.pattern,
+        score=req.score,
+        scale=req.scale,
+        key_padding_mask=req.key_padding_mask,
+        q_offset=req.q_offset,
+        return_lse=req.return_lse,
+        normalizer=req.normalizer,
+    )
+    if req.return_lse:
+        return res[0].to(req.q.dtype), res[1]
+    return res.to(req.q.dtype), None

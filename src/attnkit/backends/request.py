@@ -1,0 +1,63 @@
+"""The validated call every backend receives: :class:`Request`.
+
+:func:`attnkit.attention` checks its arguments once (:func:`attnkit.shapes.validate` and the pattern's own
+checks) and hands the backends one object. Each backend module answers ``why_not(request)`` (``None`` when it can
+run it, else the reason, which names a backend that can) and ``run(request) -> (out, lse or None)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..patterns.causal import Causal
+from ..shapes import Dims
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One attention call, validated.
+
+    ``pattern`` is a static pattern (``None`` = every key); ``selection`` is what a dynamic selector chose
+    (a :class:`~attnkit.sparse.Selection`, made before any backend runs; ``pattern`` is then ``None``) and
+    ``causal`` says whether it was chosen under the causal cut (queries are the last ``Nq`` of ``Nk``
+    positions). ``score`` modifies logits, ``normalizer`` replaces the softmax (bound to ``kv_len``: ``bound``).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dims: Dims
+    pattern: object = None
+    score: object = None
+    normalizer: object = None
+    scale: float | None = None
+    key_padding_mask: torch.Tensor | None = None
+    q_offset: int = 0
+    return_lse: bool = False
+    selection: object = None
+    causal: bool = False
+    needs_grad: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def scale_or_default(self) -> float:
+        return self.dims.head_dim**-0.5 if self.scale is None else self.scale
+
+    @property
+    def dense_causal(self) -> bool:
+        """Plain causal attention over the whole sequence, which SDPA runs fused with ``is_causal``."""
+        return (
+            isinstance(self.pattern, Causal)
+            and self.q_offset == 0
+            and self.dims.q_len == self.dims.kv_len
+            and self.key_padding_mask is None
+        )
+
+
+def needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
