@@ -38,3 +38,10 @@ class MemoryBudgetError(AttnkitError, MemoryError):
 def bad(arg: str, expected: str, got: object) -> str:
     """The one message format: ``argument: expected ..., got ...``."""
     return f"{arg}: expected {expected}, got {got}"
+
+
+def check_count(name: str, value, lo: int = 0, *, error: type = ShapeError, unit: str = "") -> int:
+    """``value`` if it is an int ``>= lo`` (not a bool), else ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise error(bad(name, f"an int >= {lo}" + (f" ({unit})" if unit else ""), repr(value)))
+    return value

@@ -142,7 +142,7 @@ class BlockLayout:
 
     @property
     def num_kv_blocks(self) -> int:
-        return -(-self.kv_len // self.block_k)
+        return ceil_div(self.kv_len, self.block_k)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -266,8 +266,8 @@ class BlockLayout:
                 bad("blocks", "a bool (batch, heads, nqb, nkb) tensor", (blocks.dtype, tuple(blocks.shape)))
             )
         Bt, H, nqb, nkb = blocks.shape
-        if nqb != -(-q_len // bq) or nkb != -(-kv_len // bk):
-            raise ShapeError(bad("blocks", f"{-(-q_len // bq)} x {-(-kv_len // bk)} blocks", (nqb, nkb)))
+        if nqb != ceil_div(q_len, bq) or nkb != ceil_div(kv_len, bk):
+            raise ShapeError(bad("blocks", f"{ceil_div(q_len, bq)} x {ceil_div(kv_len, bk)} blocks", (nqb, nkb)))
         q0 = q_offset + torch.arange(nqb) * bq  # absolute position of each query block's first row
         k0 = torch.arange(nkb) * bk
         rows = (q_len - torch.arange(nqb) * bq).clamp(max=bq)

@@ -7,6 +7,7 @@ import torch
 
 from .. import layout_cache
 from ..errors import ShapeError, UnsupportedError, bad
+from ..layout import ceil_div
 from ..layout_cache import Key
 from ..patterns.base import _FINE, Full
 from ..sparse._core import expand_kv
@@ -45,7 +46,7 @@ def choose_block(pattern, dims, training: bool) -> int:
     for b in (16, 32, 64, 128):
         f = b // _FINE
         G, nqt, nkt = any_.shape
-        pad = torch.zeros(G, -(-nqt // f) * f, -(-nkt // f) * f, dtype=torch.bool)
+        pad = torch.zeros(G, ceil_div(nqt, f) * f, ceil_div(nkt, f) * f, dtype=torch.bool)
         pad[:, :nqt, :nkt] = any_
         tiles = int(pad.view(G, -1, f, pad.shape[2] // f, f).any(4).any(2).sum())
         cost = tiles * b * b * (1 + overhead / b)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from ..api import attention as _attention
-from ..errors import ShapeError, bad
+from ..errors import ShapeError, bad, check_count
 from ..patterns.base import PerHead
 from ..patterns.causal import Causal
 from ..records import register
 from . import artifacts
-from .policy import POLICY_SUPPORTS, Policy, check_count, keep_top, kv_tokens, recency
+from .policy import POLICY_SUPPORTS, Policy, keep_top, kv_tokens, recency
 from .streaming import sinks_and_window
 
 METHOD = "duo_attention"

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import ShapeError, bad
+from ..errors import ShapeError, bad, check_count
 from ..records import register
-from .policy import POLICY_SUPPORTS, Policy, check_count, keep_top, kv_tokens, resolve_budget
+from .policy import POLICY_SUPPORTS, Policy, keep_top, kv_tokens, resolve_budget
 
 _PHASES = ("prefill", "decode", "both")
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ShapeError, bad
+from ..errors import ShapeError, bad, check_count
 from ..models.smollm2 import english_text
 from ..patterns.base import PerHead
 from ..records import register
 from . import artifacts
-from .policy import POLICY_SUPPORTS, Policy, check_count, keep_top, recency
+from .policy import POLICY_SUPPORTS, Policy, keep_top, recency
 from .streaming import sinks_and_window
 
 METHOD = "moa"

@@ -178,12 +178,6 @@ def recency(view, head: int, sinks: int) -> torch.Tensor:
     return torch.where(view.pos[head] < sinks, torch.full_like(pos, float("inf")), pos)
 
 
-def check_count(name: str, value, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ShapeError(bad(name, f"an int >= {lo}", value))
-    return value
-
-
 def kv_tokens(n: int, budget: float) -> int:
     """KV entries per head that a budget (a fraction of the context) buys at ``n`` tokens: at least 8."""
     return max(8, int(budget * n))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import check_count
 from ..patterns.global_tokens import AShape
 from ..patterns.sliding_window import SlidingWindow
 from ..records import register
-from .policy import POLICY_SUPPORTS, Policy, check_count, keep_top, kv_tokens, recency
+from .policy import POLICY_SUPPORTS, Policy, keep_top, kv_tokens, recency
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ import torch
 from .. import reference as _ref
 from ..backends.sdpa import DEFAULT_BUDGET
 from ..errors import DTypeError, MemoryBudgetError, PatternError, ShapeError, bad
+from ..layout import ceil_div
 from ..records import register_function
 from ._common import check_qkv
 from .decay import retnet_decay, transnormer_decay
@@ -301,7 +302,7 @@ def _recurrent(qf, kf, va, logd, s0):
 def _chunk(qf, kf, va, logd, s0, C):
     B, H, N, F = qf.shape
     E = va.shape[-1]
-    n = -(-N // C)
+    n = ceil_div(N, C)
     pad = n * C - N
     if pad:
         qf, kf, va = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (qf, kf, va))

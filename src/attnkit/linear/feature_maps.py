@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PatternError, ShapeError, bad
+from ..layout import ceil_div
 
 
 class FeatureMap(torch.nn.Module):
@@ -93,7 +94,7 @@ class FAVOR(FeatureMap):
         g = torch.Generator().manual_seed(seed)
         D, m = self.head_dim, self.num_features
         blocks = []
-        for _ in range(-(-m // D)):
+        for _ in range(ceil_div(m, D)):
             qmat, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
             blocks.append(qmat.T)
         w = torch.cat(blocks)[:m]

@@ -20,6 +20,7 @@ import torch
 
 from .. import reference as _ref
 from ..errors import PatternError, ShapeError, bad
+from ..layout import ceil_div
 from ..records import register_function
 from ._common import check_qkv
 
@@ -52,7 +53,7 @@ def rat_attention(q, k, v, forget, *, chunk_size: int = 16, scale: float | None 
     g, L, N = dims.group, chunk_size, dims.q_len
     s = dims.head_dim**-0.5 if scale is None else scale
     kx, vx, fx = (t.to(cd).repeat_interleave(g, 1) for t in (k, v, forget))
-    nc = -(-N // L)
+    nc = ceil_div(N, L)
     pad = nc * L - N
     if pad:
         kx, vx, fx = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (kx, vx, fx))

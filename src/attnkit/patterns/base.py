@@ -21,7 +21,7 @@ import torch
 
 from .. import layout_cache
 from ..errors import PatternError, bad
-from ..layout import BlockLayout
+from ..layout import BlockLayout, ceil_div
 from ..layout_cache import Key
 
 _ROW_BUDGET = 1 << 23  # mask elements evaluated at once while building a layout
@@ -95,7 +95,7 @@ class Pattern:
             return hit
         self.check(q_len, kv_len, q_offset, heads)
         G = self._head_groups(heads)
-        nqt, nkt = -(-q_len // tile), -(-kv_len // tile)
+        nqt, nkt = ceil_div(q_len, tile), ceil_div(kv_len, tile)
         any_ = torch.zeros(G, nqt, nkt, dtype=torch.bool)
         all_ = torch.zeros(G, nqt, nkt, dtype=torch.bool)
         kv = torch.arange(nkt * tile, dtype=torch.int32)
@@ -138,7 +138,7 @@ class Pattern:
         any_, all_, pairs = self.tile_stats(q_len, kv_len, q_offset, heads)
         fq, fk = block_q // _FINE, block_k // _FINE
         G, nqt, nkt = any_.shape
-        nqb, nkb = -(-nqt // fq), -(-nkt // fk)
+        nqb, nkb = ceil_div(nqt, fq), ceil_div(nkt, fk)
 
         def pool(x: torch.Tensor, fill: bool, op) -> torch.Tensor:
             pad = torch.full((G, nqb * fq, nkb * fk), fill, dtype=torch.bool)

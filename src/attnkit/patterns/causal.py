@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from ..records import SEQUENCE, register
 from .base import Pattern
 
-
 __all__ = ["Causal"]
 
 @dataclass(frozen=True)

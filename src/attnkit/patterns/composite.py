@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from ..records import SPATIAL, register
 from .modality import _SpanPattern
 
-
 __all__ = ["CompositeAttention"]
 
 @dataclass(frozen=True)

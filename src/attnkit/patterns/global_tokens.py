@@ -27,7 +27,6 @@ from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
 from .sliding_window import SlidingWindow
 
-
 __all__ = ["AShape", "GlobalTokens", "Sinks"]
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from ..records import SPATIAL, grid_side, register
 from ._grid import GridPattern, every_dim, grid_shape
 from .base import as_tuple
 
-
 __all__ = ["HaloBlocks"]
 
 @dataclass(frozen=True)

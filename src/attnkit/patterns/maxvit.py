@@ -31,7 +31,6 @@ from ..records import SPATIAL, grid_side, register
 from ._grid import GridPattern, every_dim, grid_shape
 from .base import as_tuple
 
-
 __all__ = ["BlockAxis", "GridAxis"]
 
 def _spatial(name: str, shape, value, lo: int = 1):

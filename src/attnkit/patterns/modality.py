@@ -32,7 +32,6 @@ from ..errors import PatternError, bad
 from ..records import SPATIAL, register
 from .base import Pattern, _require_int
 
-
 __all__ = ["BlockCausalSpans", "ModalityMutual"]
 
 def _segments(length: int, spans) -> tuple[tuple[int, int], ...]:

@@ -45,7 +45,6 @@ from ..records import SPATIAL, grid_side, register, window_size
 from ._grid import GridPattern, every_dim, grid_shape
 from .base import as_tuple
 
-
 __all__ = ["Neighborhood"]
 
 @dataclass(frozen=True)

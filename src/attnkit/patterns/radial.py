@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from ..records import SPATIAL, register
 from .base import Pattern, _require_int
 
-
 __all__ = ["Radial"]
 
 @dataclass(frozen=True)

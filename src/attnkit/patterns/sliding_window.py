@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
 
-
 __all__ = ["SlidingWindow"]
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from ..records import SEQUENCE, register, window_size
 from .base import Pattern, _require_int
 
-
 __all__ = ["StridedShards"]
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PatternError, bad
-from ..layout import BlockLayout, TokenSelect, tile
+from ..layout import BlockLayout, TokenSelect, ceil_div, tile
 
 
 @dataclass(eq=False)
@@ -146,12 +146,6 @@ def check_budget(budget, name: str = "budget"):
         raise PatternError(bad(name, "a fraction in (0, 1]", budget))
     if isinstance(budget, int) and budget < 1:
         raise PatternError(bad(name, "an int >= 1 (a number of blocks)", budget))
-
-
-def check_count(value, name: str):
-    """A count of blocks that may be 0 (``keep_local``): an int >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PatternError(bad(name, "an int >= 0 (blocks)", repr(value)))
 
 
 def check_block(block, name: str = "block_size", pair: bool = False):
@@ -318,7 +312,7 @@ def pool(x: torch.Tensor, block: int, how: str = "mean", valid: torch.Tensor | N
 
     The last block may be short; ``valid`` ``(B, N)`` excludes padded tokens (a block with none pools to 0)."""
     B, H, N, D = x.shape
-    nb = -(-N // block)
+    nb = ceil_div(N, block)
     if valid is None and N % block == 0:  # whole blocks, no padding: a view, no copy
         xv = x.reshape(B, H, nb, block, D)
         return xv.mean(3) if how == "mean" else xv.amax(3) if how == "max" else xv.amin(3)
@@ -361,7 +355,7 @@ def layout_from_rows(rows: torch.Tensor, q_len: int, kv_len: int, block: int, ca
     """A layout from per-token block choices ``rows`` ``(B, H, Nq, nkb)``: the tiles are the union over each
     query block's tokens, and a :class:`~attnkit.layout.TokenSelect` keeps each token to its own choice."""
     B, H, Nq, nkb = rows.shape
-    nqb = -(-Nq // block)
+    nqb = ceil_div(Nq, block)
     pad = rows.new_zeros(B, H, nqb * block, nkb)
     pad[:, :, :Nq] = rows
     blocks = pad.view(B, H, nqb, block, nkb).any(3)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PatternError, ShapeError, bad
+from ..errors import PatternError, ShapeError, bad, check_count
 from ..layout import BlockLayout
 from ..records import register
 from ._core import (
@@ -19,7 +19,6 @@ from ._core import (
     Selection,
     allocate_blocks,
     block_visibility,
-    check_count,
     expand_kv,
     group_mean,
     pool,
@@ -117,7 +116,7 @@ class BlockTopK(BlockSelector):
 
     def __post_init__(self):
         super().__post_init__()
-        check_count(self.keep_local, "keep_local")
+        check_count("keep_local", self.keep_local, error=PatternError, unit="blocks")
 
     def select(self, q, k, v=None, *, causal=True, key_padding_mask=None) -> Selection:
         _check_qk(q, k)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PatternError, bad
-from ..layout import BlockLayout, TokenSelect
+from ..layout import BlockLayout, TokenSelect, ceil_div
 from ..records import register
 from ._core import (
     BlockSelector,
@@ -96,7 +96,7 @@ class QuantizedEstimate(BlockSelector):
         B, H, Nq, D = q.shape
         Nk, b = k.shape[2], self.block_size
         qq, kq = quantize(q.float(), self.bits), expand_kv(quantize(k.float(), self.bits), H)
-        nkb = -(-Nk // b)
+        nkb = ceil_div(Nk, b)
         off = Nk - Nq if causal else 0
         ras = []
         for i0 in range(0, Nq, b):
@@ -138,7 +138,7 @@ class AnchorStripes(BlockSelector):
         _check_qk(q, k)
         B, H, Nq, D = q.shape
         Nk, b = k.shape[2], self.block_size
-        nqb, nkb = -(-Nq // b), -(-Nk // b)
+        nqb, nkb = ceil_div(Nq, b), ceil_div(Nk, b)
         off = Nk - Nq if causal else 0
         kx = expand_kv(k, H).float()
         qf = q.float()
@@ -239,7 +239,7 @@ class VerticalSlash(Selector):
         slash.scatter_add_(2, d.clamp(min=0, max=Nk + Nq - 1).reshape(1, 1, -1).expand(B, H, -1), a.reshape(B, H, -1))
         slash = slash[..., :Nk]
         # The budget is split evenly between verticals and slashes; a budget of 1 keeps every column (exact).
-        n_v = Nk if self.budget == 1.0 else max(1, -(-int(self.budget * Nk) // 2))
+        n_v = Nk if self.budget == 1.0 else max(1, ceil_div(int(self.budget * Nk), 2))
         forced_v = torch.zeros(Nk, dtype=torch.bool)
         forced_v[: self.sink] = True
         forced_s = torch.zeros(Nk, dtype=torch.bool)
@@ -249,7 +249,7 @@ class VerticalSlash(Selector):
             allowed = allowed & key_padding_mask[:, None, :]
         cols = top_blocks(vert, allowed, forced_v.expand(B, H, Nk) & allowed, min(Nk, n_v + self.sink))
         sl = top_blocks(slash, torch.ones_like(allowed), forced_s.expand(B, H, Nk), min(Nk, n_v + self.local))
-        nqb, nkb = -(-Nq // b), -(-Nk // b)
+        nqb, nkb = ceil_div(Nq, b), ceil_div(Nk, b)
         # Tiles: those holding a selected column below the diagonal, and those a selected diagonal crosses.
         first, last = query_blocks(nqb, b, Nq, off)
         cpad = torch.zeros(B, H, nkb * b, dtype=torch.bool)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import BlockLayout
+from ..layout import BlockLayout, ceil_div
 from ..records import register
 from ._core import BlockSelector, Selection, budget_count, expand_kv, pool, query_blocks
 from .block_topk import _check_qk
@@ -33,7 +33,7 @@ class HierarchicalPruning(BlockSelector):
         _check_qk(q, k)
         B, H, Nq, D = q.shape
         Nk, b = k.shape[2], self.block_size
-        nqb, nkb = -(-Nq // b), -(-Nk // b)
+        nqb, nkb = ceil_div(Nq, b), ceil_div(Nk, b)
         off = Nk - Nq if causal else 0
         _, last = query_blocks(nqb, b, Nq, off)
         own = last // b if causal else torch.full((nqb,), nkb)

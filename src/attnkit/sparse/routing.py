@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PatternError, ShapeError, bad
-from ..layout import BlockLayout, TokenSelect
+from ..layout import BlockLayout, TokenSelect, ceil_div
 from ..records import register
 from ._core import Selection, Selector, expand_kv
 
@@ -103,7 +103,7 @@ class KMeansRouting(Selector, torch.nn.Module):
         cqs, cks = cq.gather(-1, q_order), ck.gather(-1, k_order)
         qps, kps = qpos.gather(-1, q_order), kpos.gather(-1, k_order)
         b = self.block_size
-        nqb, nkb = -(-Nq // b), -(-Nk // b)
+        nqb, nkb = ceil_div(Nq, b), ceil_div(Nk, b)
 
         def ranges(lab, pos, n, nb, fill_lo, fill_hi):
             pad = torch.full((B, H, nb * b), fill_lo, dtype=torch.long)

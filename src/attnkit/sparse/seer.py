@@ -12,7 +12,8 @@ import functools
 
 import torch
 
-from ..errors import PatternError, ShapeError, bad
+from ..errors import PatternError, ShapeError, bad, check_count
+from ..layout import ceil_div
 from ..records import register
 from ._core import (
     Selection,
@@ -21,7 +22,6 @@ from ._core import (
     check_allocation,
     check_block,
     check_budget,
-    check_count,
     expand_kv,
     pool,
     tile,
@@ -97,7 +97,7 @@ def block_probs(qs, kb, scale, block, sub, q_len, kv_len, causal, key_padding_ma
     bq, bk = block
     B, H, ns, _ = qs.shape
     nkb = kb.shape[2]
-    nqb, r = -(-q_len // bq), bq // sub
+    nqb, r = ceil_div(q_len, bq), bq // sub
     vis = block_visibility(ns, nkb, (sub, bk), q_len, kv_len, causal)[None, None]
     seen = block_visibility(nqb, nkb, (bq, bk), q_len, kv_len, causal)[None, None]
     if key_padding_mask is not None:
@@ -109,14 +109,14 @@ def block_probs(qs, kb, scale, block, sub, q_len, kv_len, causal, key_padding_ma
     whole = ns == nqb * r and q_len % sub == 0
     mass = qs.new_zeros(B, H, nqb, nkb)
     # Chunks of whole query blocks; under causality a chunk sees the key blocks up to its last query's only.
-    step = r * max(1, -(-nqb // 8)) if causal else nqb * r
+    step = r * max(1, ceil_div(nqb, 8)) if causal else nqb * r
     for a in range(0, ns, step):
         e = min(ns, a + step)
         m = min(nkb, (kv_len - q_len + min(e * sub, q_len) - 1) // bk + 1) if causal else nkb
         p = (qs[:, :, a:e] @ kb[:, :, :m].transpose(-1, -2)).add_(bias[..., a:e, :m]).softmax(-1)
         if key_padding_mask is not None:
             p = torch.nan_to_num(p)  # a sub-block that sees nothing (all padding) contributes nothing
-        i0, i1 = a // r, -(-e // r)
+        i0, i1 = a // r, ceil_div(e, r)
         if whole:
             mass[:, :, i0:i1, :m] = p.view(B, H, i1 - i0, r, m).mean(3)
         else:
@@ -171,8 +171,8 @@ class SeerAttention(Selector):
         check_allocation(allocate)
         if gate is not None and not isinstance(gate, SeerGate):
             raise PatternError(bad("gate", "a SeerGate or None", type(gate).__name__))
-        check_count(keep_first, "keep_first")
-        check_count(keep_local, "keep_local")
+        check_count("keep_first", keep_first, error=PatternError, unit="blocks")
+        check_count("keep_local", keep_local, error=PatternError, unit="blocks")
         if query_pool is not None:
             check_block(query_pool, "query_pool")
             if gate is not None:
@@ -227,7 +227,7 @@ def block_attention_target(q, k, block, causal: bool = True, how: str = "max") -
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     kx = expand_kv(k, H).float()
-    nkb = -(-Nk // bk)
+    nkb = ceil_div(Nk, bk)
     off = Nk - Nq
     step = bq * max(1, 1024 // bq)
     rows = []
@@ -236,7 +236,7 @@ def block_attention_target(q, k, block, causal: bool = True, how: str = "max") -
         s = q[:, :, i0:i1].float() @ kx.transpose(-1, -2) * D**-0.5
         if causal:
             s = s.masked_fill(torch.arange(Nk)[None, :] > off + torch.arange(i0, i1)[:, None], float("-inf"))
-        n = -(-(i1 - i0) // bq)
+        n = ceil_div(i1 - i0, bq)
         p = torch.zeros(B, H, n * bq, nkb * bk)
         p[:, :, : i1 - i0, :Nk] = s.softmax(-1)
         p = p.view(B, H, n, bq, nkb, bk)

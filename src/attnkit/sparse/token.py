@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PatternError, ShapeError, bad
+from ..layout import ceil_div
 from ..records import register
 from ._core import Selection, Selector, check_budget, expand_kv, query_blocks, top_keys
 
@@ -139,7 +140,7 @@ class DynamicMask(Selector, torch.nn.Module):
         B, Hq, Nq, _ = q.shape
         Nk, qb = k.shape[2], self.query_block
         z = self.key_bias(v, Hq)
-        R = -(-Nq // qb)
+        R = ceil_div(Nq, qb)
         off = Nk - Nq if causal else 0
         first, last = query_blocks(R, qb, Nq, off)
         j = torch.arange(Nk)
