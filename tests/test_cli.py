@@ -51,11 +51,12 @@ def test_bench_tiny_run_writes_results(tmp_path):
     )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "results.json").read_text())
-    kinds = {(r["pattern"], r["backend"], r["kind"]) for r in data["rows"]}
+    static = data["suites"]["static"]
+    kinds = {(r["pattern"], r["backend"], r["kind"]) for r in static["rows"]}
     assert ("sliding_window", "tiled", "fwd") in kinds and ("sliding_window", "tiled", "fwdbwd") in kinds
     assert ("neighborhood_2d", "natten", "fwd") in kinds  # the peer ran and passed its correctness gate
     assert data["matmul_gflops"] > 0
-    assert all(c["max_err_vs_tiled"] < 1e-3 for c in data["checks"])
+    assert all(c["max_err_vs_tiled"] < 1e-3 for c in static["checks"])
     assert (tmp_path / "report.md").read_text().startswith("# attnkit bench")
     assert any(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
 
@@ -69,7 +70,7 @@ def test_bench_linear_suite_tiny_run(tmp_path):
     args = ["bench", "--suite", "linear", "--sizes", "256", "--mechanism", "linear_elu", "--mechanism", "mala"]
     res = CliRunner().invoke(main, args + ["--no-backward", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    lin = json.loads((tmp_path / "results.json").read_text())["linear"]
+    lin = json.loads((tmp_path / "results.json").read_text())["suites"]["linear"]
     cells = {(r["mechanism"], r["mode"], r["N"]) for r in lin["rows"]}
     for mode in ("chunk", "recurrent", "parallel"):
         assert ("linear_elu", mode, 256) in cells
@@ -78,6 +79,38 @@ def test_bench_linear_suite_tiny_run(tmp_path):
     assert all(c["max_rel_err_vs_attnkit"] < 1e-3 for c in lin["checks"] if c["max_rel_err_vs_attnkit"] is not None)
     assert any(t["target"].startswith("report the crossover") and t["met"] for t in lin["targets"])
     assert "# Linear family (C)" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_dynamic_suite_reports_only_itself(tmp_path, monkeypatch):
+    """``--suite dynamic`` runs no static suite: no static-pattern table, no empty Targets section."""
+    import functools
+
+    from attnkit.bench import dynamic
+
+    tiny = functools.partial(dynamic.DynamicConfig, sizes=(1024,), budgets=(0.25,), selectors=("moba",))
+    monkeypatch.setattr(dynamic, "DynamicConfig", tiny)
+    res = CliRunner().invoke(main, ["bench", "--suite", "dynamic", "--no-peers", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["suites"]) == ["dynamic"] and data["baselines"] == {}
+    assert {r["selector"] for r in data["suites"]["dynamic"]["rows"]} == {"moba"}
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# attnkit bench") and "| moba | 1024 | causal | 1/4 |" in report
+    for text in (report, res.output):
+        assert "static patterns" not in text.lower() and "ms median [p20, p80]" not in text
+    assert "## Targets" not in report and "## Dense baselines" not in report
+    assert "16k, budget 1/8" in res.output  # its own target, printed after its table
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["dynamic_pareto_1024.png"]
+
+
+def test_every_suite_implements_the_protocol():
+    from attnkit.bench.suite import SUITES, Suite
+
+    assert {"static", "linear", "dynamic", "models"} <= set(SUITES)
+    for name, cls in SUITES.items():
+        s = cls()
+        assert isinstance(s, Suite) and s.name == name and s.title
+        assert isinstance(s.cells(), int)
 
 
 def test_pictures_are_drawn_for_every_record(tmp_path):

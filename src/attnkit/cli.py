@@ -99,50 +99,45 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     The quick default (static N = 1k, 4k, 16k; linear N = 1k to 64k; dynamic selectors on SmolLM2 at 4k and 16k)
     takes about 20 minutes on 2 cores (about 6 more the first time, to capture the SmolLM2 tensors).
     """
-    import torch
+    import sys
+
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import registry
-    from .bench import BenchConfig, run_static
+    from .bench import dynamic as _dynamic
     from .bench import linear as _linear
+    from .bench import suite as _suite
     from .bench.report import print_table, write
-    from .bench.static import FULL_SIZES, QUICK_SIZES, _Baselines, baseline_summary
+    from .bench.static import FULL_SIZES, QUICK_SIZES, BenchConfig
 
     size_list = tuple(int(s) for s in sizes.split(",")) if sizes else (FULL_SIZES if full else QUICK_SIZES)
     names = tuple(patterns) or None
     mechs = tuple(mechanisms) or None
     for n in (names or ()) + (mechs or ()):
         registry.get(n)
-    cfg = BenchConfig(
-        sizes=size_list,
-        patterns=names,
-        peers=not no_peers,
-        backward=not no_backward,
-        flex=flex or ("all" if full else "targets"),
-        dtype=dtype,
-        full=full,
-    )
-    lcfg = _linear.LinearConfig(
-        sizes=tuple(int(s) for s in sizes.split(",")) if sizes else _linear.SIZES,
-        mechanisms=mechs,
-        backward=not no_backward,
-        peers=not no_peers,
-        full=full,
-        dtype=dtype,
-    )
-    total = 0
-    if suite in ("all", "static"):
-        total += len([r for r in registry.records("A") if names is None or r.name in names]) * len(size_list)
-    if suite in ("all", "linear"):
-        total += _linear.cells(lcfg)
-    from .bench import dynamic as _dynamic
-
-    dcfg = _dynamic.DynamicConfig(peers=not no_peers, full=full)
-    if suite in ("all", "dynamic"):
-        total += _dynamic.cells(dcfg)
-    import sys
-
+    configs = {
+        "static": BenchConfig(
+            sizes=size_list,
+            patterns=names,
+            peers=not no_peers,
+            backward=not no_backward,
+            flex=flex or ("all" if full else "targets"),
+            dtype=dtype,
+            full=full,
+        ),
+        "linear": _linear.LinearConfig(
+            sizes=tuple(int(s) for s in sizes.split(",")) if sizes else _linear.SIZES,
+            mechanisms=mechs,
+            backward=not no_backward,
+            peers=not no_peers,
+            full=full,
+            dtype=dtype,
+        ),
+        "dynamic": _dynamic.DynamicConfig(peers=not no_peers, full=full),
+    }
+    chosen = _suite.BENCH_SUITES if suite == "all" else (suite,)
+    total = sum(s.cells() for s in _suite.make(chosen, configs))
     console = Console(width=None if sys.stdout.isatty() else 200)
     with Progress(
         TextColumn("{task.description}"),
@@ -158,16 +153,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
             prog.update(task, description=text)
             prog.advance(task)
 
-        base = _Baselines(cfg, getattr(torch, dtype))
-        if suite in ("linear", "dynamic"):
-            res = run_static(BenchConfig(sizes=(), dtype=dtype), progress=step, baselines=base)
-        else:
-            res = run_static(cfg, progress=step, baselines=base)
-        if suite in ("all", "linear"):
-            res["linear"] = _linear.run_linear(lcfg, base, progress=step)
-        if suite in ("all", "dynamic"):
-            res["dynamic"] = _dynamic.run_dynamic(dcfg, progress=step)
-        res["baselines"] = baseline_summary(base)
+        res = _suite.run_suites(chosen, configs, progress=step, dtype=dtype)
     print_table(res, console)
     paths = write(res, out)
     console.print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots")

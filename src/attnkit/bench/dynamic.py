@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import registry
 from ..api import sparse_attention
 from .timing import measure
+from .report import rich_table
 
 SIZES = (4096, 16384)
 BUDGETS = (1 / 16, 1 / 8, 1 / 4)
@@ -287,7 +288,7 @@ def cells(cfg: DynamicConfig) -> int:
 def markdown(dyn: dict) -> list[str]:
     lines = [
         "",
-        "## Dynamic sparse selectors (family B) on real SmolLM2 q, k, v",
+        "# Dynamic sparse selectors (family B) on real SmolLM2 q, k, v",
         "",
         "Layer 12 of SmolLM2-135M-Instruct (9 query / 3 KV heads, D = 64) on the Python reference manual's text; "
         "16k is the 4k text repeated four times and run through the model. Budget: fraction of each query's "
@@ -342,6 +343,7 @@ def pareto_plots(dyn: dict, folder) -> list:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for N in sorted({r["N"] for r in dyn["rows"]}):
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -366,3 +368,57 @@ def pareto_plots(dyn: dict, folder) -> list:
         plt.close(fig)
         written.append(path)
     return written
+
+
+class DynamicSuite:
+    """Family-B selectors on real SmolLM2 q, k, v against dense SDPA timed next to each selector."""
+
+    name = "dynamic"
+    title = "dynamic sparse selectors (B)"
+
+    def __init__(self, config: DynamicConfig | None = None):
+        self.config = config or DynamicConfig()
+
+    def cells(self) -> int:
+        return cells(self.config)
+
+    def run(self, context, progress) -> dict:
+        return run_dynamic(self.config, progress=progress)
+
+    def targets(self, section: dict) -> list[dict]:
+        out = []
+        for tg in section["targets"]:
+            b = tg["best"]
+            value = (
+                "not measured (no such cell in this run)"
+                if b is None
+                else f"best: {b.get('selector')} {b.get('speedup', 0):.2f}x, error {b.get('rel_error', 0):.3f}, "
+                f"recall {b.get('recall', 0):.3f}, selection {100 * b.get('select_share', 0):.0f}%"
+            )
+            out.append({"target": tg["target"], "met": tg["met"], "value": value})
+        return out
+
+    def markdown(self, section: dict) -> list[str]:
+        return markdown(section)
+
+    def table(self, section: dict, console) -> None:
+        header = ["selector", "N", "vs", "budget", "density", "rel. error", "recall", "total ms", "SDPA ms", "speed-up"]
+        rows = [
+            [
+                r["selector"],
+                str(r["N"]),
+                "causal" if r["causal"] else "full",
+                f"1/{round(1 / r['budget'])}",
+                f"{r['density']:.3f}",
+                f"{r['rel_error']:.3f}",
+                f"{r['recall']:.3f}",
+                f"{r['total_ms']:.0f}",
+                f"{r['sdpa_ms']:.0f}",
+                f"{r['speedup']:.2f}x",
+            ]
+            for r in section["rows"]
+        ]
+        rich_table("attnkit bench: dynamic sparse selectors (B)", header, rows, ("selector", "vs"), console)
+
+    def plots(self, section: dict, folder) -> list:
+        return pareto_plots(section, folder)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import linear as L
 from .. import registry
 from .timing import measure, peak_memory
+from .report import _fmt, rich_table, target_lines, time_plots
 
 SIZES = (1024, 4096, 16384, 65536)
 _CROSSOVER_SIZES = (256, 512)  # extra short lengths for linear_elu chunk vs causal SDPA only
@@ -387,3 +388,99 @@ def targets(rows: list) -> list:
         {"target": "report the crossover length with causal SDPA", "value": cx["text"], "met": cx["value"] is not None}
     )
     return res
+
+
+# ---- the suite: report section, terminal table, plot ----------------------------------------------------------
+
+LINEAR_HEADER = ["mechanism", "mode", "N", "kind", "ms median [p20, p80]", "dense", "dense ms", "speed-up", "peak MiB"]
+
+
+def linear_rows(lin: dict) -> list[list[str]]:
+    return [
+        [
+            r["mechanism"] + (" (peer)" if r.get("peer") else ""),
+            r["mode"],
+            str(r["N"]),
+            r["kind"],
+            f"{r['ms']:.2f} [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}]",
+            r["dense"],
+            _fmt(r.get("dense_ms"), ".1f"),
+            _fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
+            _fmt(r.get("peak_mib"), ".0f"),
+        ]
+        for r in lin["rows"]
+    ]
+
+
+def markdown(lin: dict) -> list[str]:
+    """The linear suite's section of ``report.md``."""
+    cfg = lin["config"]
+    lines = [
+        "# Linear family (C)",
+        "",
+        f"B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, {cfg['dtype']}; inputs N(0, 0.25). Speed-up is "
+        "against dense SDPA of the same kind (causal or full) timed in this run; SDPA is measured up to "
+        f"N={cfg['sdpa_max_n']} (quadratic beyond). Peers that compute the same function were checked against "
+        "attnkit first.",
+        "",
+    ]
+    lines += target_lines(lin["targets"])
+    lines += ["## Fitted log-log slopes of time against N (N >= 4k)", "", "| series | slope |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in sorted(lin["slopes"].items())]
+    lines += ["", "## All measurements", "", "| " + " | ".join(LINEAR_HEADER) + " |", "|" + "---|" * len(LINEAR_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in linear_rows(lin)]
+    same = [r for r in lin["rows"] if r.get("attnkit_same_fn_ms")]
+    if same:
+        lines += ["", "Peers with another feature map, against attnkit running that same function:", ""]
+        lines += [
+            f"- {r['mechanism']} N={r['N']}: {r['ms']:.1f} ms vs attnkit {r['attnkit_same_fn_ms']:.1f} ms" for r in same
+        ]
+    lines += ["", "## Peer correctness gate (max relative |Δ| against attnkit)", ""]
+    for c in lin["checks"]:
+        e = c.get("max_rel_err_vs_attnkit")
+        lines.append(f"- {c['peer']} N={c['N']}: " + (f"{e:.1e}" if e is not None else c.get("note", "-")))
+    if lin.get("skipped"):
+        lines += ["", "## Skipped", ""] + [
+            f"- {s['mechanism']} {s['mode']} N={s['N']}: {s['why']}" for s in lin["skipped"]
+        ]
+    lines += ["", "Plot: `plots/linear_family.png` (time against N, log-log).", ""]
+    return lines
+
+
+class LinearSuite:
+    """Family-C mechanisms against dense SDPA (the static suite's baselines, shared) and the CPU peers."""
+
+    name = "linear"
+    title = "linear family (C)"
+
+    def __init__(self, config: LinearConfig | None = None):
+        self.config = config or LinearConfig()
+
+    def cells(self) -> int:
+        return cells(self.config)
+
+    def run(self, context, progress) -> dict:
+        return run_linear(self.config, context.baselines, progress=progress)
+
+    def targets(self, section: dict) -> list[dict]:
+        return section["targets"]
+
+    def markdown(self, section: dict) -> list[str]:
+        return markdown(section)
+
+    def table(self, section: dict, console) -> None:
+        rich_table(
+            "attnkit bench: linear family (C)",
+            LINEAR_HEADER,
+            linear_rows(section),
+            ("mechanism", "mode", "kind", "dense"),
+            console,
+        )
+
+    def plots(self, section: dict, folder) -> list:
+        # one plot for the linear family: each mechanism's forms, plus its dense baseline (forward)
+        rows = [
+            {**r, "backend": f"{r['mechanism']} {r['mode']}", "dense_ms": r["dense_ms"] if r["kind"] == "fwd" else None}
+            for r in section["rows"]
+        ]
+        return time_plots({"linear_family": rows}, folder) if rows else []

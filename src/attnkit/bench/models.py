@@ -403,3 +403,39 @@ def write(res: dict, out) -> dict:
     (out / "eval.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "eval.md").write_text(markdown(res))
     return {"json": out / "eval.json", "markdown": out / "eval.md", "plots": plots(res, out / "plots")}
+
+
+class ModelsSuite:
+    """``attnkit eval``'s suite: KV policies on SmolLM2 (and MiniLM), through the same protocol. The ``eval``
+    command writes its own ``eval.json`` / ``eval.md`` (:func:`write`); a run of this suite through
+    :func:`attnkit.bench.suite.run_suites` puts the same section under ``results["suites"]["models"]``."""
+
+    name = "models"
+    title = "real models: KV-cache policies (E)"
+
+    def __init__(self, config: EvalConfig | None = None):
+        self.config = config or EvalConfig()
+
+    def cells(self) -> int:
+        cfg = self.config
+        others = [p for p in cfg.policies if p != "dense"]
+        ppl = len(cfg.lengths) * (1 + len(others) * len(cfg.budgets))
+        trials = len(cfg.passkey_lengths) * len(cfg.depths) * cfg.keys_per_depth
+        budgets = len(cfg.passkey_budgets or cfg.budgets)
+        passkey = trials * sum(1 if p == "dense" else budgets for p in cfg.policies)
+        return ppl + passkey
+
+    def run(self, context, progress) -> dict:
+        return run_eval(self.config, progress=progress)
+
+    def targets(self, section: dict) -> list[dict]:
+        return []
+
+    def markdown(self, section: dict) -> list[str]:
+        return ["", *markdown(section).splitlines(), ""]
+
+    def table(self, section: dict, console) -> None:
+        console.print(markdown(section))
+
+    def plots(self, section: dict, folder) -> list:
+        return plots(section, folder)

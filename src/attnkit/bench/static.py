@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import api, registry
-from ..backends import native
 from ..backends._tiled_entry import choose_block
 from ..shapes import Dims
 from . import peers as _peers
+from .report import _fmt, rich_table, target_lines, time_plots
 from .timing import matmul_rate, measure, peak_memory
 
 QUICK_SIZES = (1024, 4096, 16384)
@@ -124,13 +123,14 @@ def baseline_summary(base: _Baselines) -> dict:
     }
 
 
-def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = None) -> dict:
+def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = None, rate: float | None = None) -> dict:
     """Run the suite; ``progress(advance_text)`` is called once per measured item. ``baselines`` lets a later
-    suite (the linear one) reuse the dense SDPA timings."""
+    suite (the linear one) reuse the dense SDPA timings; ``rate`` is the matrix-product FLOP/s (measured here
+    when not given). Returns the suite's section of ``results.json``."""
     torch.manual_seed(0)
     dtype = getattr(torch, cfg.dtype)
     started = time.time()
-    rate = matmul_rate(dtype=dtype)
+    rate = rate or matmul_rate(dtype=dtype)
     recs = [r for r in registry.records("A") if cfg.patterns is None or r.name in cfg.patterns]
     base = baselines if baselines is not None else _Baselines(cfg, dtype)
     rows, checks, skipped = [], [], []
@@ -159,15 +159,8 @@ def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = N
             rows += cell
     return {
         "config": asdict(cfg),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "tiled_forward": native.kernel_name(),
-        },
         "matmul_gflops": rate / 1e9,
-        "baselines": baseline_summary(base),
+        "threads": torch.get_num_threads(),
         "rows": rows,
         "checks": checks,
         "skipped": skipped,
@@ -348,3 +341,123 @@ def targets(rows: list) -> list:
             }
         )
     return res
+
+
+# ---- the suite: report section, terminal table, plots ---------------------------------------------------------
+
+HEADER = [
+    "pattern",
+    "N",
+    "backend",
+    "kind",
+    "ms median [p20, p80]",
+    "dense ms",
+    "density",
+    "ideal",
+    "speed-up",
+    "of ideal",
+    "of matmul",
+    "peak MiB",
+]
+
+
+def table_rows(section: dict) -> list[list[str]]:
+    out = []
+    for r in section["rows"]:
+        out.append(
+            [
+                r["pattern"],
+                str(r["N"]),
+                r["backend"],
+                r["kind"],
+                f"{r['ms']:.2f} [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}]",
+                _fmt(r.get("dense_ms"), ".1f"),
+                f"{r['density']:.4f}",
+                f"{r['ideal_speedup']:.1f}x",
+                _fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
+                _fmt(r.get("of_ideal") and 100 * r["of_ideal"], ".0f") + ("%" if r.get("of_ideal") else ""),
+                f"{100 * r['of_matmul']:.1f}%",
+                _fmt(r.get("peak_mib"), ".0f"),
+            ]
+        )
+    return out
+
+
+def markdown(section: dict) -> list[str]:
+    """The static suite's section of ``report.md``."""
+    cfg = section["config"]
+    lines = [
+        "# Static patterns (A)",
+        "",
+        f"Matrix product (2048², {cfg['dtype']}): **{section['matmul_gflops']:.0f} GFLOP/s**, measured in this run. "
+        f"B={cfg['batch']}, H={cfg['heads']} (per-head patterns: their own), D={cfg['head_dim']}, {cfg['dtype']}. "
+        f"Suite took {section['seconds']:.0f} s.",
+        "",
+        "Speed-up is against dense SDPA of the same kind (causal SDPA for causal patterns, full SDPA otherwise), "
+        "timed in the same run; *ideal* is dense pairs / pattern pairs (1/density); *of matmul* is useful FLOP/s "
+        "(4·D per interacting pair, ×3.5 for forward+backward) over the matrix-product rate.",
+        "",
+    ]
+    lines += target_lines(section["targets"])
+    lines += ["## All measurements", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(section)]
+    lines += [
+        "",
+        "## Correctness gate (max |Δ| against attnkit tiled, itself tested against the float64 oracle)",
+        "",
+        "| pattern | N | backend | max err |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['pattern']} | {c['N']} | {c['backend']} | {c['max_err_vs_tiled']:.2e} |" for c in section["checks"]
+    ]
+    if section.get("skipped"):
+        lines += ["", "## Skipped in this run", ""]
+        lines += [
+            f"- {s['pattern']} at N={s['N']} (density {s['density']:.3f}): {s['why']}" for s in section["skipped"]
+        ]
+    lines += ["", "Plots: `plots/*.png` (time against N, log-log).", ""]
+    return lines
+
+
+class StaticSuite:
+    """Family-A patterns: every backend and peer against dense SDPA and the matrix-product rate."""
+
+    name = "static"
+    title = "static patterns (A)"
+
+    def __init__(self, config: BenchConfig | None = None):
+        self.config = config or BenchConfig()
+
+    def cells(self) -> int:
+        cfg = self.config
+        return len([r for r in registry.records("A") if cfg.patterns is None or r.name in cfg.patterns]) * len(
+            cfg.sizes
+        )
+
+    def run(self, context, progress) -> dict:
+        return run_static(
+            self.config, progress=progress, baselines=context.baselines, rate=context.matmul_rate(self.config.dtype)
+        )
+
+    def targets(self, section: dict) -> list[dict]:
+        return section["targets"]
+
+    def markdown(self, section: dict) -> list[str]:
+        return markdown(section)
+
+    def table(self, section: dict, console) -> None:
+        rich_table(
+            f"attnkit bench: static patterns (matmul {section['matmul_gflops']:.0f} GFLOP/s, "
+            f"{section['threads']} threads)",
+            HEADER,
+            table_rows(section),
+            ("pattern", "backend", "kind"),
+            console,
+        )
+
+    def plots(self, section: dict, folder) -> list:
+        groups: dict = {}
+        for r in section["rows"]:
+            groups.setdefault(r["pattern"], []).append(r)
+        return time_plots(groups, folder)
