@@ -407,7 +407,7 @@ def explain(
     # Only the tiled backend has a layout; building one for an sdpa or flex answer would be work for nothing.
     layout = None
     if choice == "tiled" and not reasons["tiled"]:
-        layout = BACKENDS["tiled"].layout(req)
+        layout = BACKENDS["tiled"].request_layout(req)
     flops = 4.0 * d.batch * d.q_heads * d.q_len * d.kv_len * density * d.head_dim
     nbytes = (
         q.element_size()

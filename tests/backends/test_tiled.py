@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from attnkit import reference
-from attnkit.backends.tiled import _fused_plan, tiled_attention
+from attnkit.backends.tiled import tiled_attention
+from attnkit.backends.tiled._plan import _fused_plan
 from attnkit.layout import BlockLayout
 from tests.helpers import check_against_oracle, err, rand_qkv
 

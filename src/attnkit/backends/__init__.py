@@ -12,13 +12,12 @@ about them.
 * ``reference``: the float64 oracle, for tests.
 """
 
-from . import _tiled_entry as tiled_backend
-from . import flex, gather, reference, sdpa
+from . import flex, gather, reference, sdpa, tiled
 
 BACKENDS = {
     "sdpa": sdpa,
     "flex": flex,
-    "tiled": tiled_backend,
+    "tiled": tiled,
     "gather": gather,
     "reference": reference,
 }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import api, registry
-from ..backends._tiled_entry import choose_block
+from ..backends.tiled import choose_block
 from ..shapes import Dims
 from . import peers as _peers
 from .report import _fmt, rich_table, target_lines, time_plots

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import layout_cache
-from ..errors import ShapeError, UnsupportedError, bad
-from ..layout import ceil_div
-from ..layout_cache import Key
-from ..patterns.base import _FINE, Full
-from ..sparse._core import expand_kv
-from .request import Request
-from .tiled import tiled_attention
+from ... import layout_cache
+from ...errors import ShapeError, UnsupportedError, bad
+from ...layout import ceil_div
+from ...layout_cache import Key
+from ...patterns.base import _FINE, Full
+from ...sparse._core import expand_kv
+from ..request import Request
+from . import tiled_attention
 
 
 def why_not(req: Request) -> str | None:
@@ -56,7 +56,7 @@ def choose_block(pattern, dims, training: bool) -> int:
     return best
 
 
-def layout(req: Request):
+def request_layout(req: Request):
     """The block layout this request runs on: the selection's, or the pattern's at the chosen tile size."""
     if req.selection is not None:
         return req.selection.layout
@@ -75,7 +75,7 @@ def run(req: Request):
             req.q,
             req.k,
             req.v,
-            layout(req),
+            request_layout(req),
             scale=req.scale,
             score=req.score,
             key_padding_mask=req.key_padding_mask,
