@@ -1,0 +1,419 @@
+"""The gallery: one page per registry record and an index grouped by family, generated at build time.
+
+``hooks.py`` (beside this file, named in mkdocs.yml) calls :func:`pages` and :func:`nav`; nothing here is
+written to disk. Each record page holds what the registry says (name, family, kind, paper, exact or approximate,
+supports, summary), the math (the docstring of the object the record documents, rendered by mkdocstrings), its
+pictures (``docs/patterns/<name>.png`` from ``attnkit pictures``, ``docs/bench/<name>.png`` from the benchmark),
+a runnable call, and its rows of the recorded benchmark (the Markdown tables of ``BENCHMARKS.md`` whose first
+column is the record's name).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+
+# registry.FAMILIES (letter -> title) once the registry has it; the catalogue's letters until then.
+_FAMILIES = {
+    "A": "Static sparse patterns",
+    "B": "Dynamic sparse selectors",
+    "C": "Linear and normalisation",
+    "D": "Heads",
+    "E": "KV cache",
+    "F": "Token pruning",
+    "G": "Interventions",
+    "H": "Analysis",
+    "I": "Vision modules",
+    "J": "Quality tasks",
+}
+
+N = 1024  # the sequence length of every runnable call
+PREAMBLE = """import torch
+import attnkit as ak
+
+q = torch.randn(1, {hq}, {n}, 64)  # (batch, query heads, seq, dim)
+k = torch.randn(1, {hkv}, {n}, 64)  # {hkv} key/value heads: grouped-query attention
+v = torch.randn(1, {hkv}, {n}, 64)
+"""
+
+
+def registry():
+    from attnkit import registry as reg
+
+    return reg
+
+
+def families() -> dict[str, str]:
+    return dict(getattr(registry(), "FAMILIES", None) or _FAMILIES)
+
+
+def records():
+    return list(registry().records())
+
+
+def page_path(rec) -> str:
+    return f"gallery/{rec.name}.md"
+
+
+# -- the object whose docstring holds the math ----------------------------------------------------------------
+
+
+def _dotted(obj) -> str | None:
+    obj = inspect.unwrap(obj) if callable(obj) else obj
+    module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qual or "<" in qual:  # a lambda or a local function: no stable path
+        return None
+    return f"{module}.{qual}"
+
+
+def module_of(path: str) -> str | None:
+    """The module that defines ``path`` when it is a plain module (not a package's ``__init__``) with a
+    docstring: its docstring usually states the rule or the math that the object's own docstring refers to."""
+    import importlib
+    import sys
+
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:cut])
+        mod = sys.modules.get(name)
+        if mod is None:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+        if hasattr(mod, "__path__") or not (mod.__doc__ or "").strip():
+            return None
+        return name
+    return None
+
+
+def source_path(rec) -> str | None:
+    """Dotted path of the documented object: ``rec.source`` when the registry has it; else the class of
+    ``rec.make(256)`` (``.fn`` of a function record's Mechanism). A policy is never made (it needs a model)."""
+    src = getattr(rec, "source", None)
+    if src is not None:
+        return src if isinstance(src, str) else _dotted(src)
+    if rec.kind == "policy":
+        return None
+    try:
+        made = rec.make(256)
+    except Exception:  # noqa: BLE001 - a record that cannot be made small has no fallback
+        return None
+    if rec.kind == "function":
+        fn = getattr(made, "fn", None)
+        return _dotted(fn) if fn is not None else None
+    return _dotted(type(made))
+
+
+# -- a runnable call --------------------------------------------------------------------------------------------
+
+
+def _first_param(fn) -> str | None:
+    try:
+        return next(iter(inspect.signature(fn).parameters), None)
+    except (TypeError, ValueError):
+        return None
+
+
+def _has_sparse_attention() -> bool:
+    import attnkit.sparse
+
+    return hasattr(attnkit.sparse, "sparse_attention")
+
+
+def _make_takes_kwargs(rec) -> bool:
+    try:
+        params = inspect.signature(rec.make).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "model" for p in params)
+
+
+def snippet(rec) -> str:
+    """Python that runs the record on random tensors (a policy: on SmolLM2), for the record page and the tests."""
+    name = rec.name
+    get = f'ak.registry.get("{name}")'
+    if rec.kind == "policy":
+        make = f"{get}.make({N}, model=model)" if _make_takes_kwargs(rec) else f"{get}.factory({N}, model)"
+        return (
+            "import attnkit as ak\n"
+            "import attnkit.hf\n"
+            "from attnkit.models import load_smollm2\n\n"
+            "model, tok = load_smollm2()  # SmolLM2-135M, offline (about 16 s)\n"
+            f"# the policy for {N} tokens of context at a 1/4 KV budget\npolicy = {make}\n"
+            "handle = attnkit.hf.apply(model, policy)\n"
+            'enc = tok("Sinks are the first tokens. " * 8, return_tensors="pt")\n'
+            "cache = handle.new_cache()  # per-head: evicted entries free memory\n"
+            "out = model.generate(\n"
+            "    **enc, past_key_values=cache, max_new_tokens=8, do_sample=False\n"
+            ")\n"
+            "print(tok.decode(out[0, enc.input_ids.shape[1]:]))\n"
+            "handle.remove()  # the model is exactly as before\n"
+        )
+    if rec.kind == "module":
+        layer = rec.make(256)
+        dim = getattr(layer, "dim", 64)
+        return (
+            "import torch\n"
+            "import attnkit as ak\n\n"
+            f"layer = {get}.make(256)  # over (batch, tokens, {dim})\n"
+            f"x = torch.randn(2, 256, {dim}, requires_grad=True)\n"
+            "y = layer(x)\n"
+            "y.sum().backward()\n"
+            "print(tuple(y.shape))\n"
+        )
+    if rec.kind == "pattern":
+        pat = rec.make(N)
+        n = getattr(pat, "fixed_length", None) or N
+        hq = getattr(pat, "num_heads", None) or 8
+        code = PREAMBLE.format(hq=hq, hkv=2 if hq % 2 == 0 else 1, n=n)
+        notes = ""
+        if n != N:
+            notes += f"# a spatial pattern chooses its grid: pat.fixed_length = {n} tokens\n"
+        if hq != 8:
+            notes += f"# a per-head pattern: pat.num_heads = {hq} query heads\n"
+        return (
+            code
+            + notes
+            + f"pat = {get}.make({N})\n"
+            + "out = ak.attention(q, k, v, pattern=pat)\n"
+            + "print(ak.explain(q, k, v, pattern=pat))\n"
+        )
+    code = PREAMBLE.format(hq=8, hkv=2, n=N)
+    if rec.kind == "function":
+        return code + f"m = {get}.make({N})\nout = m(q, k, v)\nprint(tuple(out.shape))\n"
+    if rec.kind == "selector":
+        causal = "causal" in rec.supports
+        shape = "heads=8, kv_heads=2, head_dim=64"
+        if _first_param(rec.factory) == "budget":  # the selector factories of today: (budget, *, ..., n)
+            make = f"{get}.factory(\n    0.125, {shape}, n={N}\n)"
+        else:  # make(n, **options), with the selector kind's keywords
+            make = f"{get}.make(\n    {N}, budget=0.125, {shape}\n)"
+        code += f"# a budget of 1/8 of the key blocks\nsel = {make}\n"
+        if _has_sparse_attention():  # selection and attention apart, as attnkit.sparse runs them
+            return (
+                code
+                + "with torch.no_grad():  # the selection, which can be timed apart\n"
+                + f"    selection = sel.select(q, k, v, causal={causal})\n"
+                + f"out = ak.sparse.sparse_attention(q, k, v, selection, causal={causal})\n"
+                + f'print(f"computes {{selection.density({causal}):.2f}} of the pairs")\n'
+            )
+        return code + "out = ak.attention(q, k, v, pattern=sel)  # selects, then attends\n"
+    return code + f"obj = {get}.make({N})\n"
+
+
+# -- the recorded benchmark -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    where: str  # "Recorded benchmark › All measurements"
+    header: str
+    rows: list[str]
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def bench_tables(text: str) -> list[Table]:
+    """Every Markdown table of BENCHMARKS.md with the headings it stands under."""
+    tables: list[Table] = []
+    h1 = h2 = ""
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("# "):
+            h1, h2 = line[2:].strip(), ""
+        elif line.startswith("## "):
+            h2 = line[3:].strip()
+        elif line.lstrip().startswith("|") and i + 1 < len(lines) and re.match(r"^\s*\|?\s*:?-{3,}", lines[i + 1]):
+            header = line.rstrip()
+            j = i + 2
+            rows = []
+            while j < len(lines) and lines[j].lstrip().startswith("|"):
+                rows.append(lines[j].rstrip())
+                j += 1
+            tables.append(Table(" › ".join(x for x in (h1, h2) if x), header, rows))
+            i = j
+            continue
+        i += 1
+    return tables
+
+
+def bench_rows(name: str, tables: list[Table]) -> list[Table]:
+    out = []
+    for t in tables:
+        rows = [r for r in t.rows if _cells(r)[0].strip("`*") == name]
+        if rows:
+            out.append(Table(t.where, t.header, rows))
+    return out
+
+
+def _read_bench() -> list[Table]:
+    path = ROOT / "BENCHMARKS.md"
+    return bench_tables(path.read_text()) if path.exists() else []
+
+
+# -- pictures ---------------------------------------------------------------------------------------------------
+
+
+def pictures(name: str) -> list[str]:
+    """Paths relative to docs/ of the record's pictures."""
+    found = []
+    for folder in ("patterns", "bench"):
+        p = DOCS / folder / f"{name}.png"
+        if p.exists():
+            found.append(f"{folder}/{name}.png")
+    return found
+
+
+# -- pages ------------------------------------------------------------------------------------------------------
+
+
+def _family_label(letter: str, fam: dict[str, str]) -> str:
+    return f"{letter} · {fam.get(letter, 'unlisted')}"
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def record_page(rec, tables: list[Table], fam: dict[str, str]) -> str:
+    supports = ", ".join(f"`{s}`" for s in sorted(rec.supports)) or "—"
+    lines = [
+        f"# {rec.name}",
+        "",
+        f"{rec.summary}.",
+        "",
+        f"| name | `{rec.name}` |",
+        "|---|---|",
+        f"| family | [{_family_label(rec.family, fam)}](index.md#family-{rec.family.lower()}) |",
+        f"| kind | {rec.kind} |",
+        f"| paper | {_esc(rec.paper)} |",
+        f"| exact | {'exact' if rec.exact else 'approximate'} |",
+        f"| supports | {supports} |",
+        f"| summary | {_esc(rec.summary)} |",
+        "",
+    ]
+    pics = pictures(rec.name)
+    if pics:
+        lines += ["## Pictures", ""]
+        for p in pics:
+            what = (
+                "its mask at 64 tokens, drawn by `attnkit pictures`"
+                if p.startswith("patterns/")
+                else f"its timings in the recorded benchmark (`docs/{p}`)"
+            )
+            lines += [f"![{rec.name}: {what}](../{p})", "", f"*{what}*", ""]
+    lines += ["## Run it", "", "```python", snippet(rec).rstrip(), "```", ""]
+    src = source_path(rec)
+    lines += ["## The math", ""]
+    if src:
+        # No heading: the API reference holds the object's anchor, this page only shows its docstring.
+        lines += [
+            f'From the docstring of <autoref identifier="{src}" optional><code>{src}</code></autoref>:',
+            "",
+            f"::: {src}",
+            "    options:",
+            "      show_root_heading: false",
+            "      show_root_toc_entry: false",
+            "      heading_level: 3",
+            "      members: false",
+            "      show_bases: false",
+            "",
+        ]
+        module = None if getattr(rec, "source", None) is not None else module_of(src)
+        if module:
+            lines += [
+                f"From the docstring of its module, `{module}`:",
+                "",
+                f"::: {module}",
+                "    options:",
+                "      show_root_heading: false",
+                "      show_root_toc_entry: false",
+                "      heading_level: 3",
+                "      members: false",
+                "",
+            ]
+    elif rec.kind == "policy":
+        lines += [
+            "A policy is made from a model, so the gallery does not make one to find its class; its classes and",
+            "their docstrings are in the [`attnkit.hf` reference](../reference/hf.md).",
+            "",
+        ]
+    else:
+        lines += ["No docstring is recorded for this mechanism yet.", ""]
+    lines += ["## Recorded benchmark", ""]
+    found = bench_rows(rec.name, tables)
+    if not found:
+        lines += ["Not in the recorded benchmark.", ""]
+    for t in found:
+        lines += [f"**{t.where}**", "", t.header, "|" + "---|" * len(_cells(t.header)), *t.rows, ""]
+    if found:
+        lines += ["All of it, with the command that produced it: [the recorded benchmark](../benchmarks.md).", ""]
+    return "\n".join(lines)
+
+
+def index_page(recs, fam: dict[str, str]) -> str:
+    lines = [
+        "# Gallery",
+        "",
+        f"Every mechanism in the registry ({len(recs)} records), grouped by family. This page and the one per",
+        "record are generated from `attnkit.registry` each time the site is built, so they list exactly what",
+        "`attnkit list` prints.",
+        "",
+    ]
+    by_family: dict[str, list] = {}
+    for r in recs:
+        by_family.setdefault(r.family, []).append(r)
+    for letter in list(fam) + sorted(set(by_family) - set(fam)):
+        group = by_family.get(letter, [])
+        lines += [f"## {_family_label(letter, fam)} {{#family-{letter.lower()}}}", ""]
+        if not group:
+            lines += ["Nothing registered in this family yet.", ""]
+            continue
+        thumbs = any(pictures(r.name) for r in group)
+        lines += [
+            "| name |" + (" picture |" if thumbs else "") + " exact | summary | paper |",
+            "|---|" + ("---|" if thumbs else "") + "---|---|---|",
+        ]
+        for r in group:
+            pics = pictures(r.name)
+            pic = f" [![{r.name}](../{pics[0]}){{ .thumb }}]({r.name}.md) |" if pics else " |"
+            lines.append(
+                f"| [{r.name}]({r.name}.md) |" + (pic if thumbs else "") + f" {'exact' if r.exact else 'approx.'} | "
+                f"{_esc(r.summary)} | {_esc(r.paper)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pages() -> dict[str, str]:
+    """``{path under docs/: Markdown}`` for the gallery."""
+    recs = records()
+    fam = families()
+    tables = _read_bench()
+    out = {"gallery/index.md": index_page(recs, fam)}
+    for r in recs:
+        out[page_path(r)] = record_page(r, tables, fam)
+    return out
+
+
+def nav() -> list:
+    """The gallery's part of the navigation: the index, then one section per family with records."""
+    fam = families()
+    by_family: dict[str, list] = {}
+    for r in records():
+        by_family.setdefault(r.family, []).append(r)
+    items: list = ["gallery/index.md"]
+    for letter in list(fam) + sorted(set(by_family) - set(fam)):
+        if by_family.get(letter):
+            items.append({_family_label(letter, fam): [{r.name: page_path(r)} for r in by_family[letter]]})
+    return items
