@@ -9,7 +9,8 @@ import torch
 
 from attnkit.bench.dynamic import dense_reference, quality
 from attnkit.linear import AgentAttention, GaussianAdaptiveAttention
-from attnkit.sparse import SeerAttention, SeerGate, fit_gate, sparse_attention
+import attnkit as ak
+from attnkit.sparse import SeerAttention, SeerGate, fit_gate
 
 torch.manual_seed(0)
 
@@ -77,7 +78,7 @@ for name, selector in (
 ):
     with torch.no_grad():
         sel = selector.select(q, k, v, causal=True)  # which tiles each query block computes
-    out, lse = sparse_attention(q, k, v, sel, causal=True, return_lse=True)
+    out, lse = ak.attention(q, k, v, pattern=sel, causal=True, return_lse=True)
     qual = quality(out, lse, *dense)
     print(
         f"SeerAttention, {name}: {sel.density(True):.2f} of the causal pairs, relative error "

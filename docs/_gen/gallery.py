@@ -18,20 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
-# registry.FAMILIES (letter -> title) once the registry has it; the catalogue's letters until then.
-_FAMILIES = {
-    "A": "Static sparse patterns",
-    "B": "Dynamic sparse selectors",
-    "C": "Linear and normalisation",
-    "D": "Heads",
-    "E": "KV cache",
-    "F": "Token pruning",
-    "G": "Interventions",
-    "H": "Analysis",
-    "I": "Vision modules",
-    "J": "Quality tasks",
-}
-
 N = 1024  # the sequence length of every runnable call
 PREAMBLE = """import torch
 import attnkit as ak
@@ -49,7 +35,7 @@ def registry():
 
 
 def families() -> dict[str, str]:
-    return dict(getattr(registry(), "FAMILIES", None) or _FAMILIES)
+    return {letter: title[0].upper() + title[1:] for letter, title in registry().FAMILIES.items()}
 
 
 def records():
@@ -93,45 +79,11 @@ def module_of(path: str) -> str | None:
 
 
 def source_path(rec) -> str | None:
-    """Dotted path of the documented object: ``rec.source`` when the registry has it; else the class of
-    ``rec.make(256)`` (``.fn`` of a function record's Mechanism). A policy is never made (it needs a model)."""
-    src = getattr(rec, "source", None)
-    if src is not None:
-        return src if isinstance(src, str) else _dotted(src)
-    if rec.kind == "policy":
-        return None
-    try:
-        made = rec.make(256)
-    except Exception:  # noqa: BLE001 - a record that cannot be made small has no fallback
-        return None
-    if rec.kind == "function":
-        fn = getattr(made, "fn", None)
-        return _dotted(fn) if fn is not None else None
-    return _dotted(type(made))
+    """Dotted path of the object whose docstring documents the record (``rec.source``)."""
+    return _dotted(rec.source) if rec.source is not None else None
 
 
 # -- a runnable call --------------------------------------------------------------------------------------------
-
-
-def _first_param(fn) -> str | None:
-    try:
-        return next(iter(inspect.signature(fn).parameters), None)
-    except (TypeError, ValueError):
-        return None
-
-
-def _has_sparse_attention() -> bool:
-    import attnkit.sparse
-
-    return hasattr(attnkit.sparse, "sparse_attention")
-
-
-def _make_takes_kwargs(rec) -> bool:
-    try:
-        params = inspect.signature(rec.make).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "model" for p in params)
 
 
 def snippet(rec) -> str:
@@ -139,7 +91,7 @@ def snippet(rec) -> str:
     name = rec.name
     get = f'ak.registry.get("{name}")'
     if rec.kind == "policy":
-        make = f"{get}.make({N}, model=model)" if _make_takes_kwargs(rec) else f"{get}.factory({N}, model)"
+        make = f"{get}.make({N}, model=model)"
         return (
             "import attnkit as ak\n"
             "import attnkit.hf\n"
@@ -190,20 +142,13 @@ def snippet(rec) -> str:
     if rec.kind == "selector":
         causal = "causal" in rec.supports
         shape = "heads=8, kv_heads=2, head_dim=64"
-        if _first_param(rec.factory) == "budget":  # the selector factories of today: (budget, *, ..., n)
-            make = f"{get}.factory(\n    0.125, {shape}, n={N}\n)"
-        else:  # make(n, **options), with the selector kind's keywords
-            make = f"{get}.make(\n    {N}, budget=0.125, {shape}\n)"
+        make = f"{get}.make(\n    {N}, budget=0.125, {shape}\n)"
         code += f"# a budget of 1/8 of the key blocks\nsel = {make}\n"
-        if _has_sparse_attention():  # selection and attention apart, as attnkit.sparse runs them
-            return (
-                code
-                + "with torch.no_grad():  # the selection, which can be timed apart\n"
-                + f"    selection = sel.select(q, k, v, causal={causal})\n"
-                + f"out = ak.sparse.sparse_attention(q, k, v, selection, causal={causal})\n"
-                + f'print(f"computes {{selection.density({causal}):.2f}} of the pairs")\n'
-            )
-        return code + "out = ak.attention(q, k, v, pattern=sel)  # selects, then attends\n"
+        return (
+            code
+            + f"out = ak.attention(q, k, v, pattern=sel, causal={causal})  # selects, then attends\n"
+            + f"print(ak.explain(q, k, v, pattern=sel, causal={causal}))  # selection cost, density, kernel\n"
+        )
     return code + f"obj = {get}.make({N})\n"
 
 
@@ -329,7 +274,9 @@ def record_page(rec, tables: list[Table], fam: dict[str, str]) -> str:
             "      show_bases: false",
             "",
         ]
-        module = None if getattr(rec, "source", None) is not None else module_of(src)
+        # A pattern's module docstring holds its picture and conventions; a source shared by several records
+        # (the linear engine) documents them all in its module.
+        module = module_of(src)
         if module:
             lines += [
                 f"From the docstring of its module, `{module}`:",

@@ -52,6 +52,6 @@ register(
     exact=True,
     supports=(SPATIAL - {"spatial"}) | {"causal"},
     factory=lambda n: CompositeAttention(n, ((n // 8, n // 8 + n // 2),)),
-    summary="no image-to-image attention: image tokens see themselves, text is causal over all (an image of n/2)",
+    summary="image tokens see only themselves, text is causal (an image of n/2)",
     source=CompositeAttention,
 )
