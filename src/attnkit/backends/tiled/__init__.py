@@ -50,7 +50,7 @@ from ...errors import UnsupportedError, bad
 from ...layout import BlockLayout
 from .. import native
 from ._backward import backward
-from ._common import _fold, _grouping, _prepare, _select_terms, _Unit, _units
+from ._common import _fold, _grouping, _prepare, _select_terms, _units, _work
 from ._fused import _run_fused
 from ._normalize import _elementwise
 from ._plan import _fused_plan, _plan
@@ -95,21 +95,8 @@ def forward(
     # The fused runs write only the rows they reach (a row with no tile keeps 0 and -inf).
     out_f = (torch.zeros if fused else torch.empty)(B, units, nqb, G * bq, Dv, dtype=cd)
     lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
-    for b, lh, hk, h0 in _units(B, Hq, Hkv, G, layout):
+    for b, lh, _, h0, unit in _work(layout, Hq, kp, vp, kpm, G=G, q_offset=q_offset, scale=scale, score=score):
         u = h0 // G
-        unit = _Unit(
-            kb=kp[b, hk],
-            vb=vp[b, hk],
-            kpm_b=kpm[b] if kpm is not None else None,
-            bq=bq,
-            bk=bk,
-            G=G,
-            h0=h0,
-            q_offset=q_offset,
-            scale=scale,
-            score=score,
-            sel=(layout, lh) if layout.select is not None else None,
-        )
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         if fused:
             _run_fused(_fused_plan(layout, lh), qf, unit, out_f[b, u], lse_f[b, u])

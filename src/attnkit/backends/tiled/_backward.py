@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...layout import BlockLayout
-from ._common import _fold, _grouping, _pad_seq, _prepare, _unfold, _Unit, _units
+from ._common import _fold, _grouping, _pad_seq, _prepare, _unfold, _work
 from ._normalize import _elementwise_grad, _row_counts
 from ._plan import _plan
 from ._unfused import _segment
@@ -42,20 +42,7 @@ def backward(
     dq = torch.zeros_like(qp)
     dk = torch.zeros_like(kp)
     dv = torch.zeros_like(vp)
-    for b, lh, hk, h0 in _units(B, Hq, Hkv, G, layout):
-        unit = _Unit(
-            kb=kp[b, hk],
-            vb=vp[b, hk],
-            kpm_b=kpm[b] if kpm is not None else None,
-            bq=bq,
-            bk=bk,
-            G=G,
-            h0=h0,
-            q_offset=q_offset,
-            scale=scale,
-            score=score,
-            sel=(layout, lh) if layout.select is not None else None,
-        )
+    for b, lh, hk, h0, unit in _work(layout, Hq, kp, vp, kpm, G=G, q_offset=q_offset, scale=scale, score=score):
         qf = _fold(qp[b, h0 : h0 + G], G, nqb, bq)
         dof = _fold(dop[b, h0 : h0 + G], G, nqb, bq)
         lsef = _fold(lse_p[b, h0 : h0 + G, :, None], G, nqb, bq)[..., 0]

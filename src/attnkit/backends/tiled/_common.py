@@ -77,6 +77,27 @@ def _units(B: int, Hq: int, Hkv: int, G: int, layout: BlockLayout):
             yield b, base + lh, h0 // g, h0
 
 
+def _work(layout: BlockLayout, Hq: int, kp, vp, kpm, *, G: int, q_offset: int, scale: float, score):
+    """``(b, layout group, kv head, first q head, _Unit)`` for every unit of work (:func:`_units`), its unit
+    holding the padded K, V and key padding it reads."""
+    B, Hkv = kp.shape[:2]
+    for b, lh, hk, h0 in _units(B, Hq, Hkv, G, layout):
+        unit = _Unit(
+            kb=kp[b, hk],
+            vb=vp[b, hk],
+            kpm_b=kpm[b] if kpm is not None else None,
+            bq=layout.block_q,
+            bk=layout.block_k,
+            G=G,
+            h0=h0,
+            q_offset=q_offset,
+            scale=scale,
+            score=score,
+            sel=(layout, lh) if layout.select is not None else None,
+        )
+        yield b, lh, hk, h0, unit
+
+
 def _fold(x: torch.Tensor, G: int, nqb: int, bq: int) -> torch.Tensor:
     """``(G, nqb * bq, D)`` -> ``(nqb, G * bq, D)``: the G heads of one block become rows of one product."""
     if G == 1:
