@@ -30,6 +30,15 @@ def test_explain_names_the_backend():
     assert "backend: tiled" in res.output and "no backward" in res.output
 
 
+def test_explain_a_selector_reports_its_selection():
+    args = ["explain", "--pattern", "sparsifiner", "-n", "256", "--heads", "4", "--kv-heads", "2", "--dim", "16"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "backend: gather" in res.output and "selection: Sparsifiner chose token indices" in res.output
+    res = CliRunner().invoke(main, ["explain", "--pattern", "streaming_llm"])
+    assert res.exit_code != 0 and "a pattern or a selector" in res.output
+
+
 def test_bench_tiny_run_writes_results(tmp_path):
     res = CliRunner().invoke(
         main,

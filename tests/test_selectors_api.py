@@ -53,3 +53,13 @@ def test_causal_flag_on_a_static_pattern_is_sdpa_is_causal():
         ak.attention(q, k, v, causal=True),
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
     )
+
+
+def test_a_selection_runs_plain_softmax_only():
+    q, k, v = rand_qkv(1, 4, 2, 128, 128, 16, seed=5)
+    sel = registry.get("moba").make(128, block=32)
+    for backend in ("auto", "tiled", "reference"):
+        with pytest.raises(UnsupportedError, match="plain softmax"):
+            ak.attention(q, k, v, pattern=sel, score=ak.scores.Softcap(20.0), backend=backend)
+        with pytest.raises(UnsupportedError, match="plain softmax"):
+            ak.attention(q, k, v, pattern=sel, normalizer=ak.scores.Softplus(), backend=backend)

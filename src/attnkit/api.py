@@ -154,11 +154,9 @@ def _select(selector, q, k, v, dims, causal, kpm) -> tuple[Selection, bool]:
 def _choose(req: Request, backend: str) -> tuple[str, dict]:
     """The backend to run and, for every backend, why it is not used (None for the one chosen)."""
     reasons = {name: mod.why_not(req) for name, mod in BACKENDS.items()}
-    reasons["reference"] = "float64 oracle, for tests; never chosen by auto"
     if backend != "auto":
-        if backend == "reference":
-            reasons["reference"] = None
         return backend, reasons
+    reasons["reference"] = reasons["reference"] or "float64 oracle, for tests; never chosen by auto"
     d = req.dims
     if req.selection is not None:
         choice = "tiled" if reasons["tiled"] is None else "gather"
@@ -404,10 +402,10 @@ def explain(
         density = density * visible / (d.q_len * d.kv_len)
     else:
         density = _density(req)
-    # Only the tiled backend has a layout; building one for an sdpa or flex answer would be work for nothing.
-    layout = None
-    if choice == "tiled" and not reasons["tiled"]:
-        layout = BACKENDS["tiled"].request_layout(req)
+    # What the chosen backend computes, when it says (tiled: its layout's tiles); asking only the chosen one
+    # spares building a layout for an sdpa or flex answer.
+    describe = getattr(BACKENDS[choice], "describe", None)
+    computes = describe(req) if describe is not None and not reasons[choice] else {}
     flops = 4.0 * d.batch * d.q_heads * d.q_len * d.kv_len * density * d.head_dim
     nbytes = (
         q.element_size()
@@ -417,9 +415,9 @@ def explain(
     notes = []
     if reasons.get(choice) and choice != "reference":
         notes.append(f"the named backend cannot run this: {reasons[choice]}")
-    computed = layout.tile_density if layout is not None else None
-    block = (layout.block_q, layout.block_k) if layout is not None else None
-    return Explanation(choice, reasons, density, computed, block, flops, nbytes, d, notes, selection)
+    return Explanation(
+        choice, reasons, density, computes.get("density"), computes.get("block"), flops, nbytes, d, notes, selection
+    )
 
 
 # -- records: the normalisers of attnkit.scores run through attention(normalizer=...) -------------------------

@@ -24,12 +24,13 @@ def list_cmd(family):
     from . import registry
 
     t = Table(title="attnkit registry")
-    for col in ("name", "family", "exact", "supports", "what", "paper"):
+    for col in ("name", "family", "kind", "exact", "supports", "what", "paper"):
         t.add_column(col, overflow="fold")
     for r in registry.records(family):
         t.add_row(
             r.name,
             r.family,
+            r.kind,
             "exact" if r.exact else "approximate",
             ", ".join(sorted(r.supports)),
             escape(r.summary),
@@ -39,28 +40,39 @@ def list_cmd(family):
 
 
 @main.command()
-@click.option("--pattern", "name", default="sliding_window", show_default=True, help="Registry name.")
+@click.option(
+    "--pattern", "name", default="sliding_window", show_default=True, help="Registry name (a pattern or a selector)."
+)
 @click.option("-n", "--length", default=4096, show_default=True, help="Sequence length (spatial: about).")
 @click.option("--heads", default=8, show_default=True)
 @click.option("--kv-heads", default=None, type=int, help="Key/value heads (GQA); default = heads.")
 @click.option("--dim", default=64, show_default=True)
 @click.option("--train", is_flag=True, help="Inputs require grad (training).")
+@click.option("--budget", default=0.125, show_default=True, help="A selector's budget (fraction of the key blocks).")
 @click.option("--backend", default="auto", show_default=True)
-def explain(name, length, heads, kv_heads, dim, train, backend):
-    """Say which backend attnkit.attention would use for a registered pattern, and why."""
+def explain(name, length, heads, kv_heads, dim, train, budget, backend):
+    """Say which backend attnkit.attention would use for a registered pattern or dynamic selector, and why.
+
+    A selector looks at the content: it selects on random q, k (seeded), and its cost is reported."""
     import torch
 
     from . import api, registry
 
     rec = registry.get(name)
-    if rec.kind != "pattern":
-        raise click.BadParameter(f"expected a pattern (family A) name, got {name!r}, a {rec.kind}", param_hint="NAME")
-    pat = rec.make(length)
-    N = pat.fixed_length or length
-    H = pat.num_heads or heads
-    q = torch.empty(1, H, N, dim, requires_grad=train)
-    kv = torch.empty(1, kv_heads or H, N, dim)
-    click.echo(api.explain(q, kv, kv, pattern=pat, backend=backend))
+    Hkv = kv_heads or heads
+    if rec.kind == "pattern":
+        pat = rec.make(length)
+        N, H = pat.fixed_length or length, pat.num_heads or heads
+        Hkv = kv_heads or H
+    elif rec.kind == "selector":
+        pat = rec.make(length, budget=budget, heads=heads, kv_heads=Hkv, head_dim=dim)
+        N, H = length, heads
+    else:
+        raise click.BadParameter(f"expected a pattern or a selector, got {name!r}, a {rec.kind}", param_hint="NAME")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, N, dim, generator=g).requires_grad_(train)
+    k, v = (torch.randn(1, Hkv, N, dim, generator=g) for _ in range(2))
+    click.echo(api.explain(q, k, v, pattern=pat, backend=backend))
 
 
 @main.command()

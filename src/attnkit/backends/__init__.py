@@ -2,8 +2,9 @@
 
 Every backend is a module with ``why_not(request) -> str | None`` (``None`` when it can run the
 :class:`~attnkit.backends.request.Request`, else the reason, naming one that can) and
-``run(request) -> (out, lse or None)``. :func:`attnkit.attention` asks them in this order and knows nothing else
-about them.
+``run(request) -> (out, lse or None)``, and may offer ``describe(request) -> dict`` (what it computes:
+``density``, ``block``) for :func:`attnkit.explain`. :func:`attnkit.attention` asks them in this order and knows
+nothing else about them.
 
 * ``sdpa``: dense or masked ``scaled_dot_product_attention`` (any device);
 * ``flex``: compiled FlexAttention from the pattern's ``mask_mod`` (CPU inference, GPU);

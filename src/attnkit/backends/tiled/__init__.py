@@ -163,6 +163,6 @@ def tiled_attention(
 
 # The backend interface (attnkit.backends.BACKENDS["tiled"]): when it can run a request, the layout it runs on and
 # the call; after tiled_attention, which it calls.
-from ._backend import choose_block, request_layout, run, why_not  # noqa: E402
+from ._backend import choose_block, describe, request_layout, run, why_not  # noqa: E402
 
-__all__ = ["backward", "choose_block", "forward", "request_layout", "run", "tiled_attention", "why_not"]
+__all__ = ["backward", "choose_block", "describe", "forward", "request_layout", "run", "tiled_attention", "why_not"]

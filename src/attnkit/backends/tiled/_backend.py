@@ -22,10 +22,8 @@ def why_not(req: Request) -> str | None:
     if sel is not None:
         if sel.layout is None:
             return "this selection lists token indices, not blocks: it runs on 'gather'"
-        if req.score is not None:
-            return "a dynamic selection runs plain softmax on tiled (no score mod)"
-        if req.normalizer is not None and sel.layout.select is not None:
-            return "a token-grain selection runs plain softmax on tiled (no normaliser)"
+        if req.score is not None or req.normalizer is not None:
+            return "a dynamic selection runs plain softmax (no score mod, no normaliser)"
     return None
 
 
@@ -66,6 +64,12 @@ def request_layout(req: Request):
     return pat.block_layout(d.q_len, d.kv_len, b, b, d.q_offset, d.q_heads)
 
 
+def describe(req: Request) -> dict:
+    """What this backend computes for the request: the share of pairs in its layout's tiles and the tile size."""
+    lay = request_layout(req)
+    return {"density": lay.tile_density, "block": (lay.block_q, lay.block_k)}
+
+
 def run(req: Request):
     bound = req.normalizer.bind(req.dims.kv_len) if req.normalizer is not None else None
     sel = req.selection
@@ -83,10 +87,10 @@ def run(req: Request):
             normalizer=bound,
         )
         return out, lse
-    return _permuted(req, sel, bound)
+    return _permuted(req, sel)
 
 
-def _permuted(req: Request, sel, bound):
+def _permuted(req: Request, sel):
     """A layout over permuted tokens (clusters, 2-D regions): gather q, k, v into the selector's order (per
     query head), run, scatter back."""
     q, k, v, kpm = req.q, req.k, req.v, req.key_padding_mask
@@ -104,7 +108,7 @@ def _permuted(req: Request, sel, bound):
             kpm_p = kpm.gather(1, ko[:, 0])
         else:
             raise UnsupportedError(bad("key_padding_mask", "None with a per-head key order", "a mask"))
-    out, lse = tiled_attention(qp, kp, vp, sel.layout, scale=req.scale, key_padding_mask=kpm_p, normalizer=bound)
+    out, lse = tiled_attention(qp, kp, vp, sel.layout, scale=req.scale, key_padding_mask=kpm_p)
     out = torch.empty_like(out).scatter_(2, qo[..., None].expand_as(out), out)
     return out, torch.empty_like(lse).scatter_(2, qo, lse)
 
