@@ -159,7 +159,8 @@ def _choose(req: Request, backend: str) -> tuple[str, dict]:
     reasons["reference"] = reasons["reference"] or "float64 oracle, for tests; never chosen by auto"
     d = req.dims
     if req.selection is not None:
-        choice = "tiled" if reasons["tiled"] is None else "gather"
+        # The selection's form decides: block layouts run on tiled, token indices on gather.
+        choice = "gather" if req.selection.indices is not None else "tiled"
         why = f"the selection runs on '{choice}'"
     else:
         dense_fast = req.pattern is None or req.dense_causal
