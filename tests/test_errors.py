@@ -113,8 +113,11 @@ def test_unknown_backend_and_bad_scale():
     q, k, v = rand_qkv(1, 2, 2, 16, 16, 8)
     with pytest.raises(ak.ShapeError, match=r"^backend: expected 'auto' or one of"):
         ak.attention(q, k, v, backend="cuda-magic")
-    with pytest.raises(ak.ShapeError, match=r"^scale: expected a positive float"):
-        ak.attention(q, k, v, scale=-1.0)
+    for bad_scale in (-1.0, float("inf"), float("nan"), True, "0.1"):
+        with pytest.raises(ak.ShapeError, match=r"^scale: expected a positive finite float"):
+            ak.attention(q, k, v, scale=bad_scale)
+        with pytest.raises(ak.ShapeError, match=r"^scale: expected a positive finite float"):
+            ak.linear.linear_attention(q, k, v, scale=bad_scale)
 
 
 def test_pattern_and_score_types():

@@ -82,6 +82,24 @@ class TokenSelect:
     labels: tuple | None = None
     positions: tuple | None = None
 
+    def check(self, groups: int, q_len: int, kv_len: int, *, nqb: int, nkb: int) -> None:
+        """Raise :class:`~attnkit.errors.ShapeError` unless every present term has its documented shape."""
+        want = {
+            "rows": (groups, q_len, nkb),
+            "cols": (groups, nqb, kv_len),
+            "diags": (groups, 2 * kv_len),
+        }
+        for name, shape in want.items():
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ShapeError(bad(f"layout.select.{name}", str(shape), tuple(t.shape)))
+        for name, pair in (("labels", self.labels), ("positions", self.positions)):
+            if pair is not None and (
+                len(pair) != 2 or tuple(pair[0].shape) != (groups, q_len) or tuple(pair[1].shape) != (groups, kv_len)
+            ):
+                got = tuple(tuple(t.shape) for t in pair)
+                raise ShapeError(bad(f"layout.select.{name}", f"((groups, {q_len}), (groups, {kv_len}))", got))
+
     def allowed(
         self, g: int, qi: torch.Tensor, kj: torch.Tensor, *, block_q: int, block_k: int, q_offset: int, kv_len: int
     ):
@@ -123,6 +141,47 @@ class BlockLayout:
     select: TokenSelect | None = None
     q_offset: int = 0
     _plans: dict = field(default_factory=dict, repr=False)
+
+    def check(self, q_len: int, kv_len: int) -> None:
+        """Raise :class:`~attnkit.errors.ShapeError` unless this layout is well formed and made for a
+        ``q_len x kv_len`` call: tile ids in range, ``-1`` only as trailing holes, no tile twice in a row, mask
+        ids that exist, token-grain terms of the right shapes. Layouts made by attnkit pass; this guards
+        hand-made ones before any kernel reads them. Checked once per (layout, sizes)."""
+        if self._plans.get("checked") == (q_len, kv_len):
+            return
+        if (self.q_len, self.kv_len) != (q_len, kv_len):
+            raise ShapeError(bad("layout", f"one made for {q_len} x {kv_len}", f"{self.q_len} x {self.kv_len}"))
+        ids, mids, masks = self.kv_ids, self.mask_ids, self.tile_masks
+        nqb, nkb = ceil_div(q_len, self.block_q), self.num_kv_blocks
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 3 or ids.shape[1] != nqb or ids.dtype.is_floating_point:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ShapeError(bad("layout.kv_ids", f"integer (groups, {nqb}, slots)", got))
+        if ids.shape[0] % self.batch:
+            raise ShapeError(bad("layout.kv_ids", f"groups a multiple of batch {self.batch}", ids.shape[0]))
+        if not isinstance(mids, torch.Tensor) or mids.shape != ids.shape:
+            got = getattr(mids, "shape", mids)
+            raise ShapeError(bad("layout.mask_ids", f"the shape of kv_ids {tuple(ids.shape)}", got))
+        if masks.dim() != 3 or tuple(masks.shape[1:]) != (self.block_q, self.block_k):
+            raise ShapeError(bad("layout.tile_masks", f"(n, {self.block_q}, {self.block_k})", tuple(masks.shape)))
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < -1 or hi >= nkb:
+                want = f"key-block ids in [0, {nkb}) or -1 (empty slot)"
+                raise ShapeError(bad("layout.kv_ids", want, f"[{lo}, {hi}]"))
+            hole = ids < 0
+            if bool((hole[..., :-1] & ~hole[..., 1:]).any()):
+                raise ShapeError(bad("layout.kv_ids", "-1 only after a row's last tile", "a -1 before a valid id"))
+            srt = ids.sort(-1).values
+            if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+                raise ShapeError(bad("layout.kv_ids", "each key block at most once per row", "a repeated id"))
+            live = mids[~hole]
+            if live.numel() and (int(live.min()) < EMPTY or int(live.max()) >= masks.shape[0]):
+                raise ShapeError(
+                    bad("layout.mask_ids", f"FULL, EMPTY or a tile-mask index < {masks.shape[0]}", "an id outside")
+                )
+        if self.select is not None:
+            self.select.check(ids.shape[0], q_len, kv_len, nqb=nqb, nkb=nkb)
+        self._plans["checked"] = (q_len, kv_len)
 
     def clear_plans(self) -> None:
         """Forget the kernel plans cached on this layout, so the next call plans again (benchmarks time it)."""

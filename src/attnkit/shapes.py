@@ -83,6 +83,8 @@ def validate(
     if not isinstance(q_offset, int) or isinstance(q_offset, bool) or q_offset < 0:
         raise ShapeError(bad("q_offset", "an int >= 0", repr(q_offset)))
     Nk = k.shape[2]
+    if q_offset == 0 and Nq > Nk:
+        raise ShapeError(bad("q", f"at most kv_len = {Nk} queries (queries are positions among the keys)", _desc(q)))
     if q_offset + Nq > Nk:
         raise ShapeError(
             bad(
@@ -91,8 +93,10 @@ def validate(
                 f"q_offset={q_offset} with q_len={Nq}",
             )
         )
-    if scale is not None and (not isinstance(scale, (int, float)) or not scale > 0 or math.isnan(scale)):
-        raise ShapeError(bad("scale", "a positive float or None", repr(scale)))
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not scale > 0
+    ):
+        raise ShapeError(bad("scale", "a positive finite float or None", repr(scale)))
     if key_padding_mask is not None:
         kpm = key_padding_mask
         if not isinstance(kpm, torch.Tensor) or kpm.dtype != torch.bool:

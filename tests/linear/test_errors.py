@@ -78,3 +78,31 @@ def test_other_mechanisms_bad_arguments():
         ak.scores.Sigmoid(float("nan"))
     with pytest.raises(ak.DTypeError, match="normalizer: expected an attnkit.scores.Normalizer"):
         ak.attention(q, k, v, normalizer="sigmoid")
+
+
+def test_a_chunk_longer_than_the_sequence_is_the_sequence():
+    """chunk_size clamps to the sequence (2**30 used to try to allocate 137 GB), with the same result."""
+    q, k, v = (torch.randn(1, 2, 100, 8) for _ in range(3))
+    huge = L.linear_attention(q, k, v, mode="chunk", chunk_size=2**30, decay=0.9)
+    small = L.linear_attention(q, k, v, mode="recurrent", decay=0.9)
+    torch.testing.assert_close(huge, small, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunk", "recurrent"])
+def test_padded_keys_contents_never_matter(mode):
+    """NaN or inf in the k or v of a padded key used to poison every output (0 x NaN)."""
+    q, k, v = (torch.randn(2, 2, 40, 8) for _ in range(3))
+    pm = torch.ones(2, 40, dtype=torch.bool)
+    pm[0, 30:] = False
+    want = L.linear_attention(q, k, v, key_padding_mask=pm, mode=mode, chunk_size=16)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 31], v2[0, :, 33] = float("nan"), float("inf")
+    got = L.linear_attention(q, k2, v2, key_padding_mask=pm, mode=mode, chunk_size=16)
+    torch.testing.assert_close(got, want)
+
+
+def test_a_decay_that_is_no_number_is_named():
+    q = torch.randn(1, 2, 16, 8)
+    for decay in ("x", object(), [[0.5]]):
+        with pytest.raises(ak.PatternError, match=r"^decay: expected a float"):
+            L.linear_attention(q, q, q, decay=decay)

@@ -110,6 +110,9 @@ def linear_attention(
     fmap = resolve(feature_map)
     dims = _check(q, k, v, fmap, decay, normalize, causal, mode, chunk_size, initial_state, key_padding_mask, scale)
     B, Hq, N, Dv = dims.batch, dims.q_heads, dims.q_len, dims.v_dim
+    # A chunk longer than the sequence is the sequence: the forms compute the same function at any C, and a
+    # huge C would only pad (chunk_size=2**30 used to ask for 137 GB).
+    chunk_size = min(chunk_size, max(N, dims.kv_len, 1))
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     logd = _log_decay(decay, Hq, cd, q.device)
     form = _choose(mode, causal, N, chunk_size)
@@ -164,7 +167,9 @@ def _features(fmap, q, k, v, kpm, scale, group, cd):
     kx = k.to(cd)
     va = torch.nn.functional.pad(v.to(cd), (0, 1), value=1.0)
     if kpm is not None:
-        va = va * kpm[:, None, :, None].to(cd)
+        # A padded key's contents never matter: select zeros (a product with 0 would keep a NaN or inf there).
+        real = kpm[:, None, :, None]
+        kx, va = torch.where(real, kx, 0.0), torch.where(real, va, 0.0)
     if group > 1:
         kx, va = kx.repeat_interleave(group, 1), va.repeat_interleave(group, 1)
     return qf, fmap(kx, False), va
@@ -196,7 +201,10 @@ def _check(q, k, v, fmap, decay, normalize, causal, mode, chunk_size, initial_st
 def _log_decay(decay, heads, cd, device):
     if decay is None:
         return None
-    d = torch.as_tensor(decay, dtype=torch.float64)
+    try:
+        d = torch.as_tensor(decay, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise PatternError(bad("decay", f"a float or ({heads},) values in (0, 1]", f"{decay!r}")) from None
     if d.dim() == 0:
         d = d.expand(heads)
     if d.shape != (heads,) or not bool(((d > 0) & (d <= 1)).all()):

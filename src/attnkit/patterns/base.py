@@ -98,14 +98,17 @@ class Pattern:
         nqt, nkt = ceil_div(q_len, tile), ceil_div(kv_len, tile)
         any_ = torch.zeros(G, nqt, nkt, dtype=torch.bool)
         all_ = torch.zeros(G, nqt, nkt, dtype=torch.bool)
-        kv = torch.arange(nkt * tile, dtype=torch.int32)
+        # int32 halves the cost of the first layout build; a parameter or position near 2^31 needs int64, or
+        # comparisons against it wrap (SlidingWindow(2**31, 0) used to compute as empty).
+        idx = torch.int32 if _largest_int(self) + q_len + q_offset + kv_len + tile < 2**31 else torch.long
+        kv = torch.arange(nkt * tile, dtype=idx)
         kv_ok = kv < kv_len
         rows = max(1, _ROW_BUDGET // (nkt * tile * tile))
         pairs = 0
         for g in range(G):
             for t0 in range(0, nqt, rows):
                 t1 = min(nqt, t0 + rows)
-                q = torch.arange(t0 * tile, t1 * tile, dtype=torch.int32)
+                q = torch.arange(t0 * tile, t1 * tile, dtype=idx)
                 # Padding positions are clamped into range (rules may index tables), then masked out.
                 m = self._eval(g, (q.clamp(max=q_len - 1) + q_offset)[:, None], kv.clamp(max=kv_len - 1)[None, :])
                 m = m & kv_ok[None, :] & (q < q_len)[:, None]
@@ -173,6 +176,22 @@ class Pattern:
         """The dense mask of head 0 as a ``(q_len, kv_len)`` bool tensor, for plots."""
         n = self.fixed_length or q_len or 64
         return self.dense_mask(q_len or n, kv_len or n, heads=heads)[0]
+
+
+def _largest_int(obj, depth: int = 0) -> int:
+    """The largest absolute int among a pattern's fields (and its parts'), 0 if none."""
+    if isinstance(obj, bool):
+        return 0
+    if isinstance(obj, int):
+        return abs(obj)
+    if depth > 4:
+        return 0
+    if isinstance(obj, tuple | list):
+        return max((_largest_int(x, depth + 1) for x in obj), default=0)
+    fields = getattr(obj, "__dataclass_fields__", None)
+    if fields is None:
+        return 0
+    return max((_largest_int(getattr(obj, f, 0), depth + 1) for f in fields), default=0)
 
 
 def clear_cache() -> None:

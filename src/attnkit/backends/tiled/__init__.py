@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import UnsupportedError, bad
+from ...errors import DTypeError, UnsupportedError, bad
+from ...shapes import validate
 from ...layout import BlockLayout
 from .. import native
 from ._backward import backward
@@ -147,10 +148,15 @@ def tiled_attention(
     ``normalizer`` (a bound :class:`~attnkit.scores.Normalizer`) replaces the softmax; ``lse`` is then
     ``log sum_j p_ij``. Differentiable in ``q``, ``k``, ``v`` (not through ``lse``).
     """
+    dims = validate(q, k, v, key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale)
+    if not isinstance(layout, BlockLayout):
+        want = "an attnkit.BlockLayout (pattern.block_layout(...) makes one)"
+        raise DTypeError(bad("layout", want, type(layout).__name__))
     if q.device.type != "cpu":
         raise UnsupportedError(
             bad("q", "tensors on the CPU (tiled is a CPU kernel; on GPU use backend='flex')", q.device)
         )
+    layout.check(dims.q_len, dims.kv_len)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if layout.select is not None and normalizer is not None:
         raise UnsupportedError(
