@@ -8,6 +8,7 @@ unhashable pattern is simply not cached.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -27,6 +28,9 @@ class Key(NamedTuple):
 
 _WHOLE: OrderedDict[Key, object] = OrderedDict()
 _DECODE: OrderedDict[Key, object] = OrderedDict()
+# Threads share the cache: an OrderedDict's move_to_end and eviction are not atomic together. Two threads that
+# miss at once both build the value; the second put wins, and both results are equal.
+_LOCK = threading.Lock()
 
 
 def _cache_for(key: Key) -> OrderedDict:
@@ -36,31 +40,35 @@ def _cache_for(key: Key) -> OrderedDict:
 def get(key: Key):
     """The cached value, or None."""
     cache = _cache_for(key)
-    try:
-        val = cache[key]
-    except (KeyError, TypeError):
-        return None
-    cache.move_to_end(key)
-    return val
+    with _LOCK:
+        try:
+            val = cache[key]
+        except (KeyError, TypeError):
+            return None
+        cache.move_to_end(key)
+        return val
 
 
 def put(key: Key, val) -> None:
     cache = _cache_for(key)
-    try:
-        cache[key] = val
-    except TypeError:
-        return
     limit = WHOLE_SEQUENCES if cache is _WHOLE else DECODE_STEPS
-    while len(cache) > limit:
-        cache.popitem(last=False)
+    with _LOCK:
+        try:
+            cache[key] = val
+        except TypeError:
+            return
+        while len(cache) > limit:
+            cache.popitem(last=False)
 
 
 def clear() -> None:
     """Forget every cached tile statistic, layout and mask."""
-    _WHOLE.clear()
-    _DECODE.clear()
+    with _LOCK:
+        _WHOLE.clear()
+        _DECODE.clear()
 
 
 def entries(what: str) -> list[tuple[Key, object]]:
     """The cached ``(key, value)`` pairs of one kind (``"layout"``, ``"flex-block-mask"``, ...)."""
-    return [(k, v) for cache in (_WHOLE, _DECODE) for k, v in cache.items() if k.what == what]
+    with _LOCK:
+        return [(k, v) for cache in (_WHOLE, _DECODE) for k, v in cache.items() if k.what == what]
