@@ -76,3 +76,13 @@ def test_a_well_formed_layout_still_runs():
     q, k, v = rand_qkv(1, 2, 2, N, N, 16, seed=3)
     out, _ = ak.tiled_attention(q, k, v, _layout())
     torch.testing.assert_close(out, ak.attention(q, k, v, pattern=ak.patterns.SlidingWindow(40, 0), backend="sdpa"))
+
+
+def test_a_layout_for_other_heads_is_invalid_input():
+    """Three head groups for 4 query / 2 kv heads is a ValueError (ShapeError), not an UnsupportedError."""
+    q, k, v = rand_qkv(1, 4, 2, N, N, 16, seed=4)
+    layout = ak.patterns.PerHead([ak.patterns.SlidingWindow(w, 0) for w in (8, 16, 24)]).block_layout(
+        N, N, 16, 16, heads=3
+    )
+    with pytest.raises(ShapeError, match="layout: expected a layout for 1, 2 .kv. or 4 .query. heads"):
+        ak.tiled_attention(q, k, v, layout)

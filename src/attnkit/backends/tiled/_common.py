@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import UnsupportedError, bad
+from ...errors import ShapeError, bad
 from ...layout import BlockLayout
 
 
@@ -58,12 +58,13 @@ def _prepare(q, k, v, layout: BlockLayout, key_padding_mask):
 def _grouping(layout: BlockLayout, B: int, Hq: int, Hkv: int) -> int:
     """Query heads folded into one unit of work: 1 for per-query-head layouts, ``Hq / Hkv`` otherwise."""
     if layout.batch not in (1, B):
-        raise UnsupportedError(bad("layout", f"a layout for batch 1 or {B}", f"batch {layout.batch}"))
+        raise ShapeError(bad("layout", f"a layout for batch 1 or {B}", f"batch {layout.batch}"))
     if layout.heads == Hq:
         return 1
     if layout.heads in (1, Hkv):
         return Hq // Hkv
-    raise UnsupportedError(bad("layout", f"a layout for 1, {Hkv} (kv) or {Hq} (query) heads", layout.heads))
+    # Invalid input, not a request this backend cannot run: a ValueError, not UnsupportedError.
+    raise ShapeError(bad("layout", f"a layout for 1, {Hkv} (kv) or {Hq} (query) heads", layout.heads))
 
 
 def _units(B: int, Hq: int, Hkv: int, G: int, layout: BlockLayout):
