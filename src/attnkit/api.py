@@ -24,6 +24,7 @@ from .records import register_function
 from .scores import Normalizer, ScoreMod, Sigmoid, Softplus
 from .shapes import Dims, validate
 from .sparse import Selection, Selector
+from .sparse._core import visible_pairs
 
 _SPARSE_BELOW = 0.5  # auto prefers the tiled kernel when fewer than this fraction of pairs interact
 _SHORT_QUERIES = 16  # decode steps and short chunks: a q_len x kv_len mask is cheap, SDPA wins
@@ -116,6 +117,10 @@ def _request(
         raise DTypeError(bad("pattern", want, type(pattern).__name__))
     if q_offset:
         raise UnsupportedError(bad("q_offset", "0 with a dynamic selector (it selects over the whole call)", q_offset))
+    if score is not None or normalizer is not None:
+        # Every kernel that runs selections (and their oracle) is plain softmax over the chosen pairs.
+        what = "score" if score is not None else "normalizer"
+        raise UnsupportedError(bad(what, "None: a dynamic selection runs plain softmax", score or normalizer))
     t0 = time.perf_counter()
     sel, causal = _select(pattern, q, k, v, dims, causal, key_padding_mask)
     seconds = time.perf_counter() - t0 if isinstance(pattern, Selector) else None
@@ -148,6 +153,8 @@ def _select(selector, q, k, v, dims, causal, kpm) -> tuple[Selection, bool]:
         raise ShapeError(
             bad("pattern (a selection)", f"one made for {dims.q_len} x {dims.kv_len}", (sel.q_len, sel.kv_len))
         )
+    if isinstance(selector, Selection) and sel.layout is not None:
+        sel.layout.check(dims.q_len, dims.kv_len)  # the caller's layout, maybe hand-made; ours are well formed
     return sel, causal
 
 
@@ -390,9 +397,7 @@ def explain(
         name = type(pattern).__name__ if isinstance(pattern, Selector) else "a given Selection"
         # Selection densities are of the visible pairs (the causal triangle); report them over all pairs, as
         # a static pattern's are, so the ideal speed-up compares with dense attention the same way.
-        visible = d.q_len * d.kv_len
-        if req.causal:
-            visible = d.q_len * (d.q_len + 1) / 2 + d.q_len * (d.kv_len - d.q_len)
+        visible = visible_pairs(d.q_len, d.kv_len, req.causal)
         selection = {
             "selector": name,
             "seconds": seconds or 0.0,

@@ -141,13 +141,14 @@ class BlockLayout:
     select: TokenSelect | None = None
     q_offset: int = 0
     _plans: dict = field(default_factory=dict, repr=False)
+    _checked: tuple | None = field(default=None, init=False, repr=False)  # the (q_len, kv_len) check() passed
 
     def check(self, q_len: int, kv_len: int) -> None:
         """Raise :class:`~attnkit.errors.ShapeError` unless this layout is well formed and made for a
         ``q_len x kv_len`` call: tile ids in range, ``-1`` only as trailing holes, no tile twice in a row, mask
         ids that exist, token-grain terms of the right shapes. Layouts made by attnkit pass; this guards
         hand-made ones before any kernel reads them. Checked once per (layout, sizes)."""
-        if self._plans.get("checked") == (q_len, kv_len):
+        if self._checked == (q_len, kv_len):
             return
         if (self.q_len, self.kv_len) != (q_len, kv_len):
             raise ShapeError(bad("layout", f"one made for {q_len} x {kv_len}", f"{self.q_len} x {self.kv_len}"))
@@ -181,7 +182,7 @@ class BlockLayout:
                 )
         if self.select is not None:
             self.select.check(ids.shape[0], q_len, kv_len, nqb=nqb, nkb=nkb)
-        self._plans["checked"] = (q_len, kv_len)
+        self._checked = (q_len, kv_len)
 
     def clear_plans(self) -> None:
         """Forget the kernel plans cached on this layout, so the next call plans again (benchmarks time it)."""

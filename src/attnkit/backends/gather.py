@@ -21,8 +21,6 @@ def why_not(req: Request) -> str | None:
         return "gather runs token-index selections (Sparsifiner, Dynamic Mask Attention) only"
     if req.device.type != "cpu":
         return f"gather is a CPU kernel so far, got {req.device.type} tensors"
-    if req.score is not None or req.normalizer is not None:
-        return "gather runs plain softmax over the selection (no score mod, no normaliser)"
     return None
 
 

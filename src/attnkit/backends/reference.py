@@ -8,8 +8,6 @@ from .request import Request
 
 
 def why_not(req: Request) -> str | None:
-    if req.selection is not None and (req.score is not None or req.normalizer is not None):
-        return "a dynamic selection runs plain softmax (no score mod, no normaliser)"
     return None
 
 

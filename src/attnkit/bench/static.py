@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import api, registry
-from ..backends.tiled import choose_block
+from ..backends.tiled import pattern_layout
 from ..shapes import Dims
 from . import peers as _peers
 from .report import _fmt, rich_table, target_lines, time_plots
@@ -169,12 +169,6 @@ def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = N
     }
 
 
-def _layout(pat, dims):
-    """The layout the tiled backend runs for a forward call (a cache hit after the first call)."""
-    b = choose_block(pat, dims, training=False)
-    return pat.block_layout(dims.q_len, dims.kv_len, b, b, dims.q_offset, dims.q_heads)
-
-
 def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
     B, D = cfg.batch, cfg.head_dim
     g = torch.Generator().manual_seed(N + H)
@@ -191,7 +185,7 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
     row = functools.partial(_row, rec, pat, N, H, cfg, pairs=pairs, rate=rate)
     with torch.no_grad():
         t = measure(lambda: api.attention(q, k, v, pattern=pat, backend="tiled"))
-    lookup = measure(lambda: _layout(pat, dims), min_time=0.05, min_runs=5)
+    lookup = measure(lambda: pattern_layout(pat, dims, training=False), min_time=0.05, min_runs=5)
     out.append(
         row(
             "tiled",
@@ -200,7 +194,7 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
             dense["fwd"],
             first_call_ms=first * 1e3,
             second_call_build_share=lookup["median"] / t["median"],
-            block=list(_layout(pat, dims).summary()["block"]),
+            block=list(pattern_layout(pat, dims, training=False).summary()["block"]),
         )
     )
     if cfg.backward:

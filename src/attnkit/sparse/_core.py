@@ -21,6 +21,10 @@ import torch
 from ..errors import PatternError, bad
 from ..layout import BlockLayout, TokenSelect, ceil_div, tile
 
+#: What a 1-D selector supports (its record's ``supports``): causal and cross lengths, GQA, padding, bf16 and the
+#: backward through the selection.
+SELECTOR_SUPPORTS = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal"})
+
 
 @dataclass(eq=False)
 class Selection:
@@ -88,9 +92,14 @@ class Selection:
         return selection_density(self, causal) if exact else _tile_density(self, causal)
 
 
+def visible_pairs(n: int, m: int, causal: bool) -> float:
+    """Pairs ``n`` queries can see among ``m`` keys: with ``causal`` the queries are the last ``n`` of ``m``
+    positions, so query ``t`` sees ``m - n + t + 1`` keys."""
+    return n * (n + 1) / 2 + n * (m - n) if causal else n * m
+
+
 def _tile_density(sel: Selection, causal: bool) -> float:
-    n, m = sel.q_len, sel.kv_len
-    visible = n * (n + 1) / 2 + n * (m - n) if causal else n * m
+    visible = visible_pairs(sel.q_len, sel.kv_len, causal)
     if sel.layout is None:
         return float((sel.indices >= 0).sum() * sel.query_block) / (
             sel.indices.shape[0] * sel.indices.shape[1] * visible
@@ -100,8 +109,7 @@ def _tile_density(sel: Selection, causal: bool) -> float:
 
 def selection_density(sel: Selection, causal: bool) -> float:
     n, m = sel.q_len, sel.kv_len
-    # Causal: the queries are the last n of m positions, query t sees m - n + t + 1 keys.
-    visible = n * (n + 1) / 2 + n * (m - n) if causal else n * m
+    visible = visible_pairs(n, m, causal)
     if sel.indices is None and sel.layout.select is None:
         return sel.layout.pairs / (sel.layout.groups * visible)
     mask = sel.dense_mask(1)

@@ -15,6 +15,7 @@ from ..errors import PatternError, ShapeError, bad, check_count
 from ..layout import BlockLayout
 from ..records import register
 from ._core import (
+    SELECTOR_SUPPORTS,
     BlockSelector,
     Selection,
     allocate_blocks,
@@ -194,14 +195,13 @@ def region_order(grid: tuple, region: tuple) -> torch.Tensor:
     return idx.permute(*perm).reshape(-1)
 
 
-_SELECTOR = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal"})
 register(
     "bilevel_routing",
     family="B",
     kind="selector",
     paper=BiLevelRouting.paper,
     exact=False,
-    supports=_SELECTOR,
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: BiLevelRouting(
         block_size=block, budget=budget, keep_first=1, keep_local=1
     ),
@@ -227,7 +227,7 @@ register(
     kind="selector",
     paper=BlockTopK.paper,
     exact=False,
-    supports=_SELECTOR,
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: BlockTopK(
         block_size=block, budget=budget, keep_first=1, keep_local=1, share_group=True
     ),

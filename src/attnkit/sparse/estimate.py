@@ -16,6 +16,7 @@ from ..errors import PatternError, bad
 from ..layout import BlockLayout, TokenSelect, ceil_div
 from ..records import register
 from ._core import (
+    SELECTOR_SUPPORTS,
     BlockSelector,
     Selection,
     Selector,
@@ -279,14 +280,13 @@ class VerticalSlash(Selector):
         return Selection(layout=layout, q_len=Nq, kv_len=Nk)
 
 
-_SELECTOR = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal"})
 register(
     "sea",
     family="B",
     kind="selector",
     paper=LinearEstimate.paper,
     exact=False,
-    supports=_SELECTOR,
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: LinearEstimate(
         block_size=block, budget=budget
     ),
@@ -299,7 +299,7 @@ register(
     kind="selector",
     paper=QuantizedEstimate.paper,
     exact=False,
-    supports=_SELECTOR,
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: QuantizedEstimate(
         block_size=block, budget=budget
     ),
@@ -313,7 +313,7 @@ register(
     kind="selector",
     paper=AnchorStripes.paper,
     exact=False,
-    supports=_SELECTOR,
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: AnchorStripes(
         block_size=block, budget=budget, init=block
     ),

@@ -8,7 +8,7 @@ import torch
 
 from ..layout import BlockLayout, ceil_div
 from ..records import register
-from ._core import BlockSelector, Selection, budget_count, expand_kv, pool, query_blocks
+from ._core import SELECTOR_SUPPORTS, BlockSelector, Selection, budget_count, expand_kv, pool, query_blocks
 from .block_topk import _check_qk
 
 
@@ -85,7 +85,7 @@ register(
     kind="selector",
     paper=HierarchicalPruning.paper,
     exact=False,
-    supports={"gqa", "backward", "bf16", "padding", "cross", "causal"},
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: HierarchicalPruning(
         block_size=block, budget=budget, keep_first=1
     ),

@@ -8,6 +8,7 @@ import torch
 
 from ..records import register
 from ._core import (
+    SELECTOR_SUPPORTS,
     BlockSelector,
     Selection,
     Selector,
@@ -108,7 +109,7 @@ register(
     kind="selector",
     paper=MoBA.paper,
     exact=False,
-    supports={"gqa", "backward", "bf16", "padding", "cross", "causal"},
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: MoBA(
         block_size=block, budget=budget, keep_first=1
     ),
@@ -121,7 +122,7 @@ register(
     kind="selector",
     paper=LongHeads.paper,
     exact=False,
-    supports={"gqa", "backward", "bf16", "padding", "cross", "causal"},
+    supports=SELECTOR_SUPPORTS,
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: LongHeads(
         chunk_size=block, budget=budget
     ),

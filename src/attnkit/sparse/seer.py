@@ -16,6 +16,7 @@ from ..errors import PatternError, ShapeError, bad, check_count
 from ..layout import ceil_div
 from ..records import register
 from ._core import (
+    SELECTOR_SUPPORTS,
     Selection,
     Selector,
     block_visibility,
@@ -284,7 +285,6 @@ def fit_gate(
     return losses
 
 
-_SELECTOR = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal"})
 
 
 def _seer(n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64, gate=None, trained=False):
@@ -320,7 +320,7 @@ register(
     kind="selector",
     paper=SeerAttention.paper,
     exact=False,
-    supports=_SELECTOR,
+    supports=SELECTOR_SUPPORTS,
     factory=_seer,
     summary="training-free gate (mean-pooled q sub-blocks vs key blocks), budget spent across the layer",
     source=SeerAttention,
@@ -331,7 +331,7 @@ register(
     kind="selector",
     paper=SeerAttention.paper,
     exact=False,
-    supports=_SELECTOR | {"trainable"},
+    supports=SELECTOR_SUPPORTS | {"trainable"},
     factory=functools.partial(_seer, trained=True),
     summary="SeerGate on pooled q and [max, min, mean] k, fitted by fit_gate (self-distillation); layer-wide budget",
     source=SeerGate,

@@ -7,7 +7,7 @@ import torch
 from ..errors import PatternError, ShapeError, bad
 from ..layout import ceil_div
 from ..records import register
-from ._core import Selection, Selector, check_budget, expand_kv, query_blocks, top_keys
+from ._core import SELECTOR_SUPPORTS, Selection, Selector, check_budget, expand_kv, query_blocks, top_keys
 
 
 def _visible(Nq: int, Nk: int, causal: bool) -> torch.Tensor:
@@ -157,7 +157,7 @@ class DynamicMask(Selector, torch.nn.Module):
         return Selection(indices=idx, query_block=qb, key_bias=z, q_len=Nq, kv_len=Nk, q_offset=off if causal else None)
 
 
-_SELECTOR = frozenset({"gqa", "backward", "bf16", "padding", "cross", "causal", "trainable"})
+_SELECTOR = SELECTOR_SUPPORTS | {"trainable"}
 
 
 def _sparsifiner(n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64, predictor=None):

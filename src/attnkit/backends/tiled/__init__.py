@@ -157,6 +157,11 @@ def tiled_attention(
             bad("q", "tensors on the CPU (tiled is a CPU kernel; on GPU use backend='flex')", q.device)
         )
     layout.check(dims.q_len, dims.kv_len)
+    return _tiled(q, k, v, layout, scale, score, key_padding_mask, q_offset, normalizer)
+
+
+def _tiled(q, k, v, layout: BlockLayout, scale, score, key_padding_mask, q_offset: int, normalizer):
+    """:func:`tiled_attention` on a call already validated (attnkit.attention's request)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if layout.select is not None and normalizer is not None:
         raise UnsupportedError(
@@ -169,6 +174,16 @@ def tiled_attention(
 
 # The backend interface (attnkit.backends.BACKENDS["tiled"]): when it can run a request, the layout it runs on and
 # the call; after tiled_attention, which it calls.
-from ._backend import choose_block, describe, request_layout, run, why_not  # noqa: E402
+from ._backend import choose_block, describe, pattern_layout, request_layout, run, why_not  # noqa: E402
 
-__all__ = ["backward", "choose_block", "describe", "forward", "request_layout", "run", "tiled_attention", "why_not"]
+__all__ = [
+    "backward",
+    "choose_block",
+    "describe",
+    "forward",
+    "pattern_layout",
+    "request_layout",
+    "run",
+    "tiled_attention",
+    "why_not",
+]

@@ -12,7 +12,7 @@ from ...layout_cache import Key
 from ...patterns.base import _FINE, Full
 from ...sparse._core import expand_kv
 from ..request import Request
-from . import tiled_attention
+from . import _tiled
 
 
 def why_not(req: Request) -> str | None:
@@ -22,8 +22,6 @@ def why_not(req: Request) -> str | None:
     if sel is not None:
         if sel.layout is None:
             return "this selection lists token indices, not blocks: it runs on 'gather'"
-        if req.score is not None or req.normalizer is not None:
-            return "a dynamic selection runs plain softmax (no score mod, no normaliser)"
     return None
 
 
@@ -58,10 +56,14 @@ def request_layout(req: Request):
     """The block layout this request runs on: the selection's, or the pattern's at the chosen tile size."""
     if req.selection is not None:
         return req.selection.layout
-    d = req.dims
-    pat = req.pattern if req.pattern is not None else Full()
-    b = choose_block(req.pattern, d, req.needs_grad)
-    return pat.block_layout(d.q_len, d.kv_len, b, b, d.q_offset, d.q_heads)
+    return pattern_layout(req.pattern, req.dims, training=req.needs_grad)
+
+
+def pattern_layout(pattern, dims, *, training: bool):
+    """A static pattern's layout (``None``: every key) at the tile size :func:`choose_block` picks (cached)."""
+    pat = pattern if pattern is not None else Full()
+    b = choose_block(pattern, dims, training)
+    return pat.block_layout(dims.q_len, dims.kv_len, b, b, dims.q_offset, dims.q_heads)
 
 
 def describe(req: Request) -> dict:
@@ -75,18 +77,9 @@ def run(req: Request):
     sel = req.selection
     if sel is None or sel.q_order is None:
         q_offset = req.dims.kv_len - req.dims.q_len if sel is not None and req.causal else req.q_offset
-        out, lse = tiled_attention(
-            req.q,
-            req.k,
-            req.v,
-            request_layout(req),
-            scale=req.scale,
-            score=req.score,
-            key_padding_mask=req.key_padding_mask,
-            q_offset=q_offset,
-            normalizer=bound,
+        return _tiled(
+            req.q, req.k, req.v, request_layout(req), req.scale, req.score, req.key_padding_mask, q_offset, bound
         )
-        return out, lse
     return _permuted(req, sel)
 
 
@@ -108,7 +101,7 @@ def _permuted(req: Request, sel):
             kpm_p = kpm.gather(1, ko[:, 0])
         else:
             raise UnsupportedError(bad("key_padding_mask", "None with a per-head key order", "a mask"))
-    out, lse = tiled_attention(qp, kp, vp, sel.layout, scale=req.scale, key_padding_mask=kpm_p)
+    out, lse = _tiled(qp, kp, vp, sel.layout, req.scale, None, kpm_p, 0, None)
     out = torch.empty_like(out).scatter_(2, qo[..., None].expand_as(out), out)
     return out, torch.empty_like(lse).scatter_(2, qo, lse)
 
