@@ -22,7 +22,7 @@ from .patterns.base import Pattern
 from .patterns.causal import Causal
 from .records import register_function
 from .scores import Normalizer, ScoreMod, Sigmoid, Softplus
-from .shapes import Dims, validate
+from .shapes import Dims, check_finite, validate
 from .sparse import Selection, Selector
 from .sparse._core import visible_pairs
 
@@ -83,6 +83,7 @@ def _request(
 ) -> tuple[Request, float | None]:
     """Validate the call; run a selector's ``select``. Returns the request and the selection's seconds."""
     dims = validate(q, k, v, key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale)
+    k, v = check_finite(q, k, v, key_padding_mask)
     if backend != "auto" and backend not in BACKENDS:
         raise ShapeError(bad("backend", f"'auto' or one of {tuple(BACKENDS)}", repr(backend)))
     if causal not in (None, True, False):
@@ -272,8 +273,9 @@ def attention(
 
     Returns:
         ``out`` ``(B, Hq, Nq, Dv)`` in the dtype of ``q`` (and ``lse``). A query with no visible key gives
-        ``out = 0`` and ``lse = -inf``. Non-finite inputs raise :class:`~attnkit.errors.NonFiniteError` (checked
-        on CPU with one pass over the output).
+        ``out = 0`` and ``lse = -inf``. NaN or inf in ``q``, or in ``k`` or ``v`` at a key that is not padding,
+        raises :class:`~attnkit.errors.NonFiniteError` naming the tensor and the first bad index, on every
+        backend (:func:`attnkit.shapes.check_finite`); a padded key's contents never matter.
     """
     req, _ = _request(
         q,
@@ -297,14 +299,14 @@ def _run(req: Request, backend: str):
     choice, reasons = _choose(req, backend)
     _raise_if_cannot(choice, reasons)
     out, lse = BACKENDS[choice].run(req)
-    # One cheap reduction over the output (not the inputs): NaN/inf in q, k or v reaches it. The exact
-    # check runs only when the sum is not finite (a sum can overflow on huge but finite values).
-    if out.device.type == "cpu" and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+    # The inputs are finite (check_finite); a non-finite output is an overflow (logits or values beyond the
+    # dtype's range) or a score modification that made one. One cheap sum finds it.
+    if out.device.type != "meta" and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
         raise NonFiniteError(
             bad(
                 "q, k, v",
-                "finite values (attention is undefined with NaN or inf inputs)",
-                "a non-finite output; check the inputs",
+                f"values whose logits and outputs fit in {out.dtype}",
+                "finite inputs that gave a non-finite output (overflow, or a score modification returned NaN/inf)",
             )
         )
     return out, lse

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class AttnkitError(Exception):
     """Base class of every error attnkit raises on purpose."""
@@ -45,3 +47,18 @@ def check_count(name: str, value, lo: int = 0, *, error: type = ShapeError, unit
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise error(bad(name, f"an int >= {lo}" + (f" ({unit})" if unit else ""), repr(value)))
     return value
+
+
+def memory_budget() -> int:
+    """Bytes one call may allocate for an ``N x N`` tensor: ``ATTNKIT_MEMORY_BUDGET`` (default 4 GiB)."""
+    return int(os.environ.get("ATTNKIT_MEMORY_BUDGET", str(4 << 30)))
+
+
+def check_memory(what: str, need: int, way_out: str, *, budget: int | None = None) -> None:
+    """Raise :class:`MemoryBudgetError` before ``what`` allocates ``need`` bytes over the budget."""
+    budget = memory_budget() if budget is None else budget
+    if need > budget:
+        raise MemoryBudgetError(
+            f"{what}: expected at most the memory budget of {budget / 2**20:.1f} MiB (ATTNKIT_MEMORY_BUDGET), "
+            f"got {need / 2**20:.1f} MiB to allocate; {way_out}"
+        )

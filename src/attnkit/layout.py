@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ShapeError, bad
+from .errors import ShapeError, bad, check_memory
 
 FULL = -1
 EMPTY = -2
@@ -280,8 +280,10 @@ class BlockLayout:
         return cls(q_len, kv_len, block_q, block_k, kv_ids.contiguous(), mask_ids.contiguous(), tile_masks, pairs)
 
     def dense_mask(self) -> torch.Tensor:
-        """The ``(batch, heads, q_len, kv_len)`` bool mask the layout stands for (tests and the oracle: O(N^2))."""
+        """The ``(batch, heads, q_len, kv_len)`` bool mask the layout stands for (tests and the oracle: O(N^2);
+        over the memory budget, :class:`~attnkit.errors.MemoryBudgetError` before allocating)."""
         G, nqb, _ = self.kv_ids.shape
+        check_memory("dense_mask", G * self.q_len * self.kv_len, "run the layout with tiled_attention instead")
         nkb, bq, bk = self.num_kv_blocks, self.block_q, self.block_k
         tilemap = torch.full((G, nqb, nkb + 1), EMPTY, dtype=torch.long)
         ids = torch.where(self.kv_ids >= 0, self.kv_ids, torch.full_like(self.kv_ids, nkb))

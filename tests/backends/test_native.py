@@ -4,15 +4,18 @@ rows with no key, chunks of several widths), and the policy when it cannot be bu
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from attnkit import reference
 from attnkit.backends import native
+from attnkit.backends.tiled import forward as tiled_forward
 from attnkit.backends.tiled import tiled_attention
-from attnkit.errors import UnsupportedError
+from attnkit.errors import ShapeError, UnsupportedError
 from attnkit.layout import BlockLayout
 from tests.helpers import check_against_oracle, err, rand_qkv
 
@@ -81,12 +84,23 @@ def test_native_rejects_a_layout_that_points_outside(monkeypatch):
     ids = layout.kv_ids.clone()
     ids[0, 1, 1] = 2  # a third key block of a 2-block sequence
     units = torch.tensor([[0, 0, 0, 0]])
-    with pytest.raises(RuntimeError, match="points outside"):
+    with pytest.raises(ValueError, match="points outside"):
         ext.forward(q, k, v, ids, layout.mask_ids, layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32)
-    with pytest.raises(RuntimeError, match="whole query blocks"):
+    with pytest.raises(ValueError, match="whole query blocks"):
         ext.forward(
             q, k, v, ids[:, :1], layout.mask_ids[:, :1], layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32
         )
+
+
+def test_the_native_check_raises_the_python_checks_class(native_forward):
+    """Behind BlockLayout.check, the C++ bounds check is a second line with the same error class."""
+    q, k, v = rand_qkv(1, 1, 1, 32, 32, 8, seed=1)
+    layout = BlockLayout.from_blocks(torch.ones(1, 1, 2, 2, dtype=torch.bool), 32, 32, 16, causal=False)
+    layout.kv_ids[0, 1, 1] = 2  # after construction: only the kernel's own check sees it
+    with pytest.raises(ShapeError, match=r"^layout.kv_ids"):
+        layout.check(32, 32)
+    with pytest.raises(ShapeError, match=r"^layout \(the native kernel's check\): .*points outside"):
+        tiled_forward(q, k, v, layout, 0.3)
 
 
 @pytest.mark.parametrize("terms", ["rows", "cols+diags", "labels", "labels+positions"])
@@ -153,3 +167,36 @@ def test_the_build_is_reused(monkeypatch):
     native.module()
     assert any(native.build_dir().glob("*.so"))
     assert native.kernel_name() == "native"
+
+
+_BUILD = """
+import sys, time
+from attnkit.backends import native
+print(native.kernel_name(), native.build_dir(), flush=True)
+"""
+
+
+def test_processes_that_build_at_once_build_once(tmp_path):
+    """Two processes start on an empty cache that also holds a stale torch lock file (from a killed build):
+    both get the native forward, one compiles, and neither waits forever."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATTNKIT_CACHE": str(tmp_path), "ATTNKIT_TILED_KERNEL": "native"}
+    where = subprocess.run(
+        [sys.executable, "-c", "from attnkit.backends import native; print(native.build_dir())"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(where)).mkdir(parents=True)
+    (Path(where) / "lock").write_text("")  # what torch's FileBaton leaves when its process is killed
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, errs) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, errs
+        assert out.split()[0] == "native"
+    assert len(list(Path(where).glob("*.so"))) == 1

@@ -48,7 +48,9 @@ def test_bad_tensors_and_states():
         L.linear_attention(q[:, :, :, :8], k, v[..., :4], initial_state=st)
     with pytest.raises(ak.ShapeError, match="initial_state.totals: expected shape"):
         L.linear_attention(q, k, v, initial_state=st, normalize="mala")
-    with pytest.raises(ak.MemoryBudgetError, match="mode: expected .* use mode='chunk'"):
+    with pytest.raises(
+        ak.MemoryBudgetError, match=r"^mode='parallel' .*: expected at most the memory budget.*use mode='chunk'"
+    ):
         big = torch.empty(1, 64, 8192, 4)
         L.linear_attention(big, big, big, mode="parallel")
 

@@ -14,6 +14,7 @@ import functools
 import torch
 
 from .. import layout_cache
+from ..errors import memory_budget
 from ..layout_cache import Key
 from ..patterns.base import Full
 from .request import Request
@@ -39,6 +40,14 @@ def why_not(req: Request) -> str | None:
         )
     if req.normalizer is not None:
         return f"normalizer {req.normalizer!r} replaces the softmax, which FlexAttention has built in"
+    d, pat = req.dims, req.pattern
+    # create_block_mask evaluates the mask_mod on every (head, query, key) before it keeps the blocks.
+    need = (d.q_heads if pat is not None and pat.num_heads else 1) * d.q_len * d.kv_len
+    if pat is not None and need > memory_budget():
+        return (
+            f"building its BlockMask evaluates a {need / 2**20:.1f} MiB dense mask, over the memory budget of "
+            f"{memory_budget() / 2**20:.1f} MiB (ATTNKIT_MEMORY_BUDGET); use backend='tiled'"
+        )
     if req.device.type == "cpu":
         if req.needs_grad:
             return (

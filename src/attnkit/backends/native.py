@@ -8,7 +8,9 @@ the Python between ops and the padding of irregular rows (measured in ``BENCHMAR
 
 It is built with torch's extension builder (a C++ compiler and ``ninja`` are needed; both come with the set-up)
 into ``$ATTNKIT_CACHE/native/<tag>`` (``~/.cache/attnkit`` by default), keyed by the source, the torch version
-and the CPU capability, so one build serves every later process: about a minute on 2 cores, once.
+and the CPU capability, so one build serves every later process: about a minute on 2 cores, once. Threads of one
+process build once (a lock); processes that start together build once too (an ``flock`` on ``<tag>.lock``:
+the others wait and load the result), and a build that was killed leaves no lock that blocks the next.
 
 Which forward the ``tiled`` backend runs is chosen by ``ATTNKIT_TILED_KERNEL``:
 
@@ -28,8 +30,10 @@ torch-op forward, which is also what the backward always uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from ..errors import UnsupportedError, bad
 _SOURCE = Path(__file__).with_name("_native") / "tiled_forward.cpp"
 _MODES = ("auto", "native", "torch")
 _state: dict = {}
+_lock = threading.Lock()  # one build per process, whichever thread asks first
 
 
 def mode() -> str:
@@ -80,13 +85,30 @@ def _build():
     path = build_dir()
     path.mkdir(parents=True, exist_ok=True)
     _, flags = _flags()
-    return cpp_extension.load(
-        name=f"attnkit_tiled_{path.name}",
-        sources=[str(_SOURCE)],
-        extra_cflags=flags,
-        build_directory=str(path),
-        verbose=False,
-    )
+    with _exclusive(path.with_name(path.name + ".lock")):
+        # torch's own lock file: left behind by a build that was killed, it makes torch wait forever. Holding
+        # the exclusive lock, this process is the only one building, so such a file is stale.
+        (path / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=f"attnkit_tiled_{path.name}",
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            build_directory=str(path),
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive lock between processes (``flock``: the kernel releases it when its holder dies)."""
+    import fcntl
+
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def module():
@@ -95,18 +117,19 @@ def module():
     m = mode()
     if m == "torch":
         return None
-    if "module" not in _state:
-        try:
-            _state["module"] = _build()
-        except Exception as e:  # the compiler's message is what the user needs to see
-            _state["module"], _state["error"] = None, f"{type(e).__name__}: {e}"
-            if m == "auto":
-                warnings.warn(
-                    "attnkit: the tiled kernel's native forward could not be built, so the torch-op forward "
-                    f"runs instead (set ATTNKIT_TILED_KERNEL=torch to choose it and silence this): {_state['error']}",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+    with _lock:
+        if "module" not in _state:
+            try:
+                _state["module"] = _build()
+            except Exception as e:  # the compiler's message is what the user needs to see
+                _state["module"], _state["error"] = None, f"{type(e).__name__}: {e}"
+                if m == "auto":
+                    warnings.warn(
+                        "attnkit: the tiled kernel's native forward could not be built, so the torch-op forward runs "
+                        f"instead (set ATTNKIT_TILED_KERNEL=torch to choose it and silence this): {_state['error']}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
     if _state["module"] is None and m == "native":
         raise UnsupportedError(
             bad("ATTNKIT_TILED_KERNEL", "a native forward that builds here", _state.get("error", "no build"))

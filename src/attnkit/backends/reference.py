@@ -4,10 +4,19 @@ The result is cast back to the dtype of ``q``."""
 from __future__ import annotations
 
 from .. import reference as _oracle
+from ..errors import memory_budget
 from .request import Request
 
 
 def why_not(req: Request) -> str | None:
+    d = req.dims
+    # The oracle holds float64 scores, weights and a mask per (batch, head, query, key).
+    need = 17 * d.batch * d.q_heads * d.q_len * d.kv_len
+    if need > memory_budget():
+        return (
+            f"the float64 oracle needs {need / 2**20:.1f} MiB for its N x N scores, over the memory budget of "
+            f"{memory_budget() / 2**20:.1f} MiB (ATTNKIT_MEMORY_BUDGET); use backend='auto'"
+        )
     return None
 
 

@@ -9,16 +9,14 @@ dense mask would exceed the memory budget raises :class:`~attnkit.errors.MemoryB
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
 from .. import layout_cache
+from ..errors import memory_budget
 from ..layout_cache import Key
 from .request import Request
-
-DEFAULT_BUDGET = int(os.environ.get("ATTNKIT_MEMORY_BUDGET", str(4 << 30)))
 
 
 def mask_bytes(B, Hq, Nq, Nk, pattern, key_padding_mask, score) -> int:
@@ -33,7 +31,7 @@ def mask_bytes(B, Hq, Nq, Nk, pattern, key_padding_mask, score) -> int:
 
 def why_not(req: Request, budget: int | None = None) -> str | None:
     """Why this backend cannot run the request, or None."""
-    budget = DEFAULT_BUDGET if budget is None else budget
+    budget = memory_budget() if budget is None else budget
     if req.selection is not None:
         return "a dynamic selection runs on the kernels that read it: 'tiled' (blocks) or 'gather' (token indices)"
     if req.normalizer is not None:

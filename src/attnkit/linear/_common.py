@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import ShapeError, bad
-from ..shapes import Dims, validate
+from ..shapes import Dims, check_finite, validate
 
 
 def check_qkv(q, k, v, *, causal: bool, key_padding_mask=None, scale=None) -> Dims:
@@ -16,4 +16,6 @@ def check_qkv(q, k, v, *, causal: bool, key_padding_mask=None, scale=None) -> Di
     dims = replace(dims, q_len=q.shape[2])
     if causal and dims.q_len != dims.kv_len:
         raise ShapeError(bad("q", f"{dims.kv_len} tokens (those of k) for causal attention", dims.q_len))
+    # The softmax call's non-finite rule; a function with key padding selects zeros at padded keys itself.
+    check_finite(q, k, v, key_padding_mask)
     return dims

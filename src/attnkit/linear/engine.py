@@ -46,8 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import reference as _ref
-from ..backends.sdpa import DEFAULT_BUDGET
-from ..errors import DTypeError, MemoryBudgetError, PatternError, ShapeError, bad
+from ..errors import DTypeError, PatternError, ShapeError, bad, check_memory
 from ..layout import ceil_div
 from ..records import register_function
 from ._common import check_qkv
@@ -222,14 +221,7 @@ def _choose(mode, causal, n, chunk_size):
 
 def _check_budget(B, H, N, Nk, cd):
     need = B * H * N * Nk * torch.finfo(cd).bits // 8
-    if need > DEFAULT_BUDGET:
-        raise MemoryBudgetError(
-            bad(
-                "mode",
-                f"a form within the {DEFAULT_BUDGET >> 20} MiB budget: use mode='chunk'",
-                f"'parallel' needing {need >> 20} MiB for the {N} x {Nk} weights",
-            )
-        )
+    check_memory(f"mode='parallel' (the {N} x {Nk} weights)", need, "use mode='chunk', which is O(N)")
 
 
 def _state_in(state, B, H, Dv, normalize, cd):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import layout_cache
-from ..errors import PatternError, bad
+from ..errors import PatternError, bad, check_memory
 from ..layout import BlockLayout, ceil_div
 from ..layout_cache import Key
 
@@ -79,8 +79,12 @@ class Pattern:
     def dense_mask(
         self, q_len: int, kv_len: int, q_offset: int = 0, heads: int | None = None, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """Boolean mask ``(G, q_len, kv_len)``; ``G`` is 1 unless the pattern depends on the head."""
+        """Boolean mask ``(G, q_len, kv_len)``; ``G`` is 1 unless the pattern depends on the head. ``O(N^2)``:
+        over the memory budget it raises :class:`~attnkit.errors.MemoryBudgetError` before allocating."""
         self.check(q_len, kv_len, q_offset, heads)
+        check_memory(
+            "dense_mask", self._head_groups(heads) * q_len * kv_len, "use block_layout(...), which stores tiles"
+        )
         q = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
         kv = torch.arange(kv_len, device=device)[None, :]
         return torch.stack([self._eval(h, q, kv) for h in range(self._head_groups(heads))])

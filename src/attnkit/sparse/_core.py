@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import PatternError, bad
+from ..errors import PatternError, bad, check_memory
 from ..layout import BlockLayout, TokenSelect, ceil_div, tile
 
 #: What a 1-D selector supports (its record's ``supports``): causal and cross lengths, GQA, padding, bf16 and the
@@ -58,7 +58,10 @@ class Selection:
     causal: bool | None = None
 
     def dense_mask(self, heads: int) -> torch.Tensor:
-        """``(B or 1, heads, Nq, Nk)`` bool: the pairs computed, in the original token order (O(N^2); tests)."""
+        """``(B or 1, heads, Nq, Nk)`` bool: the pairs computed, in the original token order (O(N^2); tests;
+        over the memory budget, :class:`~attnkit.errors.MemoryBudgetError` before allocating)."""
+        B = self.indices.shape[0] if self.indices is not None else self.layout.batch
+        check_memory("dense_mask", B * heads * self.q_len * self.kv_len, "run the selection with attention instead")
         if self.indices is not None:
             B, H, R, K = self.indices.shape
             m = torch.zeros(B, H, R, self.kv_len + 1, dtype=torch.bool)

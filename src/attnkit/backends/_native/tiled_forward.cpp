@@ -262,10 +262,10 @@ void run_item(const Problem& p, int64_t u, int64_t r, int64_t n_slots, Scratch& 
 }
 
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, name, ": expected ", dim, " dimensions, got ", t.dim());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor");
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dim, name, ": expected ", dim, " dimensions, got ", t.dim());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -280,7 +280,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   check(mask_ids, "mask_ids", at::kLong, 3);
   check(tile_masks, "tile_masks", at::kBool, 3);
   check(units, "units", at::kLong, 2);
-  TORCH_CHECK(kv_ids.sizes() == mask_ids.sizes(), "mask_ids: expected the shape of kv_ids");
+  TORCH_CHECK_VALUE(kv_ids.sizes() == mask_ids.sizes(), "mask_ids: expected the shape of kv_ids");
   Problem p{};
   p.q = q.data_ptr<float>();
   p.k = k.data_ptr<float>();
@@ -295,14 +295,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     p.kpm = kpm->data_ptr<bool>();
   }
   // select: [] or [rows, cols, diags, q_labels, k_labels, q_positions, k_positions], an empty tensor for an absent term.
-  TORCH_CHECK(select.empty() || select.size() == 7, "select: expected 0 or 7 tensors, got ", select.size());
+  TORCH_CHECK_VALUE(select.empty() || select.size() == 7, "select: expected 0 or 7 tensors, got ", select.size());
   if (!select.empty()) {
     const int64_t groups = kv_ids.size(0);
     auto term = [&](int i, at::ScalarType dtype, int64_t dim, const char* name) -> const at::Tensor* {
       const at::Tensor& t = select[i];
       if (t.numel() == 0) return nullptr;
       check(t, name, dtype, dim);
-      TORCH_CHECK(t.size(0) == groups, name, ": expected ", groups, " groups, got ", t.size(0));
+      TORCH_CHECK_VALUE(t.size(0) == groups, name, ": expected ", groups, " groups, got ", t.size(0));
       return &t;
     };
     Select& sel = p.select;
@@ -310,10 +310,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     if (auto t = term(1, at::kBool, 3, "select.cols")) sel.cols = t->data_ptr<bool>(), sel.cols_q = t->size(1), sel.cols_k = t->size(2);
     if (auto t = term(2, at::kBool, 2, "select.diags")) sel.diags = t->data_ptr<bool>(), sel.diags_n = t->size(1);
     auto ql = term(3, at::kLong, 2, "select.q_labels"), kl = term(4, at::kLong, 2, "select.k_labels");
-    TORCH_CHECK(!ql == !kl, "select: expected both labels or neither");
+    TORCH_CHECK_VALUE(!ql == !kl, "select: expected both labels or neither");
     if (ql) sel.q_lab = ql->data_ptr<int64_t>(), sel.lab_q = ql->size(1), sel.k_lab = kl->data_ptr<int64_t>(), sel.lab_k = kl->size(1);
     auto qp = term(5, at::kLong, 2, "select.q_positions"), kp = term(6, at::kLong, 2, "select.k_positions");
-    TORCH_CHECK(!qp == !kp && (!qp || ql), "select: expected both positions, with labels, or neither");
+    TORCH_CHECK_VALUE(!qp == !kp && (!qp || ql), "select: expected both positions, with labels, or neither");
     if (qp) sel.q_pos = qp->data_ptr<int64_t>(), sel.pos_q = qp->size(1), sel.k_pos = kp->data_ptr<int64_t>(), sel.pos_k = kp->size(1);
     sel.q_offset = q_offset, sel.kv_len = kv_len;
   }
@@ -324,11 +324,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   p.bq = bq, p.bk = bk;
   p.scale = static_cast<float>(scale);
   p.max_keys = max_keys;
-  TORCH_CHECK(p.nqb * p.bq == p.nq, "q: expected ", p.nqb, " whole query blocks of ", bq, ", got ", p.nq, " rows");
-  TORCH_CHECK(p.nk % bk == 0, "k: expected whole key blocks of ", bk, ", got ", p.nk, " rows");
-  TORCH_CHECK(tile_masks.numel() == 0 || (tile_masks.size(1) == bq && tile_masks.size(2) == bk),
+  TORCH_CHECK_VALUE(p.nqb * p.bq == p.nq, "q: expected ", p.nqb, " whole query blocks of ", bq, ", got ", p.nq, " rows");
+  TORCH_CHECK_VALUE(p.nk % bk == 0, "k: expected whole key blocks of ", bk, ", got ", p.nk, " rows");
+  TORCH_CHECK_VALUE(tile_masks.numel() == 0 || (tile_masks.size(1) == bq && tile_masks.size(2) == bk),
               "tile_masks: expected (T, ", bq, ", ", bk, ")");
-  TORCH_CHECK(units.size(1) == 4, "units: expected (U, 4) rows of (batch, layout row, kv head, first q head)");
+  TORCH_CHECK_VALUE(units.size(1) == 4, "units: expected (U, 4) rows of (batch, layout row, kv head, first q head)");
   auto out = at::zeros({q.size(0), p.Hq, p.nq, p.Dv}, q.options());
   auto lse = at::full({q.size(0), p.Hq, p.nq}, kNegInf, q.options());
   p.out = out.data_ptr<float>();
@@ -339,15 +339,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t groups = kv_ids.size(0), nkb = p.nk / bk, masks = tile_masks.size(0);
   for (int64_t u = 0; u < U; ++u) {
     const int64_t b = p.units[4 * u], lh = p.units[4 * u + 1], hk = p.units[4 * u + 2], h0 = p.units[4 * u + 3];
-    TORCH_CHECK(b >= 0 && b < q.size(0) && lh >= 0 && lh < groups && hk >= 0 && hk < p.Hkv && h0 >= 0 &&
+    TORCH_CHECK_VALUE(b >= 0 && b < q.size(0) && lh >= 0 && lh < groups && hk >= 0 && hk < p.Hkv && h0 >= 0 &&
                     h0 + G <= p.Hq,
                 "units: row ", u, " is out of range");
     for (int64_t r = 0; r < p.nqb; ++r) {
       const int64_t n = row_slots(p, lh, r), *ids = p.kv_ids + (lh * p.nqb + r) * p.S;
       const int64_t* mids = p.mask_ids + (lh * p.nqb + r) * p.S;
       for (int64_t s = 0; s < n; ++s)
-        TORCH_CHECK(ids[s] < nkb && mids[s] < masks && mids[s] >= -1, "kv_ids/mask_ids: slot (", lh, ", ", r, ", ",
-                    s, ") points outside the keys or the tile masks");
+        TORCH_CHECK_VALUE(ids[s] < nkb && mids[s] < masks && mids[s] >= -1, "kv_ids/mask_ids: slot (", lh, ", ",
+                          r, ", ", s, ") points outside the keys or the tile masks");
       cost[u * p.nqb + r] = n;
     }
   }

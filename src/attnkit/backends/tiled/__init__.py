@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import DTypeError, UnsupportedError, bad
-from ...shapes import validate
+from ...errors import DTypeError, ShapeError, UnsupportedError, bad
+from ...shapes import check_finite, validate
 from ...layout import BlockLayout
 from .. import native
 from ._backward import backward
@@ -74,24 +74,28 @@ def forward(
     fused = score is None and normalizer is None and layout.select is None
     if score is None and normalizer is None and cd == torch.float32 and (ext := native.module()) is not None:
         table = torch.tensor(list(_units(B, Hq, Hkv, G, layout)), dtype=torch.long).view(-1, 4)
-        out, lse = ext.forward(
-            qp,
-            kp,
-            vp,
-            layout.kv_ids.long().contiguous(),
-            layout.mask_ids.long().contiguous(),
-            layout.tile_masks.bool().contiguous(),
-            kpm,
-            table,
-            G,
-            bq,
-            bk,
-            scale,
-            _NATIVE_KEYS,
-            _select_terms(layout.select),
-            layout.q_offset,
-            layout.kv_len,
-        )
+        args = (layout.kv_ids.long(), layout.mask_ids.long(), layout.tile_masks.bool())
+        try:
+            out, lse = ext.forward(
+                qp,
+                kp,
+                vp,
+                *(t.contiguous() for t in args),
+                kpm,
+                table,
+                G,
+                bq,
+                bk,
+                scale,
+                _NATIVE_KEYS,
+                _select_terms(layout.select),
+                layout.q_offset,
+                layout.kv_len,
+            )
+        except (ValueError, TypeError) as e:
+            # The C++ bounds and shape checks are a second line behind BlockLayout.check: the same error class.
+            cls = DTypeError if isinstance(e, TypeError) else ShapeError
+            raise cls(f"layout (the native kernel's check): {str(e).splitlines()[0]}") from None
         return out[:, :, :Nq], lse[:, :, :Nq]
     # The fused runs write only the rows they reach (a row with no tile keeps 0 and -inf).
     out_f = (torch.zeros if fused else torch.empty)(B, units, nqb, G * bq, Dv, dtype=cd)
@@ -157,6 +161,9 @@ def tiled_attention(
             bad("q", "tensors on the CPU (tiled is a CPU kernel; on GPU use backend='flex')", q.device)
         )
     layout.check(dims.q_len, dims.kv_len)
+    k, v = check_finite(q, k, v, key_padding_mask)
+    if layout.select is not None and layout.q_offset != q_offset:
+        raise ShapeError(bad("q_offset", f"the layout's q_offset {layout.q_offset}", q_offset))
     return _tiled(q, k, v, layout, scale, score, key_padding_mask, q_offset, normalizer)
 
 
@@ -167,8 +174,6 @@ def _tiled(q, k, v, layout: BlockLayout, scale, score, key_padding_mask, q_offse
         raise UnsupportedError(
             bad("normalizer", "None with a token-grain selection (the row counts ignore it)", normalizer)
         )
-    if layout.select is not None and layout.q_offset != q_offset:
-        raise UnsupportedError(bad("q_offset", f"the layout's q_offset {layout.q_offset}", q_offset))
     return _TiledFunction.apply(q, k, v, layout, scale, score, key_padding_mask, q_offset, normalizer)
 
 
