@@ -84,7 +84,7 @@ def _request(
     """Validate the call; run a selector's ``select``. Returns the request and the selection's seconds."""
     dims = validate(q, k, v, key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale)
     k, v = check_finite(q, k, v, key_padding_mask)
-    if backend != "auto" and backend not in BACKENDS:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ShapeError(bad("backend", f"'auto' or one of {tuple(BACKENDS)}", repr(backend)))
     if causal not in (None, True, False):
         raise DTypeError(bad("causal", "None, True or False", repr(causal)))
@@ -156,6 +156,8 @@ def _select(selector, q, k, v, dims, causal, kpm) -> tuple[Selection, bool]:
         )
     if isinstance(selector, Selection) and sel.layout is not None:
         sel.layout.check(dims.q_len, dims.kv_len)  # the caller's layout, maybe hand-made; ours are well formed
+    elif isinstance(selector, Selection) and sel.indices is not None:
+        sel.check_indices(dims.batch, dims.q_heads)
     return sel, causal
 
 

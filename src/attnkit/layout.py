@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ShapeError, bad, check_memory
+from .errors import ShapeError, bad, check_count, check_memory
 
 FULL = -1
 EMPTY = -2
@@ -152,6 +152,8 @@ class BlockLayout:
             return
         if (self.q_len, self.kv_len) != (q_len, kv_len):
             raise ShapeError(bad("layout", f"one made for {q_len} x {kv_len}", f"{self.q_len} x {self.kv_len}"))
+        for name in ("batch", "block_q", "block_k"):
+            check_count(f"layout.{name}", getattr(self, name), 1)
         ids, mids, masks = self.kv_ids, self.mask_ids, self.tile_masks
         nqb, nkb = ceil_div(q_len, self.block_q), self.num_kv_blocks
         if not isinstance(ids, torch.Tensor) or ids.dim() != 3 or ids.shape[1] != nqb or ids.dtype.is_floating_point:
@@ -176,10 +178,10 @@ class BlockLayout:
             if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
                 raise ShapeError(bad("layout.kv_ids", "each key block at most once per row", "a repeated id"))
             live = mids[~hole]
-            if live.numel() and (int(live.min()) < EMPTY or int(live.max()) >= masks.shape[0]):
-                raise ShapeError(
-                    bad("layout.mask_ids", f"FULL, EMPTY or a tile-mask index < {masks.shape[0]}", "an id outside")
-                )
+            # EMPTY marks the holes; a tile in a row is FULL or has a mask (an empty tile has no slot).
+            if live.numel() and (int(live.min()) < FULL or int(live.max()) >= masks.shape[0]):
+                got = f"[{int(live.min())}, {int(live.max())}] at the row's tiles"
+                raise ShapeError(bad("layout.mask_ids", f"FULL (-1) or a tile-mask index < {masks.shape[0]}", got))
         if self.select is not None:
             self.select.check(ids.shape[0], q_len, kv_len, nqb=nqb, nkb=nkb)
         self._checked = (q_len, kv_len)

@@ -22,10 +22,18 @@ def why_not(req: Request) -> str | None:
 
 def run(req: Request):
     if req.selection is not None:
-        out = _oracle.selected_attention(
-            req.q, req.k, req.v, req.selection, causal=req.causal, key_padding_mask=req.key_padding_mask
+        res = _oracle.selected_attention(
+            req.q,
+            req.k,
+            req.v,
+            req.selection,
+            causal=req.causal,
+            key_padding_mask=req.key_padding_mask,
+            return_lse=req.return_lse,
+            scale=req.scale,
         )
-        return out.to(req.q.dtype), None
+        out, lse = res if req.return_lse else (res, None)
+        return out.to(req.q.dtype), lse
     res = _oracle.attention(
         req.q,
         req.k,

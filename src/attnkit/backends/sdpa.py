@@ -89,20 +89,22 @@ def run(req: Request):
 
 
 def _lse(q, k, attn_mask, scale, g, chunk: int = 1024, causal: bool = False):
-    """``logsumexp`` of the masked logits, in chunks of queries (float32, ``-inf`` on empty rows).
+    """``logsumexp`` of the masked logits, in chunks of queries (float32, float64 for float64 inputs; ``-inf``
+    on empty rows).
 
     ``causal`` applies ``kv <= q`` chunk by chunk instead of a dense mask.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    kk = k.repeat_interleave(g, 1).float() if g > 1 else k.float()
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kk = (k.repeat_interleave(g, 1) if g > 1 else k).to(cd)
     out = []
     for i in range(0, q.shape[2], chunk):
-        s = torch.matmul(q[:, :, i : i + chunk].float(), kk.transpose(-1, -2)) * scale
+        s = torch.matmul(q[:, :, i : i + chunk].to(cd), kk.transpose(-1, -2)) * scale
         if causal:
             qi = torch.arange(i, i + s.shape[2], device=q.device)[:, None]
             s = s.masked_fill(torch.arange(k.shape[2], device=q.device)[None, :] > qi, float("-inf"))
         if attn_mask is not None:
             m = attn_mask[:, :, i : i + chunk]
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cd)
         out.append(torch.logsumexp(s, -1))
     return torch.cat(out, -1)

@@ -142,8 +142,9 @@ def linear_attention(
         y, s = _run(form, qf, kf, va, logd, causal, s, chunk_size)
         tot = None
         if totals:
-            one = torch.ones_like(va[..., :1])
-            tot, t = _run(form, one, one, va, logd, causal, t, chunk_size)
+            # The totals are the same recurrence with phi = 1: a query-length and a key-length column of ones.
+            ones_q, ones_k = qf.new_ones(*qf.shape[:-1], 1), kf.new_ones(*kf.shape[:-1], 1)
+            tot, t = _run(form, ones_q, ones_k, va, logd, causal, t, chunk_size)
         o = _normalise(y, tot, normalize, Dv)
         if direct:
             out[:, :, a : a + o.shape[2]] = o

@@ -25,7 +25,7 @@ def every_dim(q_idx, kv_idx, shape: tuple[int, ...], rule):
 
 def grid_shape(shape) -> tuple[int, ...]:
     """Check and normalise a grid shape of 1 to 3 positive sizes."""
-    dims = 1 if isinstance(shape, int) else len(tuple(shape))
+    dims = len(shape) if isinstance(shape, (tuple, list)) else 1
     out = as_tuple("shape", shape, dims)
     if not 1 <= len(out) <= 3:
         raise PatternError(bad("shape", "1 to 3 spatial sizes", shape))

@@ -136,7 +136,7 @@ class Pattern:
         """The tiles this pattern touches at ``block_q x block_k`` (multiples of 16). Cached."""
         block_k = block_q if block_k is None else block_k
         for name, bsz in (("block_q", block_q), ("block_k", block_k)):
-            if bsz <= 0 or bsz % _FINE:
+            if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz <= 0 or bsz % _FINE:
                 raise PatternError(bad(name, f"a positive multiple of {_FINE}", bsz))
         key = Key("layout", self, q_len, kv_len, q_offset, heads, (block_q, block_k))
         hit = layout_cache.get(key)
@@ -309,7 +309,12 @@ def _require_int(name: str, value, lo: int = 1) -> int:
 
 def as_tuple(name: str, value, dims: int, lo: int = 1) -> tuple[int, ...]:
     """Broadcast an int to a per-dimension tuple (NATTEN style) and check every entry."""
-    vals = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        vals = (value,) * dims
+    elif isinstance(value, (tuple, list)):
+        vals = tuple(value)
+    else:
+        raise PatternError(bad(name, f"an int or a tuple of {dims} ints", repr(value)))
     if len(vals) != dims:
         raise PatternError(bad(name, f"an int or a tuple of {dims} ints", repr(value)))
     for v in vals:

@@ -51,8 +51,9 @@ class HaloBlocks(GridPattern):
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         def rule(i, xq, xk):
-            lo = (xq // self.block[i]) * self.block[i] - self.halo[i]
-            return (xk >= lo) & (xk < lo + self.block[i] + 2 * self.halo[i])
+            halo = min(self.halo[i], self.shape[i])  # a halo past the input size reaches all of it (no overflow)
+            lo = (xq // self.block[i]) * self.block[i] - halo
+            return (xk >= lo) & (xk < lo + self.block[i] + 2 * halo)
 
         return every_dim(q_idx, kv_idx, self.shape, rule)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import PatternError, bad, check_memory
+from ..errors import PatternError, ShapeError, bad, check_memory
 from ..layout import BlockLayout, TokenSelect, ceil_div, tile
 
 #: What a 1-D selector supports (its record's ``supports``): causal and cross lengths, GQA, padding, bf16 and the
@@ -56,6 +56,26 @@ class Selection:
     q_offset: int | None = None
     stats: dict = field(default_factory=dict)
     causal: bool | None = None
+
+    def check_indices(self, batch: int, heads: int) -> None:
+        """Raise :class:`~attnkit.errors.ShapeError` unless ``indices`` (a caller's, maybe hand-made) is an
+        integer ``(batch or 1, heads, ceil(q_len / query_block), K)`` tensor of key ids in ``[-1, kv_len)``."""
+        idx, qb = self.indices, self.query_block
+        if isinstance(qb, bool) or not isinstance(qb, int) or qb < 1:
+            raise ShapeError(bad("selection.query_block", "an int >= 1", repr(qb)))
+        rows = -(-self.q_len // qb)
+        want = f"an integer (batch or 1, {heads}, {rows}, K) tensor"
+        if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ShapeError(bad("selection.indices", want, getattr(idx, "dtype", type(idx).__name__)))
+        if idx.dim() != 4 or idx.shape[0] not in (1, batch) or tuple(idx.shape[1:3]) != (heads, rows):
+            raise ShapeError(bad("selection.indices", want, tuple(idx.shape)))
+        if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= self.kv_len):
+            raise ShapeError(
+                bad("selection.indices", f"key ids in [-1, {self.kv_len})", f"[{int(idx.min())}, {int(idx.max())}]")
+            )
+        srt = idx.sort(-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ShapeError(bad("selection.indices", "each key at most once per row", "a repeated id"))
 
     def dense_mask(self, heads: int) -> torch.Tensor:
         """``(B or 1, heads, Nq, Nk)`` bool: the pairs computed, in the original token order (O(N^2); tests;
@@ -157,6 +177,7 @@ def check_budget(budget, name: str = "budget"):
         raise PatternError(bad(name, "a fraction in (0, 1]", budget))
     if isinstance(budget, int) and budget < 1:
         raise PatternError(bad(name, "an int >= 1 (a number of blocks)", budget))
+    return budget
 
 
 def check_block(block, name: str = "block_size", pair: bool = False):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PatternError, ShapeError, bad
+from ..errors import PatternError, ShapeError, bad, check_memory
 from ..layout import BlockLayout, TokenSelect, ceil_div
 from ..records import register
-from ._core import Selection, Selector, expand_kv
+from ._core import Selection, Selector, check_budget, expand_kv
 
 
 class KMeansRouting(Selector, torch.nn.Module):
@@ -56,6 +56,7 @@ class KMeansRouting(Selector, torch.nn.Module):
                 raise PatternError(bad(name, "an int >= 1", repr(val)))
         if not 0.0 <= decay < 1.0:
             raise PatternError(bad("decay", "a float in [0, 1)", decay))
+        check_memory("KMeansRouting centroids", 4 * heads * num_clusters * head_dim, "use fewer heads or clusters")
         g = torch.Generator().manual_seed(seed)
         mu = torch.nn.functional.normalize(torch.randn(heads, num_clusters, head_dim, generator=g), dim=-1)
         self.register_buffer("centroids", mu)
@@ -151,7 +152,7 @@ register(
     exact=False,
     supports={"gqa", "backward", "bf16", "padding", "causal", "trainable"},
     factory=lambda n, *, budget=0.125, heads=4, kv_heads=2, head_dim=16, block=64: KMeansRouting(
-        heads, head_dim, max(1, round(1 / budget)), block_size=block
+        heads, head_dim, max(1, round(1 / check_budget(budget))), block_size=block
     ),
     summary="online k-means over unit q and k, attention inside each cluster (1/budget clusters)",
     source=KMeansRouting,

@@ -22,7 +22,13 @@ def _flash(qc, kc, vc, *, mask, dead, G, bq, scale, causal=False):
     gives rows with no visible key ``out = 0`` but ``lse = 0``: ``dead`` rows (broadcastable to ``(C, 1, bq)``)
     are set to ``-inf``."""
     C, _, D = qc.shape
-    L = kc.shape[1]
+    L, Dv = kc.shape[1], vc.shape[-1]
+    if Dv != D:
+        # The op wants one head size: zero columns change neither q.k (on q, k) nor the output's first Dv.
+        E = max(D, Dv)
+        qc, kc, vc = (torch.nn.functional.pad(t, (0, E - t.shape[-1])) for t in (qc, kc, vc))
+        out, lse = _flash(qc, kc, vc, mask=mask, dead=dead, G=G, bq=bq, scale=scale, causal=causal)
+        return out[..., :Dv], lse
     mask = None if mask is None else mask.to(qc.dtype)
     kc, vc = kc[:, None], vc[:, None]
     if causal or (mask is not None and mask.shape[2] > 1):
