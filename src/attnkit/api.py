@@ -8,6 +8,7 @@ the same path: a selector's ``select`` runs first (under ``torch.no_grad``) and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -83,7 +84,9 @@ def _request(
 ) -> tuple[Request, float | None]:
     """Validate the call; run a selector's ``select``. Returns the request and the selection's seconds."""
     dims = validate(q, k, v, key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale)
-    k, v = check_finite(q, k, v, key_padding_mask)
+    if isinstance(pattern, Selector):
+        # A selector reads q and k before any kernel: NaN would make a meaningless choice (or a raw error).
+        k, v = check_finite(q, k, v, key_padding_mask)
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ShapeError(bad("backend", f"'auto' or one of {tuple(BACKENDS)}", repr(backend)))
     if causal not in (None, True, False):
@@ -300,18 +303,36 @@ def attention(
 def _run(req: Request, backend: str):
     choice, reasons = _choose(req, backend)
     _raise_if_cannot(choice, reasons)
-    out, lse = BACKENDS[choice].run(req)
-    # The inputs are finite (check_finite); a non-finite output is an overflow (logits or values beyond the
-    # dtype's range) or a score modification that made one. One cheap sum finds it.
-    if out.device.type != "meta" and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
-        raise NonFiniteError(
-            bad(
-                "q, k, v",
-                f"values whose logits and outputs fit in {out.dtype}",
-                "finite inputs that gave a non-finite output (overflow, or a score modification returned NaN/inf)",
-            )
+    mod = BACKENDS[choice]
+    # The non-finite rule (check_finite). A backend whose kernel carries every NaN or inf of q, k or v that
+    # reaches a row into that row's output is checked after it runs, with one sum over the output, a third of
+    # the cost of checking q, k and v first; the others are checked first.
+    if not mod.PROPAGATES_NONFINITE:
+        req = _finite(req)
+    out, lse = mod.run(req)
+    if _all_finite(out):
+        return out, lse
+    clean = _finite(req)  # raises NonFiniteError naming the first bad input
+    if clean is not req:  # only padded keys held NaN or inf, which a kernel multiplied by 0: run without them
+        out, lse = mod.run(clean)
+        if _all_finite(out):
+            return out, lse
+    raise NonFiniteError(
+        bad(
+            "q, k, v",
+            f"values whose logits and outputs fit in {out.dtype}",
+            "finite inputs that gave a non-finite output (overflow, or a score modification returned NaN/inf)",
         )
-    return out, lse
+    )
+
+
+def _finite(req: Request) -> Request:
+    k, v = check_finite(req.q, req.k, req.v, req.key_padding_mask)
+    return req if k is req.k and v is req.v else dataclasses.replace(req, k=k, v=v)
+
+
+def _all_finite(out: torch.Tensor) -> bool:
+    return out.device.type == "meta" or bool(torch.isfinite(out.sum())) or bool(torch.isfinite(out).all())
 
 
 def sparse_attention(

@@ -108,3 +108,9 @@ def test_a_decay_that_is_no_number_is_named():
     for decay in ("x", object(), [[0.5]]):
         with pytest.raises(ak.PatternError, match=r"^decay: expected a float"):
             L.linear_attention(q, q, q, decay=decay)
+
+
+def test_cross_attention_names_a_non_tensor_key():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ak.DTypeError, match="^k: expected a torch.Tensor, got list"):
+        L.linear_attention(q, [1, 2], q, causal=False)

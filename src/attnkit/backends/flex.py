@@ -30,6 +30,9 @@ def available() -> bool:
     return True
 
 
+# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
+PROPAGATES_NONFINITE = False  # a NaN logit becomes a zero row (measured), so inputs are checked first
+
 def why_not(req: Request) -> str | None:
     if not available():
         return "torch.nn.attention.flex_attention is not available in this torch build"

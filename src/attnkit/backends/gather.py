@@ -16,6 +16,9 @@ from .request import Request
 _GATHER_ELEMS = 1 << 22  # gathered key elements per chunk (16 MiB in fp32)
 
 
+# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
+PROPAGATES_NONFINITE = False  # not measured for every gather order: inputs are checked first
+
 def why_not(req: Request) -> str | None:
     if req.selection is None or req.selection.indices is None:
         return "gather runs token-index selections (Sparsifiner, Dynamic Mask Attention) only"

@@ -8,6 +8,9 @@ from ..errors import memory_budget
 from .request import Request
 
 
+# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
+PROPAGATES_NONFINITE = True  # plain float64 products: NaN and inf propagate
+
 def why_not(req: Request) -> str | None:
     d = req.dims
     # The oracle holds float64 scores, weights and a mask per (batch, head, query, key).

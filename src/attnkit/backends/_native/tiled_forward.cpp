@@ -38,6 +38,7 @@ extern "C" int MKL_Set_Num_Threads_Local(int n);
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 // Row-major C (M x N) = A (M x K) B^T, B given as (N x K): column-major C^T = B A^T.
 void gemm_abt(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
@@ -75,17 +76,27 @@ inline __m256 exp_nonpositive(__m256 x) {
 }
 #endif
 
-float row_max(const float* x, int n) {
+// The row's max, and whether it holds a NaN (max ignores NaN, and the exp below would turn it into a number:
+// a NaN logit is a non-finite q or k reaching this row, which must reach the output as NaN).
+float row_max(const float* x, int n, bool& nan) {
   float m = kNegInf;
   int i = 0;
 #ifdef ATTNKIT_AVX2
-  __m256 vm = _mm256_set1_ps(kNegInf);
-  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+  __m256 vm = _mm256_set1_ps(kNegInf), vn = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vm = _mm256_max_ps(vm, v);
+    vn = _mm256_or_ps(vn, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   alignas(32) float t[8];
   _mm256_store_ps(t, vm);
   for (float v : t) m = std::max(m, v);
+  nan = nan || _mm256_movemask_ps(vn) != 0;
 #endif
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (; i < n; ++i) {
+    m = std::max(m, x[i]);
+    nan = nan || std::isnan(x[i]);
+  }
   return m;
 }
 
@@ -147,6 +158,7 @@ struct Problem {
 
 struct Scratch {
   std::vector<float> q, k, v, s, o, m, l;
+  std::vector<char> bad;  // (M,): a non-finite q or logit reached the row; its output becomes NaN
   std::vector<int> dead_cols;
   std::vector<char> allow;  // (bq, bk): the pairs of one tile that interact
   explicit Scratch(const Problem& p) {
@@ -158,6 +170,7 @@ struct Scratch {
     o.resize(M * p.Dv);
     m.resize(M);
     l.resize(M);
+    bad.resize(M);
     allow.resize(p.bq * p.bk);
   }
 };
@@ -178,10 +191,14 @@ void run_item(const Problem& p, int64_t u, int64_t r, int64_t n_slots, Scratch& 
   const int64_t bq = p.bq, bk = p.bk, D = p.D, Dv = p.Dv, M = p.G * bq;
   const int64_t cap = std::max<int64_t>(1, p.max_keys / bk);
 
+  std::fill(w.bad.begin(), w.bad.begin() + M, 0);
   for (int64_t g = 0; g < p.G; ++g) {
     const float* src = p.q + ((b * p.Hq + h0 + g) * p.nq + r * bq) * D;
     float* dst = w.q.data() + g * bq * D;
     for (int64_t i = 0; i < bq * D; ++i) dst[i] = src[i] * p.scale;
+    for (int64_t i = 0; i < bq; ++i)
+      for (int64_t d = 0; d < D; ++d)
+        if (!std::isfinite(src[i * D + d])) w.bad[g * bq + i] = 1;
   }
   std::fill(w.m.begin(), w.m.begin() + M, kNegInf);
   std::fill(w.l.begin(), w.l.begin() + M, 0.f);
@@ -232,8 +249,10 @@ void run_item(const Problem& p, int64_t u, int64_t r, int64_t n_slots, Scratch& 
     }
     for (int64_t i = 0; i < M; ++i) {
       float* x = S + i * L;
-      const float mx = std::max(w.m[i], row_max(x, L));
-      if (mx == kNegInf) {  // nothing visible yet: add nothing
+      bool nan = false;
+      const float mx = std::max(w.m[i], row_max(x, L, nan));
+      if (nan || mx == kPosInf) w.bad[i] = 1;
+      if (mx == kNegInf || w.bad[i]) {  // nothing visible yet (or a poisoned row): add nothing
         std::fill(x, x + L, 0.f);
         continue;
       }
@@ -252,8 +271,13 @@ void run_item(const Problem& p, int64_t u, int64_t r, int64_t n_slots, Scratch& 
   for (int64_t g = 0; g < p.G; ++g)
     for (int64_t i = 0; i < bq; ++i) {
       const int64_t row = g * bq + i, head = h0 + g, pos = r * bq + i;
-      if (w.l[row] == 0.f) continue;  // no visible key: out 0, lse -inf as initialised
       float* dst = p.out + ((b * p.Hq + head) * p.nq + pos) * Dv;
+      if (w.bad[row]) {  // the caller's finite check on the output names the input
+        std::fill(dst, dst + Dv, std::numeric_limits<float>::quiet_NaN());
+        p.lse[(b * p.Hq + head) * p.nq + pos] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      if (w.l[row] == 0.f) continue;  // no visible key: out 0, lse -inf as initialised
       const float inv = 1.f / w.l[row];
       const float* o = w.o.data() + row * Dv;
       for (int64_t d = 0; d < Dv; ++d) dst[d] = o[d] * inv;

@@ -15,6 +15,9 @@ from ..request import Request
 from . import _tiled
 
 
+# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
+PROPAGATES_NONFINITE = True  # the native forward marks such rows NaN; the torch ops propagate
+
 def why_not(req: Request) -> str | None:
     if req.device.type != "cpu":
         return f"tiled is a CPU kernel; on {req.device.type} use 'flex' (compiled FlexAttention) or 'sdpa'"
