@@ -14,6 +14,7 @@ the whole test suite does not change the settings of the other tests (whose ``ci
 from __future__ import annotations
 
 import os
+import resource
 
 import pytest
 import torch
@@ -53,6 +54,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: Address space of the test process while the fuzz tests run. Extreme sizes must never allocate; where an
+#: implementation tries (a span pattern allocates per token, a selector sizes its weights by ``heads``), the cap
+#: turns what would be an OOM kill of the whole session into an allocation error, which the rules report.
+MEMORY_CAP = int(os.environ.get("ATTNKIT_FUZZ_MEMORY_CAP", str(8 << 30)))
+
+
+@pytest.fixture(autouse=True, scope="package")
+def _memory_cap():
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = MEMORY_CAP if hard == resource.RLIM_INFINITY else min(MEMORY_CAP, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def pytest_terminal_summary(terminalreporter):
