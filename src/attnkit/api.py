@@ -307,7 +307,7 @@ def _run(req: Request, backend: str):
     # The non-finite rule (check_finite). A backend whose kernel carries every NaN or inf of q, k or v that
     # reaches a row into that row's output is checked after it runs, with one sum over the output, a third of
     # the cost of checking q, k and v first; the others are checked first.
-    if not mod.PROPAGATES_NONFINITE:
+    if not mod.carries_nonfinite(req):
         req = _finite(req)
     out, lse = mod.run(req)
     if _all_finite(out):

@@ -182,6 +182,14 @@ class BlockLayout:
             if live.numel() and (int(live.min()) < FULL or int(live.max()) >= masks.shape[0]):
                 got = f"[{int(live.min())}, {int(live.max())}] at the row's tiles"
                 raise ShapeError(bad("layout.mask_ids", f"FULL (-1) or a tile-mask index < {masks.shape[0]}", got))
+            tail = kv_len % self.block_k
+            if tail:  # the last key block runs past kv_len: its tiles must not count the padding as keys
+                edge = mids[ids == nkb - 1]
+                if bool((edge == FULL).any()) or (
+                    edge.numel() and bool(masks[edge[edge >= 0]][..., tail:].any())
+                ):  # fmt: skip
+                    want = f"the last key block's tiles masked to its {tail} real keys (not FULL)"
+                    raise ShapeError(bad("layout.mask_ids", want, "a tile that counts keys past kv_len"))
         if self.select is not None:
             self.select.check(ids.shape[0], q_len, kv_len, nqb=nqb, nkb=nkb)
         self._checked = (q_len, kv_len)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ShapeError, bad
+from .errors import PatternError, ShapeError, bad, check_count, check_memory
 
 FAMILIES = {
     "A": "static sparse patterns",
@@ -93,6 +93,23 @@ class Record:
     fit: Callable | None = None
 
     def make(self, n: int = 256, **options):
+        """``factory(n, **options)``, the kind's common keywords checked first (named errors, not a crash deep
+        in a constructor): sizes are ints >= 1; a ``block`` longer than the sequence is one block over all of it
+        (clamped, as ``chunk_size`` is); a selector's learned projections (bounded by ``heads x head_dim^2``
+        floats each) must fit the memory budget before any is allocated."""
+        check_count("n", n, 1, error=PatternError)
+        for name in ("heads", "kv_heads", "head_dim", "block", "dim"):
+            if name in options:
+                check_count(name, options[name], 1, error=PatternError)
+        if "block" in options:
+            options["block"] = min(options["block"], 1 << max(4, (n - 1).bit_length()))
+        if "budget" in options and isinstance(options["budget"], int) and not isinstance(options["budget"], bool):
+            options["budget"] = min(options["budget"], n)  # more blocks or tokens than the sequence has is all
+        if self.kind == "selector":
+            d = {p.name: p.default for p in inspect.signature(self.factory).parameters.values()}
+            heads = max(options.get(h, d.get(h, 1)) for h in ("heads", "kv_heads"))
+            dim = options.get("head_dim", d.get("head_dim", 1))
+            check_memory(f"{self.name}.make", 16 * heads * dim * dim, "use fewer heads or a smaller head_dim")
         return self.factory(n, **options)
 
     @property

@@ -226,10 +226,16 @@ def expect_valid(
             fail(NaNOutput, label, "NaN in lse")
         else:
             empty = torch.isneginf(lse_ref)
-            if not torch.equal(torch.isneginf(lse), empty):
+            # A row whose weights sum below the compute dtype's smallest normal (e.g. sigmoid weights of logits
+            # near -100 in float32) may underflow to lse = -inf: the dtype's limit, not a visibility error.
+            cd = torch.float64 if dtype == torch.float64 else torch.float32
+            tiny = lse_ref.double() < math.log(torch.finfo(cd).tiny)
+            got = torch.isneginf(lse)
+            if bool((got != empty)[~tiny].any()) or bool((got & ~empty & ~tiny).any()):
                 fail(WrongResult, label, "lse is -inf exactly where no key is visible: mismatch")
             else:
-                close(label + " (lse)", lse.masked_fill(empty, 0), lse_ref.masked_fill(empty, 0), dtype)
+                skip = empty | (tiny & got)
+                close(label + " (lse)", lse.masked_fill(skip, 0), lse_ref.masked_fill(skip, 0), dtype)
     return out
 
 

@@ -218,8 +218,9 @@ def _seq_pattern(draw, value, Hq):
 
 
 def small_or_edge(lo):
-    """Pattern parameters: mostly small, sometimes huge (valid: >= lo)."""
-    return st.one_of(st.integers(lo, 2 * MAX_N), st.sampled_from([2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1]))
+    """Pattern parameters: mostly small, sometimes huge (valid: >= lo and <= 2**62, the largest that int64
+    positions can use; larger is a PatternError, which test_patterns draws)."""
+    return st.one_of(st.integers(lo, 2 * MAX_N), st.sampled_from([2**31 - 1, 2**31, 2**32, 2**62 - 1, 2**62]))
 
 
 @st.composite

@@ -160,6 +160,27 @@ def poisoned(draw, tensor_names=("q", "k", "v")):
     return c, kw, backend, (q, k, v), (q64, k64, v64), names
 
 
+def reaching(c, kw, q, k, v) -> set:
+    """The tensors whose NaN/inf can reach the output: q at a row that sees a key, k/v at a key some query
+    (of its group's heads) sees under the pattern and the padding."""
+    B, Hq, Hkv, Nq, Nk, D, Dv = c.dims
+    pat = effective(kw.get("pattern"), kw.get("causal"))
+    vis = torch.ones(1, Hq, Nq, Nk, dtype=torch.bool)
+    if pat is not None:
+        vis = pattern_mask(pat, Nq, Nk, c.q_offset, Hq)[None].expand(1, Hq, Nq, Nk)
+    if c.kpm is not None:
+        vis = vis & c.kpm[:, None, None, :]
+    vis = vis.expand(B, Hq, Nq, Nk)
+    out = set()
+    if bool((~torch.isfinite(q)).any(-1).logical_and(vis.any(-1)).any()):
+        out.add("q")
+    seen = vis.view(B, Hkv, Hq // Hkv, Nq, Nk).any(2).any(2)  # (B, Hkv, Nk): a key some query sees
+    for name, t in (("k", k), ("v", v)):
+        if bool((~torch.isfinite(t)).any(-1).logical_and(seen).any()):
+            out.add(name)
+    return out
+
+
 @given(poisoned())
 @fuzz_settings(400)
 @C.counted
@@ -167,6 +188,17 @@ def test_nonfinite_inputs(case):
     c, kw, backend, (q, k, v), r64, names = case
     if not names:  # NaN/inf at padded keys only: a valid call, the reference with those entries zeroed
         check_valid_call(c, kw, backend, tensors=(q, k, v), ref_tensors=r64, label="non-finite at padded keys only: ")
+        return
+    reached = reaching(c, kw, q, k, v)
+    if not reached:
+        # The rule is about values that can reach the output: one no query sees may be refused (a kernel that
+        # reads every key, like SDPA's) or ignored (one that skips the tile), never turned into a wrong answer.
+        out, e = C.attempt(lambda: ak.attention(q, k, v, backend=backend, **kw))
+        if isinstance(e, ak.NonFiniteError):
+            return
+        zeroed = tuple(torch.nan_to_num(t, 0.0, 0.0, 0.0) for t in (q, k, v))
+        check_valid_call(c, kw, backend, tensors=zeroed, ref_tensors=tuple(t.double() for t in zeroed),
+                         label="non-finite where no query reaches: ")  # fmt: skip
         return
     C.expect_nonfinite(
         f"attention(backend={backend!r}, {kw_label(kw)}) with non-finite {sorted(names)} on {c.label()}",

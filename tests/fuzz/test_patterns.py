@@ -26,7 +26,8 @@ SPAN_LENGTHS = (0, -1, -(2**63), 2**62, 2**63 - 1, 2**64, True, 2.5, None, "8", 
 
 
 def _valid_int(x, lo):
-    return type(x) is int and x >= lo
+    # Past 2**62 a size reaches no further on int64 positions: a PatternError, not a wrapped comparison.
+    return type(x) is int and lo <= x <= 2**62
 
 
 def _grid(draw):
@@ -126,7 +127,7 @@ def test_patterns_with_extreme_parameters(built, data):
     if e is not None:
         if valid:
             C.fail(C.ValidRefused, label, "valid parameters refused: " + C._desc(e), e)
-        elif not C.is_named(e):
+        elif not (C.is_named(e) or isinstance(e, ak.MemoryBudgetError)):  # a span of 2**63 tokens meets the budget
             C.fail(
                 C.WrongErrorType if isinstance(e, ak.AttnkitError) else C._crash_class(type(e).__name__),
                 label,

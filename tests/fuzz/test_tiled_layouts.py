@@ -37,8 +37,9 @@ def kernel(name: str):
 
 @st.composite
 def layouts(draw, B, Hq, Hkv, Nq, Nk, q_offset):
-    """A well-formed layout for these sizes: any tile sizes, per-batch / per-head groups, FULL, EMPTY and
-    partial tiles, empty rows, and maybe a token-grain TokenSelect."""
+    """A well-formed layout for these sizes: any tile sizes, per-batch / per-head groups, FULL and partial
+    tiles (EMPTY only in holes; a tile of the last, partial key block masked to its real keys), empty rows, and
+    maybe a token-grain TokenSelect."""
     bq = draw(st.sampled_from([1, 3, 4, 8, 16, 32, 64]))
     bk = draw(st.sampled_from([1, 3, 4, 8, 16, 32, 64]))
     lb = draw(st.sampled_from([1, B]))
@@ -58,8 +59,19 @@ def layouts(draw, B, Hq, Hkv, Nq, Nk, q_offset):
             cols = chosen[g, i].nonzero()[:, 0]
             ids[g, i, : len(cols)] = cols
             for s in range(len(cols)):
-                r = int(torch.randint(-2, n_masks, (1,), generator=gen))
+                r = int(torch.randint(-1, n_masks, (1,), generator=gen))
                 mids[g, i, s] = r
+    tail = Nk % bk
+    if tail:
+        extra = []
+        for g, i, s in (ids == nkb - 1).nonzero().tolist():
+            r = int(mids[g, i, s])
+            m = (masks[r] if r >= 0 else torch.ones(bq, bk, dtype=torch.bool)).clone()
+            m[:, tail:] = False
+            mids[g, i, s] = n_masks + len(extra)
+            extra.append(m)
+        if extra:
+            masks = torch.cat([masks, torch.stack(extra)])
     select = None
     if draw(st.integers(0, 3)) == 0:
         terms = draw(st.sets(st.sampled_from(["rows", "cols", "diags", "labels"]), min_size=1))

@@ -30,8 +30,10 @@ def available() -> bool:
     return True
 
 
-# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
-PROPAGATES_NONFINITE = False  # a NaN logit becomes a zero row (measured), so inputs are checked first
+def carries_nonfinite(req: Request) -> bool:
+    """No: a NaN logit becomes a zero row (measured), so attnkit.api checks the inputs before the kernel."""
+    return False
+
 
 def why_not(req: Request) -> str | None:
     if not available():

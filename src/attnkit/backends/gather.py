@@ -16,8 +16,10 @@ from .request import Request
 _GATHER_ELEMS = 1 << 22  # gathered key elements per chunk (16 MiB in fp32)
 
 
-# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
-PROPAGATES_NONFINITE = False  # not measured for every gather order: inputs are checked first
+def carries_nonfinite(req: Request) -> bool:
+    """No (not shown for every gather order): attnkit.api checks the inputs before the kernel."""
+    return False
+
 
 def why_not(req: Request) -> str | None:
     if req.selection is None or req.selection.indices is None:

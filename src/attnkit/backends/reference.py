@@ -8,8 +8,10 @@ from ..errors import memory_budget
 from .request import Request
 
 
-# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
-PROPAGATES_NONFINITE = True  # plain float64 products: NaN and inf propagate
+def carries_nonfinite(req: Request) -> bool:
+    """Yes: plain float64 products carry NaN and inf, so attnkit.api checks the output after the kernel."""
+    return True
+
 
 def why_not(req: Request) -> str | None:
     d = req.dims

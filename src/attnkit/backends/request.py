@@ -2,7 +2,9 @@
 
 :func:`attnkit.attention` checks its arguments once (:func:`attnkit.shapes.validate` and the pattern's own
 checks) and hands the backends one object. Each backend module answers ``why_not(request)`` (``None`` when it can
-run it, else the reason, which names a backend that can) and ``run(request) -> (out, lse or None)``.
+run it, else the reason, which names a backend that can), ``carries_nonfinite(request)`` (whether every NaN or
+inf of q, k or v that reaches a row reaches its output: then the non-finite rule is checked on the output, one
+sum, instead of on the inputs) and ``run(request) -> (out, lse or None)``.
 """
 
 from __future__ import annotations

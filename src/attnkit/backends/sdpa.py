@@ -29,8 +29,11 @@ def mask_bytes(B, Hq, Nq, Nk, pattern, key_padding_mask, score) -> int:
     return bm * hm * Nq * Nk * per
 
 
-# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
-PROPAGATES_NONFINITE = True  # masked logits are -inf added to the scores, so NaN and inf propagate
+def carries_nonfinite(req: Request) -> bool:
+    """No: a row whose logits are all NaN comes back 0 (its max is taken as -inf), so attnkit.api checks
+    the inputs before the kernel."""
+    return False
+
 
 def why_not(req: Request, budget: int | None = None) -> str | None:
     """Why this backend cannot run the request, or None."""

@@ -268,6 +268,8 @@ class PerHead(Pattern):
     patterns: tuple
 
     def __post_init__(self):
+        if not isinstance(self.patterns, tuple | list):
+            raise PatternError(bad("patterns", "a non-empty list of head-independent Pattern objects", self.patterns))
         pats = tuple(self.patterns)
         if not pats or not all(isinstance(p, Pattern) and p.num_heads is None for p in pats):
             raise PatternError(bad("patterns", "a non-empty list of head-independent Pattern objects", self.patterns))
@@ -301,9 +303,15 @@ class Full(Pattern):
         return (q_idx >= 0) & (kv_idx >= 0)
 
 
+_MAX_PARAM = 1 << 62  # past it a size already covers any sequence int64 can index, and sums of two overflow
+
+
 def _require_int(name: str, value, lo: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < lo:
         raise PatternError(bad(name, f"an int >= {lo}", repr(value)))
+    if value > _MAX_PARAM:
+        # int64 positions cannot represent it: a clear error rather than a comparison that wraps.
+        raise PatternError(bad(name, "an int <= 2**62 (any larger reaches no further on int64 positions)", value))
     return value
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import PatternError, bad
+from ..errors import PatternError, bad, check_memory
 from ..records import SPATIAL, register
 from .base import Pattern, _require_int
 
@@ -58,6 +58,8 @@ class _SpanPattern(Pattern):
 
     def __post_init__(self):
         spans = _segments(self.length, self.spans)
+        # One label per token: a length no sequence could have is refused before it is allocated.
+        check_memory(f"{type(self).__name__}(length={self.length})", 8 * self.length, "use the sequence's length")
         seg = torch.full((self.length,), -1, dtype=torch.long)
         for i, (a, b) in enumerate(spans):
             seg[a:b] = i

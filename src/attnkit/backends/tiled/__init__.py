@@ -180,7 +180,7 @@ def _tiled(q, k, v, layout: BlockLayout, scale, score, key_padding_mask, q_offse
 # The backend interface (attnkit.backends.BACKENDS["tiled"]): when it can run a request, the layout it runs on and
 # the call; after tiled_attention, which it calls.
 from ._backend import (  # noqa: E402
-    PROPAGATES_NONFINITE as PROPAGATES_NONFINITE,
+    carries_nonfinite as carries_nonfinite,
     choose_block,
     describe,
     pattern_layout,

@@ -7,6 +7,7 @@ import torch
 
 from ... import layout_cache
 from ...errors import ShapeError, UnsupportedError, bad
+from .. import native
 from ...layout import ceil_div
 from ...layout_cache import Key
 from ...patterns.base import _FINE, Full
@@ -15,8 +16,14 @@ from ..request import Request
 from . import _tiled
 
 
-# Whether a NaN or inf of q, k or v that reaches a row reaches its output (attnkit.api checks after the run).
-PROPAGATES_NONFINITE = True  # the native forward marks such rows NaN; the torch ops propagate
+def carries_nonfinite(req: Request) -> bool:
+    """Whether every NaN or inf of q, k or v that reaches a row reaches its output (then attnkit.api checks the
+    output instead of the inputs): on the native forward, which marks such a row NaN. The torch-op paths
+    (score mods, normalisers, float64) treat a non-finite logit as masked, so their inputs are checked first."""
+    return (
+        req.score is None and req.normalizer is None and req.q.dtype != torch.float64 and native.module() is not None
+    )
+
 
 def why_not(req: Request) -> str | None:
     if req.device.type != "cpu":
