@@ -23,7 +23,7 @@ from .patterns.base import Pattern
 from .patterns.causal import Causal
 from .records import register_function
 from .scores import Normalizer, ScoreMod, Sigmoid, Softplus
-from .shapes import Dims, check_finite, validate
+from .shapes import Dims, all_finite, check_finite, validate
 from .sparse import Selection, Selector
 from .sparse._core import visible_pairs
 
@@ -134,6 +134,12 @@ def _request(
 def _select(selector, q, k, v, dims, causal, kpm) -> tuple[Selection, bool]:
     if isinstance(selector, Selection):
         sel = selector
+        if (sel.layout is None) == (sel.indices is None):
+            got = "neither or both of layout and indices"
+            raise ShapeError(bad("pattern (a selection)", "a Selection with a layout or indices (one of them)", got))
+        if sel.indices is not None and isinstance(sel.query_block, int) and sel.query_block > max(1, dims.q_len):
+            # One row of indices shared by more queries than there are is one row shared by all of them.
+            sel = dataclasses.replace(sel, query_block=max(1, dims.q_len))
         # A selection made by attention() knows its cut; one made by selector.select() directly does not, and
         # runs as the caller says (default causal).
         if sel.causal is not None and causal is not None and causal != sel.causal:
@@ -310,12 +316,12 @@ def _run(req: Request, backend: str):
     if not mod.carries_nonfinite(req):
         req = _finite(req)
     out, lse = mod.run(req)
-    if _all_finite(out):
+    if all_finite(out):
         return out, lse
     clean = _finite(req)  # raises NonFiniteError naming the first bad input
     if clean is not req:  # only padded keys held NaN or inf, which a kernel multiplied by 0: run without them
         out, lse = mod.run(clean)
-        if _all_finite(out):
+        if all_finite(out):
             return out, lse
     raise NonFiniteError(
         bad(
@@ -329,10 +335,6 @@ def _run(req: Request, backend: str):
 def _finite(req: Request) -> Request:
     k, v = check_finite(req.q, req.k, req.v, req.key_padding_mask)
     return req if k is req.k and v is req.v else dataclasses.replace(req, k=k, v=v)
-
-
-def _all_finite(out: torch.Tensor) -> bool:
-    return out.device.type == "meta" or bool(torch.isfinite(out.sum())) or bool(torch.isfinite(out).all())
 
 
 def sparse_attention(

@@ -45,6 +45,8 @@ def why_not(req: Request) -> str | None:
         )
     if req.normalizer is not None:
         return f"normalizer {req.normalizer!r} replaces the softmax, which FlexAttention has built in"
+    if req.device.type == "meta":
+        return "FlexAttention runs on CUDA, CPU, HPU or MPS tensors, not meta"
     d, pat = req.dims, req.pattern
     # create_block_mask evaluates the mask_mod on every (head, query, key) before it keeps the blocks.
     need = (d.q_heads if pat is not None and pat.num_heads else 1) * d.q_len * d.kv_len

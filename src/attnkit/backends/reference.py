@@ -9,8 +9,9 @@ from .request import Request
 
 
 def carries_nonfinite(req: Request) -> bool:
-    """Yes: plain float64 products carry NaN and inf, so attnkit.api checks the output after the kernel."""
-    return True
+    """No: with a score mod or a normaliser the oracle, like the kernels, treats a non-finite logit as masked;
+    attnkit.api checks the inputs before it (the oracle is slow anyway)."""
+    return False
 
 
 def why_not(req: Request) -> str | None:

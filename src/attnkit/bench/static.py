@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import api, registry
 from ..backends.tiled import pattern_layout
-from ..shapes import Dims, check_finite
+from ..shapes import Dims, all_finite, check_finite
 from . import peers as _peers
 from .report import _fmt, rich_table, target_lines, time_plots
 from .timing import matmul_rate, measure, peak_memory
@@ -186,7 +186,10 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
     with torch.no_grad():
         t = measure(lambda: api.attention(q, k, v, pattern=pat, backend="tiled"))
     lookup = measure(lambda: pattern_layout(pat, dims, training=False), min_time=0.05, min_runs=5)
-    finite = measure(lambda: check_finite(q, k, v), min_time=0.05, min_runs=5)  # inside every call above
+    # The non-finite rule inside every call above: on the native kernel, one sum over the output (the kernel
+    # carries a NaN that reaches a row into it); on the inputs where a kernel does not (check_finite).
+    finite = measure(lambda: all_finite(ref), min_time=0.05, min_runs=5)
+    finite_in = measure(lambda: check_finite(q, k, v), min_time=0.05, min_runs=5)
     out.append(
         row(
             "tiled",
@@ -196,6 +199,7 @@ def _bench_one(rec, pat, N, H, cfg, dtype, rate, base, checks) -> list:
             first_call_ms=first * 1e3,
             second_call_build_share=lookup["median"] / t["median"],
             finite_check_share=finite["median"] / t["median"],
+            finite_input_check_share=finite_in["median"] / t["median"],
             block=list(pattern_layout(pat, dims, training=False).summary()["block"]),
         )
     )
@@ -332,9 +336,10 @@ def targets(rows: list) -> list:
         sw = next((r for r in checks if r["pattern"] == "sliding_window"), None)
         res.append(
             {
-                "target": "the non-finite input check costs <= 5% of the tiled forward @16k (the sparsest cells)",
+                "target": "the non-finite check costs <= 5% of the tiled forward @16k (the sparsest cells)",
                 "value": (f"sliding window {sw['finite_check_share']:.1%}; " if sw else "")
-                + f"worst {worst['finite_check_share']:.1%} ({worst['pattern']}) over {len(checks)} patterns",
+                + f"worst {worst['finite_check_share']:.1%} ({worst['pattern']}) over {len(checks)} patterns"
+                + (f" (checking q, k, v instead: {sw['finite_input_check_share']:.1%})" if sw else ""),
                 "met": worst["finite_check_share"] <= 0.05,
             }
         )
