@@ -16,10 +16,10 @@ haystack never holds a key by accident. Values never start with 0 and are distin
 **Haystacks.** ``natural``: Python's reference manual (:func:`attnkit.models.english_text`, shipped with
 Python), from a random paragraph start per prompt, so no two prompts share their text; ``filler``: the
 repetitive ``The grass is green. ...`` of the passkey task (RULER's "noise" haystack). A needle at ``depth`` in
-[0, 1] starts at that fraction of the haystack's tokens (the needles included), moved to the nearest sentence
-boundary within 60 characters (else the next space). In the multi-needle variants the asked needle (the first key, or the
-first value) is at ``depth`` and the others at depths drawn from a grid of 0.05..0.95, at least 0.1 from
-``depth`` and from each other.
+[0, 1] starts at that fraction of the haystack's tokens (the needles included), moved to the nearest
+sentence boundary within 60 characters (else the next space). In the multi-needle variants the asked needle
+(the first key, or the first value) is at ``depth`` and the others at depths drawn from a grid of 0.05..0.95,
+at least 0.1 from ``depth`` and from each other.
 
 **Scoring** is RULER's ``string_match_all``: the fraction of the expected values that occur (case-insensitive
 substring) in the generated text; 1 or 0 for ``single`` and ``multikey``.
@@ -35,6 +35,9 @@ question sentence followed by an answer prefix such as ``The special number for 
   prefix. That chunk is compressed like any other: SnapKV's 32-query observation window is the end of the
   question, and H2O's scores include the question's attention. Greedy decoding starts from the last chunk's
   logits.
+
+Decoding is greedy for ``decode_tokens`` (the answers' tokens plus a separator each, plus 3), stopping early at
+the end-of-sequence token or once every answer is in the text (the score cannot change after that).
 """
 
 from __future__ import annotations
@@ -217,7 +220,12 @@ def niah_multiquery(
     return _assemble(tok, "multiquery", haystack, length, depth, needles, keys, values, q, rng)
 
 
-BUILDERS = {"single": niah_single, "multikey": niah_multikey, "multivalue": niah_multivalue, "multiquery": niah_multiquery}
+BUILDERS = {
+    "single": niah_single,
+    "multikey": niah_multikey,
+    "multivalue": niah_multivalue,
+    "multiquery": niah_multiquery,
+}
 
 
 def build(tok, variant: str, length: int, depth: float, rng: random.Random, haystack: str = "natural", **kw):
@@ -269,9 +277,11 @@ def answer(model, tok, policy, prompt: NeedlePrompt, setting: str = "agnostic", 
         out = [int(nxt)]
         t0 = time.perf_counter()
         for _ in range(prompt.decode_tokens - 1):
+            if int(nxt) == tok.eos_token_id or score(tok.decode(out), prompt.answers) == 1.0:
+                break  # nothing more can change the score
             nxt = st.feed(nxt.view(1, 1))[0, -1].argmax()
             out.append(int(nxt))
-        decode = (time.perf_counter() - t0) / max(1, prompt.decode_tokens - 1)
+        decode = (time.perf_counter() - t0) / max(1, len(out) - 1)
     finally:
         st.close()
     said = tok.decode(out)
@@ -297,8 +307,22 @@ def prompts(tok, length, depths, per_depth, variants=VARIANTS, haystacks=HAYSTAC
     return out
 
 
-def run_needle(model, tok, policies, budgets, *, length=1024, depths=(0.1, 0.5, 0.9), per_depth=1,
-               variants=VARIANTS, haystacks=HAYSTACKS, settings=SETTINGS, chunk=512, seed=0, progress=None):  # fmt: skip
+def run_needle(
+    model,
+    tok,
+    policies,
+    budgets,
+    *,
+    length=1024,
+    depths=(0.1, 0.5, 0.9),
+    per_depth=1,
+    variants=VARIANTS,
+    haystacks=HAYSTACKS,
+    settings=SETTINGS,
+    chunk=512,
+    seed=0,
+    progress=None,
+):
     """Every prompt under every policy (dense at full budget, the others at each of ``budgets``) and setting."""
     from .models import make_policy
 
