@@ -196,7 +196,8 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     "--setting",
     default="agnostic,aware",
     show_default=True,
-    help="agnostic: the question is fed after the compressed context; aware: it ends the last context chunk.",
+    help="agnostic: the question is fed after the compressed context; aware: it ends the last context chunk; "
+    "aware_one_step: the whole prompt is one step, compressed once (SnapKV's setting).",
 )
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(

@@ -54,7 +54,7 @@ class EvalConfig:
     needle_per_depth: int = 1
     needle_variants: tuple = _needle.VARIANTS
     needle_haystacks: tuple = _needle.HAYSTACKS
-    needle_settings: tuple = _needle.SETTINGS
+    needle_settings: tuple = _needle.DEFAULT_SETTINGS
 
 
 QUICK = EvalConfig(lengths=(256,), budgets=(1 / 4,), passkey_lengths=(256,), depths=(0.2, 0.8), chunk=128)

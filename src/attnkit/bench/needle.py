@@ -24,17 +24,22 @@ at least 0.1 from ``depth`` and from each other.
 **Scoring** is RULER's ``string_match_all``: the fraction of the expected values that occur (case-insensitive
 substring) in the generated text; 1 or 0 for ``single`` and ``multikey``.
 
-**Two settings** (:data:`SETTINGS`), one prompt text, split the same way into ``context`` and ``question`` (the
-question sentence followed by an answer prefix such as ``The special number for walrus is``):
+**Settings** (:data:`SETTINGS`; the first two are the default), one prompt text, split the same way into
+``context`` and ``question`` (the question sentence followed by an answer prefix such as
+``The special number for walrus is``):
 
 - ``agnostic`` (kvpress's default, ``attnkit eval``'s passkey protocol): the context is fed in chunks of
   ``chunk`` tokens from its start, the cache compressed after each step; the question is its own step,
   fed after the context, so the policy never saw it when it chose what to keep; then greedy decoding.
-- ``aware`` (SnapKV's setting): context and question are one token sequence, fed in chunks aligned to its
-  *end* (the first chunk takes the remainder), so the last chunk is full and ends with the question and answer
-  prefix. That chunk is compressed like any other: SnapKV's 32-query observation window is the end of the
-  question, and H2O's scores include the question's attention. Greedy decoding starts from the last chunk's
-  logits.
+- ``aware`` (chunked prefill, question last): context and question are one token sequence, fed in chunks
+  aligned to its *end* (the first chunk takes the remainder), so the last chunk is full and ends with the
+  question and answer prefix. That chunk is compressed like any other: SnapKV's 32-query observation window is
+  the end of the question, and H2O's scores include the question's attention. But the earlier chunks were
+  compressed before the question came, as in any chunked prefill.
+- ``aware_one_step`` (SnapKV's own setting): context and question in one step, so the only compression is the
+  one after the whole prompt, with the question in the observation window.
+
+In the aware settings greedy decoding starts from the last step's logits.
 
 Decoding is greedy for ``decode_tokens`` (the answers' tokens plus a separator each, plus 3), stopping early at
 the end-of-sequence token or once every answer is in the text (the score cannot change after that).
@@ -51,7 +56,8 @@ import torch
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 HAYSTACKS = ("natural", "filler")
-SETTINGS = ("agnostic", "aware")
+SETTINGS = ("agnostic", "aware", "aware_one_step")
+DEFAULT_SETTINGS = SETTINGS[:2]
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY_WORDS = (
     "walrus", "apricot", "saffron", "lantern", "glacier", "falcon", "meadow", "harbor", "violet", "pebble",
@@ -247,6 +253,8 @@ def score(generated: str, answers) -> float:
 def _chunks(n: int, chunk: int, setting: str) -> list[tuple[int, int]]:
     if setting == "agnostic":
         starts = list(range(0, n, chunk))
+    elif setting == "aware_one_step":
+        starts = [0]
     else:  # aligned to the end: the last chunk is full and ends with the question
         starts = sorted({0, *range(n - chunk, 0, -chunk)})
     return [(s, e) for s, e in zip(starts, starts[1:] + [n], strict=True)]
@@ -318,7 +326,7 @@ def run_needle(
     per_depth=1,
     variants=VARIANTS,
     haystacks=HAYSTACKS,
-    settings=SETTINGS,
+    settings=DEFAULT_SETTINGS,
     chunk=512,
     seed=0,
     progress=None,
