@@ -156,3 +156,13 @@ def test_kv_policies_example_runs(capsys):
     runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / "kv_policies.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "streaming_llm" in out and "[64, 64, 64]" in out
+
+
+def test_eval_needle_options_are_checked_before_any_model_loads():
+    r = CliRunner()
+    for opt, value in (("--variants", "single,niah"), ("--setting", "blind"), ("--haystack", "essays")):
+        res = r.invoke(main, ["eval", "--needle", opt, value])
+        assert res.exit_code != 0 and opt in res.output, res.output
+    res = r.invoke(main, ["eval", "--help"])
+    for opt in ("--needle", "--needle-length", "--variants", "--setting", "--haystack", "--no-passkey"):
+        assert opt in res.output

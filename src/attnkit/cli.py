@@ -180,8 +180,45 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
 @click.option("--keys", default=1, show_default=True, help="Passkeys per depth and length.")
 @click.option("--no-minilm", is_flag=True, help="Skip the MiniLM encoder section.")
 @click.option("--no-ppl", is_flag=True, help="Skip the perplexity section (passkey and MiniLM only).")
+@click.option("--no-passkey", is_flag=True, help="Skip the passkey section.")
+@click.option("--needle", is_flag=True, help="Add RULER's needle variants (bench.needle), at the passkey budgets.")
+@click.option("--needle-length", default=1024, show_default=True, help="Tokens per needle prompt.")
+@click.option("--needle-depths", default="0.1,0.5,0.9", show_default=True, help="Comma-separated needle depths.")
+@click.option("--needle-keys", default=1, show_default=True, help="Needle prompts per depth, variant and haystack.")
+@click.option("--haystack", default="natural,filler", show_default=True, help="Needle haystacks: natural, filler.")
+@click.option(
+    "--variants",
+    default="single,multikey,multivalue,multiquery",
+    show_default=True,
+    help="Needle variants (RULER's niah_single, multikey, multivalue, multiquery).",
+)
+@click.option(
+    "--setting",
+    default="agnostic,aware",
+    show_default=True,
+    help="agnostic: the question is fed after the compressed context; aware: it ends the last context chunk; "
+    "aware_one_step: the whole prompt is one step, compressed once (SnapKV's setting).",
+)
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
-def eval_cmd(quick, lengths, passkey_lengths, passkey_budgets, policies, keys, no_minilm, no_ppl, out):
+def eval_cmd(
+    quick,
+    lengths,
+    passkey_lengths,
+    passkey_budgets,
+    policies,
+    keys,
+    no_minilm,
+    no_ppl,
+    no_passkey,
+    needle,
+    needle_length,
+    needle_depths,
+    needle_keys,
+    haystack,
+    variants,
+    setting,
+    out,
+):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
     SmolLM2-135M (offline), plus MiniLM embeddings under a sparse prefill. Writes eval.md, eval.json, plots.
 
@@ -191,9 +228,26 @@ def eval_cmd(quick, lengths, passkey_lengths, passkey_budgets, policies, keys, n
     from fractions import Fraction
 
     from .bench import models as _models
+    from .bench import needle as _needle
+
+    def names(value, allowed, hint):
+        got = tuple(x.strip() for x in value.split(",") if x.strip())
+        if not got or set(got) - set(allowed):
+            raise click.BadParameter(f"expected names from {allowed}, got {value!r}", param_hint=hint)
+        return got
 
     cfg = _models.QUICK if quick else _models.EvalConfig()
-    changes = {"keys_per_depth": keys, "minilm": not no_minilm}
+    changes = {"keys_per_depth": keys, "minilm": not no_minilm, "passkey": not no_passkey}
+    if needle:
+        changes.update(
+            needle=True,
+            needle_length=needle_length,
+            needle_depths=tuple(float(x) for x in needle_depths.split(",")),
+            needle_per_depth=needle_keys,
+            needle_haystacks=names(haystack, _needle.HAYSTACKS, "--haystack"),
+            needle_variants=names(variants, _needle.VARIANTS, "--variants"),
+            needle_settings=names(setting, _needle.SETTINGS, "--setting"),
+        )
     if lengths:
         changes["lengths"] = tuple(int(x) for x in lengths.split(","))
     if passkey_lengths:

@@ -8,7 +8,9 @@ cache is cut back after every step. Measured in one run, per policy and KV budge
 - KL divergence of the next-token distributions from dense, per token, averaged;
 - passkey retrieval: a generated prompt hides a 5-digit key at a depth; the context is fed, then the question
   (its own chunk, so it is never evicted before it is read), then greedy decoding; exact-match accuracy;
-- prefill time (the context), decode time per token, and the peak KV bytes the cache held after a step.
+- prefill time (the context), decode time per token, and the peak KV bytes the cache held after a step;
+- with ``needle=True``, RULER's needle variants on natural and filler haystacks, query-agnostic and
+  query-aware (:mod:`attnkit.bench.needle`).
 
 MiniLM (an encoder, no cache) gets the policies that apply to it: a bidirectional sparse prefill (sinks plus
 a window of the same budget), judged by the cosine similarity of its sentence embeddings to dense ones.
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
+from . import needle as _needle
 
 # Every registered KV policy (family E), after the dense baseline.
 POLICIES = ("dense",) + registry.names(kind="policy")
@@ -43,6 +46,15 @@ class EvalConfig:
     decode_tokens: int = 6
     minilm: bool = True
     seed: int = 0
+    passkey: bool = True
+    # RULER needles (attnkit.bench.needle), at the passkey budgets; off by default
+    needle: bool = False
+    needle_length: int = 1024
+    needle_depths: tuple = (0.1, 0.5, 0.9)
+    needle_per_depth: int = 1
+    needle_variants: tuple = _needle.VARIANTS
+    needle_haystacks: tuple = _needle.HAYSTACKS
+    needle_settings: tuple = _needle.DEFAULT_SETTINGS
 
 
 QUICK = EvalConfig(lengths=(256,), budgets=(1 / 4,), passkey_lengths=(256,), depths=(0.2, 0.8), chunk=128)
@@ -162,7 +174,7 @@ def run_eval(cfg: EvalConfig = EvalConfig(), progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok = load_smollm2()
     text_ids = tok(english_text(), return_tensors="pt").input_ids
-    res = {"config": cfg.__dict__, "ppl": [], "passkey": [], "minilm": []}
+    res = {"config": cfg.__dict__, "ppl": [], "passkey": [], "needle": [], "minilm": []}
     with torch.no_grad():
         for n in cfg.lengths:
             ids = text_ids[:, :n]
@@ -201,12 +213,28 @@ def run_eval(cfg: EvalConfig = EvalConfig(), progress=None) -> dict:
             for d in cfg.depths
             for _ in range(cfg.keys_per_depth)
         ]
-        for name in cfg.policies:
+        for name in cfg.policies if cfg.passkey else ():
             for b in (1.0,) if name == "dense" else cfg.passkey_budgets or cfg.budgets:
                 for n, d, key in trials:
                     r = _passkey(model, tok, make_policy(name, b, n, model), n, d, key, cfg.chunk, cfg.decode_tokens)
                     res["passkey"].append({"policy": name, "budget": b, "length": n, "depth": d, **r})
                     say(f"passkey {name} b={b:.3f} n={n} depth={d}: {r['ok']} ({r['said']!r})")
+    if cfg.needle:
+        res["needle"] = _needle.run_needle(
+            model,
+            tok,
+            cfg.policies,
+            cfg.passkey_budgets or cfg.budgets,
+            length=cfg.needle_length,
+            depths=cfg.needle_depths,
+            per_depth=cfg.needle_per_depth,
+            variants=cfg.needle_variants,
+            haystacks=cfg.needle_haystacks,
+            settings=cfg.needle_settings,
+            chunk=cfg.chunk,
+            seed=cfg.seed,
+            progress=say,
+        )
     if cfg.minilm:
         res["minilm"] = minilm_similarity(cfg.budgets, say)
     return res
@@ -314,6 +342,7 @@ def markdown(res: dict) -> str:
             dec = 1000 * sum(r["decode_s"] for r in rows) / len(rows)
             mem = max(r["peak_kv"] for r in rows) / dmem[n] if n in dmem else float("nan")
             out.append(f"| {name} | {_frac(b)} | {n} | {acc} | {pre:.2f} | {dec:.0f} | {mem:.3f} |")
+    out += _needle.markdown(res.get("needle", []))
     if res.get("minilm"):
         out += [
             "",
@@ -422,8 +451,13 @@ class ModelsSuite:
         ppl = len(cfg.lengths) * (1 + len(others) * len(cfg.budgets))
         trials = len(cfg.passkey_lengths) * len(cfg.depths) * cfg.keys_per_depth
         budgets = len(cfg.passkey_budgets or cfg.budgets)
-        passkey = trials * sum(1 if p == "dense" else budgets for p in cfg.policies)
-        return ppl + passkey
+        runs = sum(1 if p == "dense" else budgets for p in cfg.policies)
+        passkey = trials * runs if cfg.passkey else 0
+        needle = 0
+        if cfg.needle:
+            prompts = len(cfg.needle_haystacks) * len(cfg.needle_variants) * len(cfg.needle_depths)
+            needle = prompts * cfg.needle_per_depth * len(cfg.needle_settings) * runs
+        return ppl + passkey + needle
 
     def run(self, context, progress) -> dict:
         return run_eval(self.config, progress=progress)
