@@ -146,4 +146,5 @@ def test_tiled_is_cpu_only_and_says_so():
     q, k, v = (t.to("meta") for t in rand_qkv(1, 2, 2, 64, 64, 8))
     with pytest.raises(ak.UnsupportedError, match=r"tiled is a CPU kernel"):
         ak.attention(q, k, v, pattern=P.SlidingWindow(7, 0), backend="tiled")
-    assert ak.explain(q, k, v, pattern=P.SlidingWindow(7, 0)).backend == "flex"
+    # meta tensors stand in for an accelerator here, but FlexAttention itself refuses them, and says so
+    assert "not meta" in ak.explain(q, k, v, pattern=P.SlidingWindow(7, 0)).reasons["flex"]
