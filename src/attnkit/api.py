@@ -284,9 +284,11 @@ def attention(
 
     Returns:
         ``out`` ``(B, Hq, Nq, Dv)`` in the dtype of ``q`` (and ``lse``). A query with no visible key gives
-        ``out = 0`` and ``lse = -inf``. NaN or inf in ``q``, or in ``k`` or ``v`` at a key that is not padding,
-        raises :class:`~attnkit.errors.NonFiniteError` naming the tensor and the first bad index, on every
-        backend (:func:`attnkit.shapes.check_finite`); a padded key's contents never matter.
+        ``out = 0`` and ``lse = -inf``. NaN or inf in ``q`` (at a query that sees a key), or in ``k`` or ``v`` at a
+        key some query sees, raises :class:`~attnkit.errors.NonFiniteError` naming the tensor and the first bad
+        index, on every backend (:func:`attnkit.shapes.check_finite`). A padded key's contents never matter; a
+        value no query can reach either raises too (kernels that read every key) or is ignored (kernels that
+        skip its tile), and never changes the answer.
     """
     req, _ = _request(
         q,

@@ -167,7 +167,9 @@ def check_finite(
     A padded key's contents never matter: where a padded key holds NaN or inf, ``k`` and ``v`` come back with
     those entries zeroed (copies; no kernel multiplies 0 by NaN), else unchanged. ``k`` and ``v`` are
     ``(B, H, N, D)`` and ``key_padding_mask`` is ``(B, N)`` (True = real). Cost: one sum per tensor on finite
-    input (about 1-3% of a sparse 16k forward, measured in ``BENCHMARKS.md``); nothing on ``meta`` tensors.
+    input, nothing on ``meta`` tensors. That was 5-12% of a 16k sliding-window forward (``BENCHMARKS.md``), so
+    :func:`attnkit.attention` runs it on the output's failure instead where the kernel carries every NaN that
+    reaches a row into the row's output (``carries_nonfinite`` of each backend).
     """
     if q.device.type == "meta":
         return k, v
