@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -222,6 +223,15 @@ void run_item(const Problem& p, int64_t u, int64_t r, int64_t n_slots, Scratch& 
     float* S = w.s.data();
     gemm_abt(static_cast<int>(M), L, static_cast<int>(D), w.q.data(), static_cast<int>(D), w.k.data(),
              static_cast<int>(D), S, L);
+    // A non-finite key can give a logit of -inf, which would read as masked: its column becomes NaN before the
+    // masks, so a row that may see it is marked bad (row_max) and a row that may not is masked as usual.
+    for (int c = 0; c < L; ++c) {
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(w.k.data() + c * D);
+      uint32_t all = 0;
+      for (int64_t d = 0; d < D; ++d) all |= ((bits[d] & 0x7f800000u) == 0x7f800000u);
+      if (all)
+        for (int64_t i = 0; i < M; ++i) S[i * L + c] = std::numeric_limits<float>::quiet_NaN();
+    }
     for (int64_t t = 0; t < n; ++t) {
       const int64_t mid = mids[s0 + t], J = ids[s0 + t];
       if (mid < 0 && !p.select.any()) continue;  // a full tile
