@@ -105,3 +105,27 @@ def test_overflow_from_finite_inputs_is_named():
 
 def test_non_finite_error_is_a_value_error():
     assert issubclass(ak.NonFiniteError, ValueError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_minus_inf_key_is_not_read_as_masked(dtype):
+    """k = -inf with positive q gives a logit of -inf, which a kernel would read as a masked pair (found by the
+    deep fuzz run on the native forward)."""
+    q = torch.rand(1, 2, 12, 1) + 0.1
+    k, v = torch.rand(1, 1, 17, 1), torch.randn(1, 1, 17, 5)
+    k[0, 0, 7, 0] = float("-inf")
+    with pytest.raises(ak.NonFiniteError, match=r"^k: .*\(0, 0, 7, 0\)"):
+        ak.attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern=P.SlidingWindow(10, 0), backend="tiled")
+
+
+def test_a_value_no_query_reaches_never_changes_the_answer():
+    q, k, v = rand_qkv(1, 1, 1, 32, 64, 8)
+    clean = ak.attention(q, k, v, pattern=P.SlidingWindow(4, 0), q_offset=32, backend="reference")
+    k[0, 0, 3] = float("nan")  # key 3: outside every window of queries 32..63
+    for backend in BACKENDS:
+        try:
+            out = ak.attention(q, k, v, pattern=P.SlidingWindow(4, 0), q_offset=32, backend=backend)
+        except ak.NonFiniteError as e:  # kernels that read every key may refuse it, by name
+            assert str(e).startswith("k: ")
+        else:
+            torch.testing.assert_close(out, clean.float(), atol=1e-5, rtol=1e-5)
