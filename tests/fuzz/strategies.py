@@ -238,3 +238,26 @@ def seq_patterns(draw, Hq: int):
         if len(rest) == Hq - 1:
             return P.PerHead((first, *rest))
     return first
+
+
+def poison_one(data, c: Case, where: str, value: float):
+    """Copies of ``c``'s q, k, v with one non-finite ``value``: in q, or in k/v at a real key, or (``where``
+    ending in ``_padded``) at a padded key. Returns ``(tensors, where, name, real)``, ``where`` adjusted when the
+    padding makes the asked placement impossible."""
+    B, Hq, Hkv, Nq, Nk, D, Dv = c.dims
+    Nq = c.q.shape[2]
+    t = {"q": c.q.clone(), "k": c.k.clone(), "v": c.v.clone()}
+    real = torch.ones(B, Nk, dtype=torch.bool) if c.kpm is None else c.kpm
+    if "padded" in where and bool(real.all()):
+        where = where[0]
+    if where in ("k", "v") and not bool(real.any()):
+        where = "q"
+    name = where[0]
+    if name == "q":
+        t["q"][
+            data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, Hq - 1)), data.draw(st.integers(0, Nq - 1))
+        ] = value
+    else:
+        b, j = data.draw(st.sampled_from((real if "padded" not in where else ~real).nonzero().tolist()))
+        t[name][b, data.draw(st.integers(0, Hkv - 1)), j] = value
+    return t, where, name, real

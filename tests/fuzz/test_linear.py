@@ -15,7 +15,7 @@ from attnkit import reference
 from attnkit.linear import linear_attention, retnet_decay
 from tests.fuzz import _check as C
 from tests.fuzz.conftest import fuzz_settings
-from tests.fuzz.strategies import EDGE_INTS, NOT_INTS, cases
+from tests.fuzz.strategies import EDGE_INTS, NOT_INTS, cases, poison_one
 
 CHUNKS = (1, 2, 3, 16, 64, 2**31 - 1, 2**31, 2**62, 2**63 - 1)
 
@@ -102,20 +102,7 @@ def test_linear_attention_nonfinite(call, where, value, data):
     c, kw = call
     B, Hq, Hkv, Nq, Nk, D, Dv = c.dims
     Nq = c.q.shape[2]
-    t = {"q": c.q.clone(), "k": c.k.clone(), "v": c.v.clone()}
-    real = torch.ones(B, Nk, dtype=torch.bool) if c.kpm is None else c.kpm
-    if "padded" in where and bool(real.all()):
-        where = where[0]
-    if where in ("k", "v") and not bool(real.any()):
-        where = "q"
-    name = where[0]
-    if name == "q":
-        t["q"][
-            data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, Hq - 1)), data.draw(st.integers(0, Nq - 1))
-        ] = value
-    else:
-        b, j = data.draw(st.sampled_from((real if "padded" not in where else ~real).nonzero().tolist()))
-        t[name][b, data.draw(st.integers(0, Hkv - 1)), j] = value
+    t, where, name, real = poison_one(data, c, where, value)
     label = f"non-finite {where}: " + _label(c, kw)
     call_ = lambda: linear_attention(t["q"], t["k"], t["v"], **kw)  # noqa: E731
     if "padded" not in where:

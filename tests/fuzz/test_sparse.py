@@ -15,7 +15,7 @@ from attnkit import reference, registry
 from attnkit.sparse import Selection
 from tests.fuzz import _check as C
 from tests.fuzz.conftest import fuzz_settings
-from tests.fuzz.strategies import EDGE_INTS, NOT_INTS, cases
+from tests.fuzz.strategies import EDGE_INTS, NOT_INTS, cases, poison_one
 
 SELECTORS = [r for r in registry.records(kind="selector")]
 GRID = {r.name for r in SELECTORS if "grid" in r.supports}
@@ -130,21 +130,7 @@ def test_selectors_with_nonfinite_inputs(call, where, value, data):
     _, e = C.attempt(lambda: ak.sparse_attention(c.q, c.k, c.v, sel, causal=causal, key_padding_mask=c.kpm))
     if e is not None:
         return  # invalid for another reason (the finite call is refused): the valid-call test covers it
-    t = {"q": c.q.clone(), "k": c.k.clone(), "v": c.v.clone()}
-    real = torch.ones(B, Nk, dtype=torch.bool) if c.kpm is None else c.kpm
-    if "padded" in where and bool(real.all()):
-        where = where[0]
-    if where in ("k", "v") and not bool(real.any()):
-        where = "q"
-    name = where[0]
-    if name == "q":
-        t["q"][
-            data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, Hq - 1)), data.draw(st.integers(0, Nq - 1))
-        ] = value
-    else:
-        spots = (real if "padded" not in where else ~real).nonzero().tolist()
-        b, j = data.draw(st.sampled_from(spots))
-        t[name][b, data.draw(st.integers(0, Hkv - 1)), j] = value
+    t, where, name, real = poison_one(data, c, where, value)
     label = f"non-finite {where}: {rec.name}(budget={budget}, block={block}) causal={causal} on {c.label()}"
 
     def call_():
