@@ -64,3 +64,42 @@ def check_against_oracle(run, q, k, v, *, grads=True, label="", **kw):
         floor = _floor(dtype, r)
         assert e <= 2 * en + floor, f"{label}: d{name} error {e:.3e} > 2 x naive {en:.3e} + {floor:.1e}"
     return out
+
+
+def check_layer_against_oracle(layer, x, *, grads=True, label="", **forward_kw):
+    """The 2x-naive rule for a layer: ``layer(x)`` against ``layer.reference(x, dtype=float64)`` (the float64
+    oracle on the layer's own weights), the naive run being ``layer.reference(x, dtype=x.dtype)``; with
+    ``grads``, the input gradient too."""
+    dtype = x.dtype
+    xs = x.detach().clone().requires_grad_(grads)
+    out = layer(xs, **forward_kw)
+    x64 = x.detach().double().requires_grad_(grads)
+    ref = layer.reference(x64, dtype=torch.float64, **forward_kw)
+    xn = x.detach().clone().requires_grad_(grads)
+    naive = layer.reference(xn, dtype=dtype, **forward_kw)
+    e, en = err(out, ref), err(naive, ref)
+    floor = _floor(dtype, ref)
+    assert torch.isfinite(out).all(), f"{label}: non-finite output"
+    assert e <= 2 * en + floor, f"{label}: output error {e:.3e} > 2 x naive {en:.3e} + {floor:.0e}"
+    if grads:
+        go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1234), dtype=ref.dtype)
+        (g,) = torch.autograd.grad(out, xs, go.to(dtype))
+        (gr,) = torch.autograd.grad(ref, x64, go)
+        (gn,) = torch.autograd.grad(naive, xn, go.to(dtype))
+        e, en = err(g, gr), err(gn, gr)
+        assert e <= 2 * en + _floor(dtype, gr), f"{label}: dx error {e:.3e} > 2 x naive {en:.3e}"
+    return out
+
+
+def check_decode(layer, x, *, prefill: int, rtol: float = 1e-6, **cache_kw):
+    """Prefill ``prefill`` tokens, then decode the rest one at a time with ``layer.make_cache``: the
+    concatenated outputs must equal the uncached ``layer(x)`` within ``rtol`` of its largest value."""
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.make_cache(x.shape[0], x.shape[1], **cache_kw)
+        outs = [layer(x[:, :prefill], cache=cache)]
+        outs += [layer(x[:, i : i + 1], cache=cache) for i in range(prefill, x.shape[1])]
+    got = torch.cat(outs, 1)
+    rel = err(got, full) / max(full.abs().max().item(), 1e-30)
+    assert rel <= rtol, f"cached decode differs from the uncached forward: relative error {rel:.3e} > {rtol:.0e}"
+    return cache
