@@ -93,13 +93,20 @@ def check_layer_against_oracle(layer, x, *, grads=True, label="", **forward_kw):
 
 def check_decode(layer, x, *, prefill: int, rtol: float = 1e-6, **cache_kw):
     """Prefill ``prefill`` tokens, then decode the rest one at a time with ``layer.make_cache``: the
-    concatenated outputs must equal the uncached ``layer(x)`` within ``rtol`` of its largest value."""
+    concatenated outputs must equal the uncached ``layer(x)`` within ``rtol`` of its largest value.
+
+    When the layer has a float64 ``reference`` and its own uncached forward is further than ``rtol`` from it
+    (MALA's normaliser cancels in fp32: 1.4e-6), the decode may differ from the forward by twice that error:
+    two computations each that far from the truth cannot be asked to agree more closely."""
     with torch.no_grad():
         full = layer(x)
         cache = layer.make_cache(x.shape[0], x.shape[1], **cache_kw)
         outs = [layer(x[:, :prefill], cache=cache)]
         outs += [layer(x[:, i : i + 1], cache=cache) for i in range(prefill, x.shape[1])]
+        scale = max(full.abs().max().item(), 1e-30)
+        if hasattr(layer, "reference") and x.dtype != torch.float64:
+            rtol = max(rtol, 2 * err(full, layer.reference(x.double())) / scale)
     got = torch.cat(outs, 1)
-    rel = err(got, full) / max(full.abs().max().item(), 1e-30)
-    assert rel <= rtol, f"cached decode differs from the uncached forward: relative error {rel:.3e} > {rtol:.0e}"
+    rel = err(got, full) / scale
+    assert rel <= rtol, f"cached decode differs from the uncached forward: relative error {rel:.3e} > {rtol:.1e}"
     return cache

@@ -154,7 +154,11 @@ def _first_bad(t: torch.Tensor, where: torch.Tensor | None = None) -> tuple | No
 
 def _nonfinite(name: str, t: torch.Tensor, at: tuple, what: str) -> NonFiniteError:
     return NonFiniteError(
-        bad(name, f"finite values{what} (attention is undefined with NaN or inf)", f"{float(t[at])} at index {at}")
+        bad(
+            name,
+            f"finite values{what} (attention is undefined with NaN or inf)",
+            f"{float(t.detach()[at])} at index {at}",
+        )
     )
 
 

@@ -2,7 +2,8 @@ r"""``Attention``: the multi-head attention layer over ``(B, N, dim)`` for any r
 
 .. math::
     Q = x W_q,\quad K = c W_k,\quad V = c W_v \quad (c = x \text{ or the cross-attention context}),\qquad
-    \mathrm{out} = \mathrm{concat}_h\, \mathrm{mech}\big(\mathrm{rope}(Q_h), \mathrm{rope}(K_{g(h)}), V_{g(h)}\big)\, W_o
+    \mathrm{out} = \mathrm{concat}_h\,
+        \mathrm{mech}\big(\mathrm{rope}(Q_h), \mathrm{rope}(K_{g(h)}), V_{g(h)}\big)\, W_o
 
 with ``kv_heads`` key/value heads shared by groups of ``heads / kv_heads`` query heads (grouped-query attention;
 ``kv_heads = 1`` is multi-query attention), an optional RMS normalisation of each head's query and key before
@@ -37,11 +38,14 @@ weights).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from .. import linear as _linear  # noqa: F401  (registers the family-C records a name may refer to)
 from .. import patterns as _patterns  # noqa: F401
+from .. import reference as _reference
 from .. import sparse as _sparse  # noqa: F401
 from ..api import attention
 from ..errors import ShapeError, UnsupportedError, bad, check_count
@@ -64,12 +68,25 @@ def resolve(mechanism, *, heads: int, kv_heads: int, head_dim: int, n: int = 204
         rec = recs.get(mechanism)
         if rec is None or rec.kind not in _MECHANISM_KINDS:
             names = sorted(r.name for r in recs.values() if r.kind in _MECHANISM_KINDS)
-            raise ShapeError(bad("mechanism", f"a pattern, selector or function in the registry, one of {names}", repr(mechanism)))
+            raise ShapeError(
+                bad("mechanism", f"a pattern, selector or function in the registry, one of {names}", repr(mechanism))
+            )
         opts = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim} if rec.kind == "selector" else {}
         mechanism = rec.make(n, **opts)
     if mechanism is None or isinstance(mechanism, (Pattern, Selector, Mechanism)):
         return mechanism
-    raise ShapeError(bad("mechanism", "None, a Pattern, a Selector, a Mechanism or a registry name", type(mechanism).__name__))
+    raise ShapeError(
+        bad("mechanism", "None, a Pattern, a Selector, a Mechanism or a registry name", type(mechanism).__name__)
+    )
+
+
+def _padding(mech: Mechanism, kpm) -> dict:
+    """``{"key_padding_mask": kpm}`` when there is one; a mechanism without padding support refuses it."""
+    if kpm is None:
+        return {}
+    if "key_padding_mask" not in inspect.signature(mech.fn).parameters:
+        raise UnsupportedError(bad("key_padding_mask", f"None: {mech.fn.__name__} takes no key padding", "a mask"))
+    return {"key_padding_mask": kpm}
 
 
 def _is_linear(mech) -> bool:
@@ -152,7 +169,9 @@ class Attention(nn.Module):
         self.score = score
         self.mechanism = resolve(mechanism, heads=heads, kv_heads=kv_heads, head_dim=head_dim, n=max_seq_len)
         if _is_linear(self.mechanism) and self.causal != self.mechanism.kwargs.get("causal", True):
-            raise ShapeError(bad("causal", f"{self.mechanism.kwargs.get('causal', True)}, as the linear mechanism is", causal))
+            raise ShapeError(
+                bad("causal", f"{self.mechanism.kwargs.get('causal', True)}, as the linear mechanism is", causal)
+            )
         # A family-C mechanism may build learnable parts per head shape (Hedgehog's feature map); build them now
         # and register them, so they train and are saved with the layer.
         self.mechanism_parts = nn.ModuleDict()
@@ -164,7 +183,8 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         mech = "dense" if self.mechanism is None else type(self.mechanism).__name__
-        return f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, mechanism={mech}, causal={self.causal}"
+        sizes = f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}"
+        return f"{sizes}, mechanism={mech}, causal={self.causal}"
 
     # -- caches -------------------------------------------------------------------------------------------------
 
@@ -172,16 +192,24 @@ class Attention(nn.Module):
     def decodes_exactly(self) -> bool:
         """Whether a cached decode gives what the uncached forward gives (by construction; tested per record)."""
         m = self.mechanism
-        return self.causal and not isinstance(m, Selector) and (not isinstance(m, Mechanism) or _is_linear(m) or _is_softmax_function(m))
+        return (
+            self.causal
+            and not isinstance(m, Selector)
+            and (not isinstance(m, Mechanism) or _is_linear(m) or _is_softmax_function(m))
+        )
 
     def make_cache(self, batch: int, max_len: int, *, dtype=None, device=None, per_head: bool = False) -> Cache:
         """A cache for ``max_len`` tokens of ``batch`` sequences: a :class:`StateCache` for a linear mechanism,
         a :class:`HeadKVCache` with ``per_head=True``, else a preallocated :class:`KVCache`."""
         if not self.causal:
-            raise UnsupportedError(bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False))
+            raise UnsupportedError(
+                bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False)
+            )
         m = self.mechanism
         if isinstance(m, Mechanism) and not (_is_linear(m) or _is_softmax_function(m)):
-            raise UnsupportedError(bad("mechanism", "a softmax or linear-attention mechanism for a decode cache", m.fn.__name__))
+            raise UnsupportedError(
+                bad("mechanism", "a softmax or linear-attention mechanism for a decode cache", m.fn.__name__)
+            )
         if _is_linear(m):
             return StateCache()
         w = self.k_proj.weight
@@ -245,14 +273,16 @@ class Attention(nn.Module):
             if cache is None:
                 return m(q, k, v, key_padding_mask=kpm)
             if not isinstance(cache, StateCache):
-                raise ShapeError(bad("cache", "the StateCache of make_cache() for a linear mechanism", type(cache).__name__))
+                raise ShapeError(
+                    bad("cache", "the StateCache of make_cache() for a linear mechanism", type(cache).__name__)
+                )
             out, cache.state = m(q, k, v, key_padding_mask=kpm, initial_state=cache.state, return_state=True)
             cache.length += k.shape[2]
             return out
         if isinstance(m, Mechanism) and not _is_softmax_function(m):
             if cache is not None:
                 raise UnsupportedError(bad("cache", f"None: {m.fn.__name__} has no decode form", type(cache).__name__))
-            return m(q, k, v)
+            return m(q, k, v, **_padding(m, kpm))
         if cache is not None:
             if isinstance(cache, StateCache) or not isinstance(cache, KVCache):
                 raise ShapeError(bad("cache", "the KVCache of make_cache()", type(cache).__name__))
@@ -264,8 +294,53 @@ class Attention(nn.Module):
             return m(q, k, v, key_padding_mask=kpm, q_offset=start)
         kw = {"normalizer": self.score} if isinstance(self.score, Normalizer) else {"score": self.score}
         if isinstance(m, Selector):
-            return attention(q, k, v, pattern=m, key_padding_mask=kpm, causal=causal and m.causal_ok, backend=self.backend, **kw)
-        return attention(q, k, v, pattern=m, key_padding_mask=kpm, q_offset=start, causal=causal, backend=self.backend, **kw)
+            return attention(
+                q, k, v, pattern=m, key_padding_mask=kpm, causal=causal and m.causal_ok, backend=self.backend, **kw
+            )
+        return attention(
+            q, k, v, pattern=m, key_padding_mask=kpm, q_offset=start, causal=causal, backend=self.backend, **kw
+        )
+
+    def reference(self, x, *, dtype=torch.float64, context=None, key_padding_mask=None, positions=None):
+        """The float64 oracle (:func:`attnkit.reference.attention_layer`) on this layer's weights, in ``dtype``;
+        a selector's choice is made by the selector on the oracle's own ``q, k`` (the choice is not what is
+        under test, the attention over it is). Dropout is not applied."""
+        weights = {name: t.detach() for name, t in self.state_dict().items() if not name.startswith("mechanism_parts")}
+        rot = self.rotary
+        rotary = None if rot is None else (rot.inv_freq.to(torch.float64), rot.rotated, rot.magnitude)
+        m, kpm, causal = self.mechanism, key_padding_mask, self.causal and context is None
+        kw, attend = {"key_padding_mask": kpm}, None
+        if isinstance(m, Mechanism):
+
+            def attend(q, k, v):
+                return m.reference(q, k, v, dtype=dtype, **_padding(m, kpm))
+        elif isinstance(m, Selector):
+
+            def attend(q, k, v):
+                sel = m.select(q, k, v, causal=causal and m.causal_ok, key_padding_mask=kpm)
+                return _reference.selected_attention(
+                    q, k, v, sel, causal=causal and m.causal_ok, key_padding_mask=kpm, dtype=dtype
+                )
+        else:
+            kw["pattern"] = m
+            if causal:
+                n, nk = x.shape[1], x.shape[1] if context is None else context.shape[1]
+                kw["mask"] = torch.ones(n, nk, dtype=torch.bool, device=x.device).tril()
+            kw["normalizer" if isinstance(self.score, Normalizer) else "score"] = self.score
+        return _reference.attention_layer(
+            x,
+            weights,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            context=context,
+            positions=positions,
+            rotary=rotary,
+            norm_eps=None if self.q_norm is None else self.q_norm.eps,
+            attend=attend,
+            dtype=dtype,
+            **kw,
+        )
 
     def _attend_per_head(self, q, k, v, kpm, cache: HeadKVCache):
         # Each (batch, kv head) keeps its own tokens: run it as a batch row of its own, its query group as heads.
@@ -278,6 +353,21 @@ class Attention(nn.Module):
         kf, vf = k_all.reshape(B * Hkv, 1, L, D), v_all.reshape(B * Hkv, 1, L, v_all.shape[-1])
         m = self.mechanism if uniform else None
         if not uniform and not (m is None or getattr(self.mechanism, "causal", False)):
-            raise UnsupportedError(bad("mechanism", "dense causal attention over a cache whose heads evicted keys", type(self.mechanism).__name__))
-        out = attention(qf, kf, vf, pattern=m, key_padding_mask=mask.reshape(B * Hkv, L), q_offset=start if uniform else L - n, causal=True, backend=self.backend)
+            raise UnsupportedError(
+                bad(
+                    "mechanism",
+                    "dense causal attention over a cache whose heads evicted keys",
+                    type(self.mechanism).__name__,
+                )
+            )
+        out = attention(
+            qf,
+            kf,
+            vf,
+            pattern=m,
+            key_padding_mask=mask.reshape(B * Hkv, L),
+            q_offset=start if uniform else L - n,
+            causal=True,
+            backend=self.backend,
+        )
         return out.reshape(B, self.heads, n, -1)

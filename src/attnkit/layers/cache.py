@@ -38,7 +38,9 @@ class Cache:
 
 def _room(length: int, n: int, max_len: int) -> None:
     if length + n > max_len:
-        raise ShapeError(bad("x", f"at most {max_len - length} new tokens (the cache holds max_len={max_len})", f"{n} tokens"))
+        raise ShapeError(
+            bad("x", f"at most {max_len - length} new tokens (the cache holds max_len={max_len})", f"{n} tokens")
+        )
 
 
 class KVCache(Cache):
@@ -77,7 +79,13 @@ class KVCache(Cache):
     def append(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         b, h, n, d = k.shape
         if (b, h, d) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]):
-            raise ShapeError(bad("k", f"(batch, kv_heads, n, head_dim) = {tuple(self.k.shape[:2])} + (n, {self.k.shape[3]})", tuple(k.shape)))
+            raise ShapeError(
+                bad(
+                    "k",
+                    f"(batch, kv_heads, n, head_dim) = {tuple(self.k.shape[:2])} + (n, {self.k.shape[3]})",
+                    tuple(k.shape),
+                )
+            )
         _room(self.length, n, self.max_len)
         a, e = self.length, self.length + n
         self.k[:, :, a:e] = k.to(self.k.dtype)
@@ -119,7 +127,9 @@ class HeadKVCache(KVCache):
         if (b, h, d) != (self.k.shape[0], self.k.shape[1], self.k.shape[3]):
             raise ShapeError(bad("k", f"kv (batch, heads, n, dim) matching {tuple(self.k.shape)}", tuple(k.shape)))
         if n > 1 and not self.uniform:
-            raise UnsupportedError(bad("x", "one token at a time once heads have evicted different keys", f"{n} tokens"))
+            raise UnsupportedError(
+                bad("x", "one token at a time once heads have evicted different keys", f"{n} tokens")
+            )
         _room(int(self.lengths.max()), n, self.max_len)
         real = torch.ones(b, n, dtype=torch.bool, device=k.device) if mask is None else mask
         slot = self.lengths[..., None] + torch.arange(n, device=k.device)  # (B, H, n)
@@ -144,7 +154,9 @@ class HeadKVCache(KVCache):
         for t in (self.k, self.v):
             t[:, :, :e] = t[:, :, :e].gather(2, order[..., None].expand(-1, -1, -1, t.shape[-1]))
         self.positions[:, :, :e] = self.positions[:, :, :e].gather(2, order)
-        self.mask[:, :, :e] = self.mask[:, :, :e].gather(2, order) & (torch.arange(e, device=keep.device) < keep.sum(-1, keepdim=True))
+        self.mask[:, :, :e] = self.mask[:, :, :e].gather(2, order) & (
+            torch.arange(e, device=keep.device) < keep.sum(-1, keepdim=True)
+        )
         self.lengths = keep.sum(-1)
 
 

@@ -105,7 +105,9 @@ class Rotary(nn.Module):
         if positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise ShapeError(bad("positions", "an integer tensor", positions.dtype))
         if positions.shape not in ((x.shape[2],), (x.shape[0], x.shape[2])):
-            raise ShapeError(bad("positions", f"({x.shape[2]},) or ({x.shape[0]}, {x.shape[2]})", tuple(positions.shape)))
+            raise ShapeError(
+                bad("positions", f"({x.shape[2]},) or ({x.shape[0]}, {x.shape[2]})", tuple(positions.shape))
+            )
         cos, sin = self.angles(positions, x.dtype)
         if cos.dim() == 3:  # (B, N, R): broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
@@ -134,6 +136,7 @@ def _frequencies(dim: int, base: float, s: RopeScaling | None):
         smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
         medium = ~(wave < hi_wave) & ~(wave > lo_wave)
         return torch.where(medium, smoothed, scaled), 1.0
+
     # yarn
     def corr(rot):
         return (dim * math.log(s.original_max_len / (rot * 2 * math.pi))) / (2 * math.log(base))

@@ -34,7 +34,7 @@ class _Spatial(Attention):
             raise ShapeError(bad("x", f"{lay} with C = {self.dim}", tuple(x.shape)))
         grid = tuple(x.shape[1:-1])
         want = _grid_of(self.mechanism)
-        if want is not None and want[-len(grid):] != grid and want != grid:
+        if want is not None and want[-len(grid) :] != grid and want != grid:
             raise ShapeError(bad("x", f"the grid {want} of the mechanism", grid))
         out = super().forward(x.reshape(x.shape[0], -1, self.dim), **kw)
         return out.reshape(x.shape)

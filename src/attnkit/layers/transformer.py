@@ -47,7 +47,9 @@ class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``. ``attn`` is an attention layer (default:
     :class:`Attention` built from ``dim, heads`` and the keywords); ``mlp_hidden`` the SwiGLU width."""
 
-    def __init__(self, dim: int, heads: int, *, attn: nn.Module | None = None, mlp_hidden: int | None = None, **attn_kwargs):
+    def __init__(
+        self, dim: int, heads: int, *, attn: nn.Module | None = None, mlp_hidden: int | None = None, **attn_kwargs
+    ):
         super().__init__()
         self.attn_norm = nn.RMSNorm(dim)
         self.attn = Attention(dim, heads, **attn_kwargs) if attn is None else attn
@@ -95,7 +97,11 @@ class Transformer(nn.Module):
         super().__init__()
         for name, val in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads)):
             check_count(name, val, 1)
-        mechs = list(mechanism) if isinstance(mechanism, Sequence) and not isinstance(mechanism, str) else [mechanism] * depth
+        mechs = (
+            list(mechanism)
+            if isinstance(mechanism, Sequence) and not isinstance(mechanism, str)
+            else [mechanism] * depth
+        )
         if len(mechs) != depth:
             raise ShapeError(bad("mechanism", f"one mechanism or a sequence of depth={depth}", f"{len(mechs)} of them"))
         self.embed = nn.Embedding(vocab, dim)
@@ -122,7 +128,9 @@ class Transformer(nn.Module):
             raise ShapeError(bad("cache", f"a list of {len(self.blocks)} caches (make_cache)", len(cache)))
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, key_padding_mask=key_padding_mask, cache=None if cache is None else cache[i], positions=positions)
+            x = block(
+                x, key_padding_mask=key_padding_mask, cache=None if cache is None else cache[i], positions=positions
+            )
         return self.head(self.norm(x))
 
     @torch.no_grad()

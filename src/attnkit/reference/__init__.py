@@ -7,6 +7,8 @@ error against the float64 result must be at most twice the naive one's (plus a t
 * :func:`attention`: softmax attention over any pattern, score mod and normaliser (sigmoid, softplus).
 * :func:`linear_attention`, :func:`flow_attention`, :func:`agent_attention`, :func:`rat_attention`,
   :func:`local_linear_attention`, :func:`gaussian_adaptive`: the linear / re-normalised family (C).
+* :func:`attention_layer`, :func:`rope`: the attention layer of :mod:`attnkit.layers` (projections, QK-norm,
+  rotary embedding).
 * :func:`selected_attention`: dense attention over a dynamic selector's pairs (family B).
 """
 
@@ -18,16 +20,19 @@ from .linear import (
     local_linear_attention,
     rat_attention,
 )
+from .layers import attention_layer, rope
 from .softmax import attention
 from .sparse import selected_attention
 
 __all__ = [
     "agent_attention",
     "attention",
+    "attention_layer",
     "flow_attention",
     "gaussian_adaptive",
     "linear_attention",
     "local_linear_attention",
     "rat_attention",
+    "rope",
     "selected_attention",
 ]
