@@ -60,6 +60,12 @@ class Request:
             and self.key_padding_mask is None
         )
 
+    @property
+    def causal_sees_all(self) -> bool:
+        """Causal attention whose every query is at or after the last key (one decode step over a cache):
+        the mask is all True, so no mask is needed."""
+        return isinstance(self.pattern, Causal) and self.q_offset >= self.dims.kv_len - 1 and self.dims.q_len == 1
+
 
 def needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

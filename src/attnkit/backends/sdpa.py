@@ -69,7 +69,7 @@ def run(req: Request):
     if req.dense_causal and req.score is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=req.scale, enable_gqa=dims.group > 1)
         return out, (_lse(q, k, None, req.scale, dims.group, causal=True) if req.return_lse else None)
-    pattern, score, scale = req.pattern, req.score, req.scale
+    pattern, score, scale = (None if req.causal_sees_all else req.pattern), req.score, req.scale
     key_padding_mask, q_offset = req.key_padding_mask, req.q_offset
     Hq, Nq, Nk = dims.q_heads, dims.q_len, dims.kv_len
     visible = None

@@ -80,15 +80,16 @@ class Suite(Protocol):
 
 def _suites() -> dict[str, type]:
     from .dynamic import DynamicSuite
+    from .layers import LayersSuite
     from .linear import LinearSuite
     from .models import ModelsSuite
     from .static import StaticSuite
 
-    return {s.name: s for s in (StaticSuite, LinearSuite, DynamicSuite, ModelsSuite)}
+    return {s.name: s for s in (StaticSuite, LinearSuite, DynamicSuite, LayersSuite, ModelsSuite)}
 
 
 SUITES: dict[str, type] = _suites()
-BENCH_SUITES = ("static", "linear", "dynamic")  # what ``attnkit bench --suite all`` runs, in this order
+BENCH_SUITES = ("static", "linear", "dynamic", "layers")  # what ``attnkit bench --suite all`` runs, in this order
 
 
 def make(names, configs: dict[str, Any]) -> list:
