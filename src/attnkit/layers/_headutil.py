@@ -9,25 +9,36 @@ from ..errors import ShapeError, UnsupportedError, bad
 
 def check_input(x: torch.Tensor, dim: int) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
-        raise ShapeError(bad("x", f"a tensor (B, N, {dim})", tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__))
+        raise ShapeError(
+            bad("x", f"a tensor (B, N, {dim})", tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__)
+        )
 
 
 def check_padding(mask, x: torch.Tensor) -> None:
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
-        raise ShapeError(bad("key_padding_mask", f"a bool tensor {tuple(x.shape[:2])}", (tuple(mask.shape), mask.dtype)))
+        raise ShapeError(
+            bad("key_padding_mask", f"a bool tensor {tuple(x.shape[:2])}", (tuple(mask.shape), mask.dtype))
+        )
 
 
 def check_positions(positions, n: int, start: int, device) -> torch.Tensor:
     if positions is None:
         return torch.arange(start, start + n, device=device)
     if not isinstance(positions, torch.Tensor) or positions.shape != (n,):
-        raise ShapeError(bad("positions", f"a tensor ({n},) of absolute positions", getattr(positions, "shape", positions)))
+        raise ShapeError(
+            bad("positions", f"a tensor ({n},) of absolute positions", getattr(positions, "shape", positions))
+        )
     return positions
 
 
 def require_plain_attention(layer) -> None:
     """The head-variant oracles cover dense softmax attention without RoPE, QK-norm or score mods."""
-    for name, val in (("mechanism", layer.mechanism), ("score", layer.score), ("rope", layer.rotary), ("qk_norm", layer.q_norm)):
+    for name, val in (
+        ("mechanism", layer.mechanism),
+        ("score", layer.score),
+        ("rope", layer.rotary),
+        ("qk_norm", layer.q_norm),
+    ):
         if val is not None:
             raise UnsupportedError(bad(name, "None for the float64 reference of this head variant", type(val).__name__))
 

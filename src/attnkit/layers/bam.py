@@ -52,8 +52,18 @@ class BAMAttention(nn.Module):
         backend: the :func:`attnkit.attention` backend.
     """
 
-    def __init__(self, dim: int, heads: int, *, experts: int = 2, shared_kv: bool = False, head_dim: int | None = None,
-                 dropout: float = 0.0, causal: bool = True, backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        experts: int = 2,
+        shared_kv: bool = False,
+        head_dim: int | None = None,
+        dropout: float = 0.0,
+        causal: bool = True,
+        backend: str = "auto",
+    ):
         super().__init__()
         check_count("dim", dim, 1)
         check_count("heads", heads, 1)
@@ -79,7 +89,10 @@ class BAMAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
-        return f"experts={self.experts}, heads={self.heads}, head_dim={self.head_dim}, shared_kv={self.shared_kv}, causal={self.causal}"
+        return (
+            f"experts={self.experts}, heads={self.heads}, head_dim={self.head_dim}, shared_kv={self.shared_kv}, "
+            f"causal={self.causal}"
+        )
 
     @classmethod
     def from_dense(cls, layers, **kw) -> BAMAttention:
@@ -92,8 +105,15 @@ class BAMAttention(nn.Module):
         a = layers[0]
         self = cls(a.dim, a.heads, experts=len(layers), head_dim=a.head_dim, causal=a.causal, **kw)
         for i, la in enumerate(layers):
-            if (la.dim, la.heads, la.kv_heads, la.head_dim) != (a.dim, a.heads, a.heads, a.head_dim) or la.q_proj.bias is not None:
-                raise ShapeError(bad(f"layers[{i}]", f"MHA without biases like layers[0] (dim={a.dim}, heads={a.heads})", la))
+            if (la.dim, la.heads, la.kv_heads, la.head_dim) != (
+                a.dim,
+                a.heads,
+                a.heads,
+                a.head_dim,
+            ) or la.q_proj.bias is not None:
+                raise ShapeError(
+                    bad(f"layers[{i}]", f"MHA without biases like layers[0] (dim={a.dim}, heads={a.heads})", la)
+                )
         inner = a.heads * a.head_dim
         with torch.no_grad():
             for e, la in enumerate(layers):
@@ -110,7 +130,9 @@ class BAMAttention(nn.Module):
     def make_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> KVCache:
         """A :class:`KVCache` of ``H`` key/value heads (shared K/V) or ``E x H`` (expert K/V)."""
         if not self.causal:
-            raise UnsupportedError(bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False))
+            raise UnsupportedError(
+                bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False)
+            )
         w = self.k_proj.weight
         return KVCache(batch, self.kv_heads, max_len, self.head_dim, dtype=dtype or w.dtype, device=device or w.device)
 
@@ -150,14 +172,25 @@ class BAMAttention(nn.Module):
         if not self.shared_kv:
             wk, wv = wk.view(E, inner, self.dim), wv.view(E, inner, self.dim)
         return ref.bam(
-            x.to(dtype), wr=self.router.weight, wq=self.q_proj.weight.view(E, inner, self.dim), wk=wk, wv=wv,
-            wo=self.o_proj.weight.view(self.dim, E, inner).transpose(0, 1), experts=E, heads=self.heads,
-            shared_kv=self.shared_kv, causal=self.causal, key_padding_mask=key_padding_mask, dtype=dtype,
+            x.to(dtype),
+            wr=self.router.weight,
+            wq=self.q_proj.weight.view(E, inner, self.dim),
+            wk=wk,
+            wv=wv,
+            wo=self.o_proj.weight.view(self.dim, E, inner).transpose(0, 1),
+            experts=E,
+            heads=self.heads,
+            shared_kv=self.shared_kv,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            dtype=dtype,
         )
 
 
-_PAPER = ("BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts "
-          "(Zhang, Gritsch, Gnaneshwar, Guo, Cairuz, Venkitesh, Foerster, Blunsom, Ruder, Üstün, Locatelli, 2024)")
+_PAPER = (
+    "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts "
+    "(Zhang, Gritsch, Gnaneshwar, Guo, Cairuz, Venkitesh, Foerster, Blunsom, Ruder, Üstün, Locatelli, 2024)"
+)
 for _name, _shared, _what in (("bam", False, "expert K/V"), ("bam_shared_kv", True, "K/V shared by every expert")):
     register(
         _name,
@@ -166,7 +199,9 @@ for _name, _shared, _what in (("bam", False, "expert K/V"), ("bam_shared_kv", Tr
         paper=_PAPER,
         exact=True,
         supports={"causal", "decode", "backward", "padding"},
-        factory=lambda n, *, dim=64, heads=4, experts=2, _s=_shared: BAMAttention(dim, heads, experts=experts, shared_kv=_s),
+        factory=lambda n, *, dim=64, heads=4, experts=2, _s=_shared: BAMAttention(
+            dim, heads, experts=experts, shared_kv=_s
+        ),
         summary=f"soft mixture of attention experts ({_what}), a softmax router weighing every expert per token",
         source=BAMAttention,
     )

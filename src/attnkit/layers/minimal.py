@@ -59,8 +59,17 @@ class MinimalAttention(nn.Module):
         backend: the :func:`attnkit.attention` backend.
     """
 
-    def __init__(self, dim: int, heads: int, *, mode: str = "collapsed", vo: bool = False, dropout: float = 0.0,
-                 causal: bool = True, backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        mode: str = "collapsed",
+        vo: bool = False,
+        dropout: float = 0.0,
+        causal: bool = True,
+        backend: str = "auto",
+    ):
         super().__init__()
         check_count("dim", dim, 1)
         check_count("heads", heads, 1)
@@ -92,13 +101,19 @@ class MinimalAttention(nn.Module):
         if self.mode != "symmetric":
             raise UnsupportedError(bad("mode", "'symmetric' for a symmetric similarity matrix", repr(self.mode)))
         dh, (i, j) = self.head_dim, self._tri
-        upper = self.triangle.new_zeros(self.heads, dh * dh).index_copy(1, i * dh + j, self.triangle).view(self.heads, dh, dh)
+        upper = (
+            self.triangle.new_zeros(self.heads, dh * dh)
+            .index_copy(1, i * dh + j, self.triangle)
+            .view(self.heads, dh, dh)
+        )
         return upper + upper.transpose(-1, -2) - torch.diag_embed(upper.diagonal(dim1=-2, dim2=-1))
 
     def make_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> KVCache:
         """A :class:`KVCache` of ``heads`` heads of ``d_h`` channels (keys: the slices, or ``x W`` for Q = K)."""
         if not self.causal:
-            raise UnsupportedError(bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False))
+            raise UnsupportedError(
+                bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False)
+            )
         p = next(self.parameters())
         return KVCache(batch, self.heads, max_len, self.head_dim, dtype=dtype or p.dtype, device=device or p.device)
 
@@ -135,9 +150,21 @@ class MinimalAttention(nn.Module):
         if forward_kw:
             raise ShapeError(bad("forward_kw", "only key_padding_mask for the reference", sorted(forward_kw)))
         w = self.similarity() if self.mode == "symmetric" else self.weight
-        c = (lambda m: None if m is None else m.weight.to(dtype))
-        return ref.minimal(x.to(dtype), mode=self.mode, heads=self.heads, w=w.to(dtype), wv=c(self.v_proj),
-                           wo=c(self.o_proj), causal=self.causal, key_padding_mask=key_padding_mask, dtype=dtype)
+
+        def c(m):
+            return None if m is None else m.weight.to(dtype)
+
+        return ref.minimal(
+            x.to(dtype),
+            mode=self.mode,
+            heads=self.heads,
+            w=w.to(dtype),
+            wv=c(self.v_proj),
+            wo=c(self.o_proj),
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            dtype=dtype,
+        )
 
 
 _PAPER = "Reducing the Transformer Architecture to a Minimum (Bermeitinger, Hrycej, Pavone, Kath, Handschuh, 2024)"

@@ -148,11 +148,23 @@ class MoHAttention(Attention):
         require_plain_attention(self)
         if forward_kw:
             raise ShapeError(bad("forward_kw", "only key_padding_mask for the reference", sorted(forward_kw)))
-        c = (lambda m: None if m is None else m.weight.to(dtype))
+
+        def c(m):
+            return None if m is None else m.weight.to(dtype)
+
         return ref.moh(
-            x.to(dtype), **linear_weights(self, dtype), ws=c(self.router_shared), wr=c(self.router_routed),
-            wh=c(self.router_stage), heads=self.heads, kv_heads=self.kv_heads, shared=self.shared, top_k=self.top_k,
-            causal=self.causal, key_padding_mask=key_padding_mask, dtype=dtype,
+            x.to(dtype),
+            **linear_weights(self, dtype),
+            ws=c(self.router_shared),
+            wr=c(self.router_routed),
+            wh=c(self.router_stage),
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            shared=self.shared,
+            top_k=self.top_k,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            dtype=dtype,
         )
 
 

@@ -23,8 +23,9 @@ split the position term into a query part and a key part, so the whole score is 
 vectors of ``d + 1 + d_r`` channels:
 
 .. math::
-    \tilde q_i = [\,Q_i,\ 1,\ a^s_i \odot \sin i\omega + a^c_i \odot \cos i\omega,\ a^c_i \odot \sin i\omega - a^s_i \odot \cos i\omega\,],
-    \qquad \tilde k_j = [\,K_j,\ u \cdot K_j,\ \cos j\omega,\ \sin j\omega\,]
+    \tilde q_i = [\,Q_i,\ 1,\ a^s_i \odot \sin i\omega + a^c_i \odot \cos i\omega,\
+        a^c_i \odot \sin i\omega - a^s_i \odot \cos i\omega\,],\qquad
+    \tilde k_j = [\,K_j,\ u \cdot K_j,\ \cos j\omega,\ \sin j\omega\,]
 
 with :math:`[a^s_i, a^c_i] = W_R^{h\top}(Q_i + v)`. This is exact (the oracle builds :math:`\phi(i-j)` for every pair
 instead) and runs on every backend, with gradients, a KV cache and any sequence length.
@@ -57,7 +58,9 @@ class RCMHACache(KVCache):
     """A :class:`KVCache` of the augmented keys and the values, plus ``tail``: the last ``kernel_size - 1``
     pre-convolution projections ``(B, kernel_size - 1, 3 * heads * d)`` (zeros before the first token)."""
 
-    def __init__(self, batch, kv_heads, max_len, head_dim, *, v_dim, tail_width, kernel_size, dtype=torch.float32, device=None):
+    def __init__(
+        self, batch, kv_heads, max_len, head_dim, *, v_dim, tail_width, kernel_size, dtype=torch.float32, device=None
+    ):
         super().__init__(batch, kv_heads, max_len, head_dim, v_dim=v_dim, dtype=dtype, device=device)
         self.tail = torch.zeros(batch, kernel_size - 1, tail_width, dtype=dtype, device=device)
 
@@ -80,8 +83,18 @@ class RCMHA(nn.Module):
         backend: the :func:`attnkit.attention` backend.
     """
 
-    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kernel_size: int = 3,
-                 rel_dim: int | None = None, dropout: float = 0.0, causal: bool = True, backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        head_dim: int | None = None,
+        kernel_size: int = 3,
+        rel_dim: int | None = None,
+        dropout: float = 0.0,
+        causal: bool = True,
+        backend: str = "auto",
+    ):
         super().__init__()
         check_count("dim", dim, 1)
         check_count("heads", heads, 1)
@@ -112,16 +125,29 @@ class RCMHA(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, kernel_size={self.kernel_size}, rel_dim={self.rel_dim}, causal={self.causal}"
+        return (
+            f"heads={self.heads}, head_dim={self.head_dim}, kernel_size={self.kernel_size}, rel_dim={self.rel_dim}, "
+            f"causal={self.causal}"
+        )
 
     def make_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> RCMHACache:
         """An :class:`RCMHACache` for ``max_len`` tokens."""
         if not self.causal:
-            raise UnsupportedError(bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False))
+            raise UnsupportedError(
+                bad("causal", "True for a decode cache (a non-causal layer sees future tokens)", False)
+            )
         w = self.q_proj.weight
-        return RCMHACache(batch, self.heads, max_len, self.head_dim + 1 + self.rel_dim, v_dim=self.head_dim,
-                          tail_width=3 * self.heads * self.head_dim, kernel_size=self.kernel_size,
-                          dtype=dtype or w.dtype, device=device or w.device)
+        return RCMHACache(
+            batch,
+            self.heads,
+            max_len,
+            self.head_dim + 1 + self.rel_dim,
+            v_dim=self.head_dim,
+            tail_width=3 * self.heads * self.head_dim,
+            kernel_size=self.kernel_size,
+            dtype=dtype or w.dtype,
+            device=device or w.device,
+        )
 
     def _conv(self, y, cache):
         K = self.kernel_size
@@ -158,25 +184,44 @@ class RCMHA(nn.Module):
         a = torch.einsum("bhnd,hdr->bhnr", q + self.v[:, None], self.r_proj.weight.view(H, D, self.rel_dim))
         a_s, a_c = a[..., :f], a[..., f:]
         q_t = torch.cat([q, torch.ones_like(q[..., :1]), a_s * s + a_c * c, a_c * s - a_s * c], -1)
-        k_t = torch.cat([k, (k * self.u[:, None]).sum(-1, keepdim=True), c.expand(B, H, N, f), s.expand(B, H, N, f)], -1)
+        k_t = torch.cat(
+            [k, (k * self.u[:, None]).sum(-1, keepdim=True), c.expand(B, H, N, f), s.expand(B, H, N, f)], -1
+        )
         kpm = key_padding_mask
         if cache is not None:
             k_t, v, kpm = cache.append(k_t, v, kpm)
-        o = attention(q_t, k_t, v, key_padding_mask=kpm, q_offset=start, causal=self.causal, scale=D**-0.5,
-                      backend=self.backend)
+        o = attention(
+            q_t, k_t, v, key_padding_mask=kpm, q_offset=start, causal=self.causal, scale=D**-0.5, backend=self.backend
+        )
         return self.dropout(self.o_proj(o.transpose(1, 2).reshape(B, N, H * D)))
 
     def reference(self, x, *, dtype=torch.float64, key_padding_mask=None, positions=None, **forward_kw):
         """The float64 oracle (:func:`attnkit.reference.heads.rcmha`, with :math:`\\phi(i - j)` for every pair)."""
         if forward_kw:
-            raise ShapeError(bad("forward_kw", "only key_padding_mask and positions for the reference", sorted(forward_kw)))
+            raise ShapeError(
+                bad("forward_kw", "only key_padding_mask and positions for the reference", sorted(forward_kw))
+            )
         inner = self.heads * self.head_dim
         w, b = self.conv.weight[:, 0], self.conv.bias
         convs = [(w[i * inner : (i + 1) * inner], b[i * inner : (i + 1) * inner]) for i in range(3)]
         return ref.rcmha(
-            x.to(dtype), wq=self.q_proj.weight, wk=self.k_proj.weight, wv=self.v_proj.weight, wo=self.o_proj.weight,
-            cq=convs[0], ck=convs[1], cv=convs[2], wr=self.r_proj.weight, u=self.u, vb=self.v, heads=self.heads,
-            rel_dim=self.rel_dim, causal=self.causal, key_padding_mask=key_padding_mask, positions=positions, dtype=dtype,
+            x.to(dtype),
+            wq=self.q_proj.weight,
+            wk=self.k_proj.weight,
+            wv=self.v_proj.weight,
+            wo=self.o_proj.weight,
+            cq=convs[0],
+            ck=convs[1],
+            cv=convs[2],
+            wr=self.r_proj.weight,
+            u=self.u,
+            vb=self.v,
+            heads=self.heads,
+            rel_dim=self.rel_dim,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            positions=positions,
+            dtype=dtype,
         )
 
 

@@ -6,8 +6,8 @@ heads (and ``H_kv <= H_q`` key/value heads, grouped as in GQA):
 
 .. math::
     Q = x W_q \in \mathbb{R}^{N \times H_q d},\quad K = x W_k,\ V = x W_v \in \mathbb{R}^{N \times H_{kv} d},\qquad
-    \mathrm{SQA}(x) = \mathrm{concat}_{h \le H_q}\, \mathrm{softmax}\!\big(Q_h K_{g(h)}^\top / \sqrt d\big) V_{g(h)}\, W_o,
-    \quad W_o \in \mathbb{R}^{H_q d \times \mathrm{dim}}
+    \mathrm{SQA}(x) = \mathrm{concat}_{h \le H_q}\, \mathrm{softmax}\!\big(Q_h K_{g(h)}^\top / \sqrt d\big)
+        V_{g(h)}\, W_o,\quad W_o \in \mathbb{R}^{H_q d \times \mathrm{dim}}
 
 The score and value products cost :math:`4 B H_q N^2 d` FLOPs (dense, non-causal) instead of
 :math:`4 B H N^2 d`: the attention FLOPs scale with ``H_q / H`` (GQA and MQA cut ``H_kv``, which shrinks the KV
@@ -62,8 +62,17 @@ class SparseQueryAttention(Attention):
         **kw: :class:`~attnkit.layers.Attention` options (``causal``, ``bias``, ``rope``, ``mechanism``...).
     """
 
-    def __init__(self, dim: int, heads: int, *, q_heads: int | None = None, kv_heads: int | None = None,
-                 variant: str | None = None, head_dim: int | None = None, **kw):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        q_heads: int | None = None,
+        kv_heads: int | None = None,
+        variant: str | None = None,
+        head_dim: int | None = None,
+        **kw,
+    ):
         check_count("dim", dim, 1)
         check_count("heads", heads, 1)
         if variant is not None:
@@ -116,13 +125,23 @@ class SparseQueryAttention(Attention):
         require_plain_attention(self)
         if forward_kw:
             raise ShapeError(bad("forward_kw", "only key_padding_mask for the reference", sorted(forward_kw)))
-        return ref.mha(x.to(dtype), **linear_weights(self, dtype), heads=self.heads, kv_heads=self.kv_heads,
-                       causal=self.causal, key_padding_mask=key_padding_mask, dtype=dtype)
+        return ref.mha(
+            x.to(dtype),
+            **linear_weights(self, dtype),
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            dtype=dtype,
+        )
 
 
 _SUPPORTS = {"causal", "decode", "backward", "padding", "gqa"}
-for _name, _variant, _label in (("sqa", "standard", "SQA"), ("sqa_symmetric", "symmetric", "sSQA"),
-                                ("sqa_extreme", "extreme", "xSQA")):
+for _name, _variant, _label in (
+    ("sqa", "standard", "SQA"),
+    ("sqa_symmetric", "symmetric", "sSQA"),
+    ("sqa_extreme", "extreme", "xSQA"),
+):
     register(
         _name,
         family="D",

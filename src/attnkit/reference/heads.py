@@ -61,9 +61,25 @@ def softmax_attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None
     return p @ v
 
 
-def mha(x, *, wq, wk, wv, wo, heads, kv_heads, bq=None, bk=None, bv=None, bo=None, causal=True,
-        key_padding_mask=None, dtype=torch.float64):
-    r"""Grouped-query multi-head attention :math:`\mathrm{concat}_h \mathrm{softmax}(Q_h K_{g(h)}^T/\sqrt{d}) V_{g(h)} W_o`,
+def mha(
+    x,
+    *,
+    wq,
+    wk,
+    wv,
+    wo,
+    heads,
+    kv_heads,
+    bq=None,
+    bk=None,
+    bv=None,
+    bo=None,
+    causal=True,
+    key_padding_mask=None,
+    dtype=torch.float64,
+):
+    r"""Grouped-query multi-head attention
+    :math:`\mathrm{concat}_h \mathrm{softmax}(Q_h K_{g(h)}^T/\sqrt{d}) V_{g(h)} W_o`,
     with ``heads`` query heads of ``wq.shape[0] / heads`` channels. This is SQA's oracle: SQA is this function
     with fewer query heads (and a correspondingly narrower ``wo``)."""
     x = x.to(dtype)
@@ -101,8 +117,28 @@ def moh_gates(x, *, ws, wr, wh, shared, routed, top_k, dtype=torch.float64):
     return torch.cat([a[..., :1] * gs, a[..., 1:] * gr], -1), pr
 
 
-def moh(x, *, wq, wk, wv, wo, ws, wr, wh, heads, kv_heads, shared, top_k, bq=None, bk=None, bv=None, bo=None,
-        causal=True, key_padding_mask=None, dtype=torch.float64):
+def moh(
+    x,
+    *,
+    wq,
+    wk,
+    wv,
+    wo,
+    ws,
+    wr,
+    wh,
+    heads,
+    kv_heads,
+    shared,
+    top_k,
+    bq=None,
+    bk=None,
+    bv=None,
+    bo=None,
+    causal=True,
+    key_padding_mask=None,
+    dtype=torch.float64,
+):
     r"""Mixture-of-Head attention: :math:`\mathrm{out}_t = \sum_h g_h(x_t)\, \mathrm{head}_h(x)_t W_o^h` with the
     gates of :func:`moh_gates`."""
     x = x.to(dtype)
@@ -125,8 +161,22 @@ def moh_balance_loss(gates_routed, selected):
 # -- BAM -------------------------------------------------------------------------------------------------------
 
 
-def bam(x, *, wr, wq, wk, wv, wo, experts, heads, shared_kv, bo=None, causal=True, key_padding_mask=None,
-        dtype=torch.float64):
+def bam(
+    x,
+    *,
+    wr,
+    wq,
+    wk,
+    wv,
+    wo,
+    experts,
+    heads,
+    shared_kv,
+    bo=None,
+    causal=True,
+    key_padding_mask=None,
+    dtype=torch.float64,
+):
     r"""BAM's soft mixture of attention experts, one expert at a time:
 
     .. math:: \mathrm{out}_t = \sum_e p_e(x_t)\, \mathrm{MHA}_e(x)_t,\qquad p(x_t) = \mathrm{softmax}(W_r x_t)
@@ -221,8 +271,29 @@ def sinusoid(pos, dim, dtype):
     return torch.cat([a.sin(), a.cos()], -1)
 
 
-def rcmha(x, *, wq, wk, wv, wo, cq, ck, cv, wr, u, vb, heads, rel_dim, bq=None, bk=None, bv=None,
-          causal=True, key_padding_mask=None, positions=None, dtype=torch.float64):
+def rcmha(
+    x,
+    *,
+    wq,
+    wk,
+    wv,
+    wo,
+    cq,
+    ck,
+    cv,
+    wr,
+    u,
+    vb,
+    heads,
+    rel_dim,
+    bq=None,
+    bk=None,
+    bv=None,
+    causal=True,
+    key_padding_mask=None,
+    positions=None,
+    dtype=torch.float64,
+):
     r"""RCMHA: depthwise-convolved projections and Transformer-XL relative scores, with explicit distances:
 
     .. math::
@@ -249,7 +320,9 @@ def rcmha(x, *, wq, wk, wv, wo, cq, ck, cv, wr, u, vb, heads, rel_dim, bq=None, 
     r = r.view(N, N, heads, d).permute(2, 0, 1, 3)  # (H, N, N, d)
     ac = (q + u.to(dtype)[None, :, None, :]) @ k.transpose(-1, -2)
     bd = torch.einsum("bhid,hijd->bhij", q + vb.to(dtype)[None, :, None, :], r)
-    o = softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=0.0, bias=(ac + bd) * d**-0.5)
+    o = softmax_attention(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=0.0, bias=(ac + bd) * d**-0.5
+    )
     return _lin(_merge(o), wo.to(dtype))
 
 
