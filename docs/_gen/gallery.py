@@ -119,6 +119,27 @@ def snippet(rec) -> str:
             "y.sum().backward()\n"
             "print(tuple(y.shape))\n"
         )
+    if rec.kind == "layer":
+        layer = rec.make(256, dim=64, heads=4)
+        code = (
+            "import torch\n"
+            "import attnkit as ak\n\n"
+            f"layer = {get}.make(256, dim=64, heads=4)  # over (batch, tokens, 64)\n"
+            "x = torch.randn(2, 256, 64, requires_grad=True)\n"
+            "y = layer(x)\n"
+            "y.sum().backward()\n"
+            "print(tuple(y.shape))\n"
+        )
+        if "decode" in rec.supports and hasattr(layer, "make_cache"):
+            code += (
+                "# decode: the prompt, then one token at a time over the cache\n"
+                "cache = layer.make_cache(2, 257)\n"
+                "with torch.no_grad():\n"
+                "    layer(x, cache=cache)\n"
+                "    step = layer(torch.randn(2, 1, 64), cache=cache)\n"
+                "print(cache.length, cache.bytes_per_token, 'bytes per token')\n"
+            )
+        return code
     if rec.kind == "pattern":
         pat = rec.make(N)
         n = getattr(pat, "fixed_length", None) or N

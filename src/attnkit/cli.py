@@ -97,11 +97,12 @@ def explain(name, length, heads, kv_heads, dim, train, budget, backend):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["all", "static", "linear", "dynamic"]),
+    type=click.Choice(["all", "static", "linear", "dynamic", "layers"]),
     default="all",
     show_default=True,
     help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); dynamic: family-B selectors on "
-    "real SmolLM2 q, k, v (4k, 16k); all: every suite, sharing SDPA timings.",
+    "real SmolLM2 q, k, v (4k, 16k); layers: attention layers (prefill, decode, cache bytes) beside x-transformers "
+    "and nn.MultiheadAttention; all: every suite, sharing SDPA timings.",
 )
 @click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
 def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):
@@ -118,6 +119,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
 
     from . import registry
     from .bench import dynamic as _dynamic
+    from .bench import layers as _layers
     from .bench import linear as _linear
     from .bench import suite as _suite
     from .bench.report import print_table, write
@@ -147,6 +149,13 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
             dtype=dtype,
         ),
         "dynamic": _dynamic.DynamicConfig(peers=not no_peers, full=full),
+        "layers": _layers.LayersConfig(
+            sizes=size_list if sizes else _layers.SIZES,
+            peers=not no_peers,
+            backward_sizes=() if no_backward else _layers.LayersConfig.backward_sizes,
+            full=full,
+            dtype=dtype,
+        ),
     }
     chosen = _suite.BENCH_SUITES if suite == "all" else (suite,)
     total = sum(s.cells() for s in _suite.make(chosen, configs))

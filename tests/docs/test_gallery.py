@@ -52,6 +52,7 @@ def test_the_calls_have_the_forms_of_their_kind():
         "pattern": ["pat = ak.registry.get(", ".make(1024)", "ak.attention(q, k, v, pattern=pat)"],
         "function": [".make(1024)\nout = m(q, k, v)"],
         "module": ["layer = ak.registry.get(", ".make(256)"],
+        "layer": ["layer = ak.registry.get(", ".make(256, dim=64, heads=4)"],
         "selector": ["sel = ak.registry.get("],
         "policy": ["attnkit.hf.apply(model, "],
     }

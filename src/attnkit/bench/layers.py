@@ -8,7 +8,8 @@ of the prefill, and the cache bytes per token. Layers:
 * x-transformers' ``Attention(causal=True, flash=True)`` (its fastest CPU path, PyTorch's SDPA) and
   ``torch.nn.MultiheadAttention`` (``is_causal`` with the causal mask, its fast path), on the same shapes;
 * every registered family-D layer (MLA naive and absorbed, the head variants), made by its record with the
-  same width and heads.
+  same width and heads. The quick run takes them at the shortest length only, except MLA (its decode target
+  is at the longest); ``full`` takes every length.
 
 A peer is timed only after its output agrees with attnkit's dense layer given the same weights (copied in).
 """
@@ -80,8 +81,17 @@ def _copy_into_mha(ours: Attention, mha: _TorchMHA) -> None:
         mha.mha.out_proj.weight.copy_(ours.o_proj.weight)
 
 
+_TARGETED = ("mla", "mla_absorb")  # family-D layers a target judges at the longest length
+
+
+def _runs_at(cfg: LayersConfig, name: str, kind: str, N: int) -> bool:
+    if kind != "family_d" or cfg.full or name in _TARGETED:
+        return True
+    return N == min(cfg.sizes)
+
+
 def _layers(cfg: LayersConfig):
-    """``(name, module, kind)``: kind ``ours`` decodes with a cache; ``peer`` is prefill only."""
+    """``(name, module, kind)``: ``ours`` and ``family_d`` decode with a cache; ``peer`` is prefill only."""
     torch.manual_seed(0)
     dense = Attention(cfg.dim, cfg.heads)
     out = [("attnkit dense", dense, "ours")]
@@ -100,21 +110,17 @@ def _layers(cfg: LayersConfig):
         for rec in registry.records(family="D", kind="layer"):
             if "causal" not in rec.supports:
                 continue
-            out.append((rec.name, rec.make(max(cfg.sizes), dim=cfg.dim, heads=cfg.heads), "ours"))
+            out.append((rec.name, rec.make(max(cfg.sizes), dim=cfg.dim, heads=cfg.heads), "family_d"))
     return out
 
 
 def cells(cfg: LayersConfig) -> int:
-    return len(_layers_names(cfg)) * len(cfg.sizes)
-
-
-def _layers_names(cfg):
-    names = ["attnkit dense", "attnkit window 256"]
+    names = [("attnkit dense", "ours"), ("attnkit window 256", "ours")]
     if cfg.peers:
-        names += ["x-transformers Attention", "torch nn.MultiheadAttention"]
+        names += [("x-transformers Attention", "peer"), ("torch nn.MultiheadAttention", "peer")]
     if cfg.family_d:
-        names += [r.name for r in registry.records(family="D", kind="layer") if "causal" in r.supports]
-    return names
+        names += [(r.name, "family_d") for r in registry.records(family="D", kind="layer") if "causal" in r.supports]
+    return sum(_runs_at(cfg, n, k, N) for n, k in names for N in cfg.sizes)
 
 
 def _decode_ms(layer, x, steps):
@@ -149,6 +155,8 @@ def run_layers(cfg: LayersConfig, progress=None) -> dict:
         with torch.no_grad():
             dense_out = layers[0][1](x)
         for name, layer, kind in layers:
+            if not _runs_at(cfg, name, kind, N):
+                continue
             say(f"layers: {name} N={N}")
             row = {"layer": name, "N": N, "peer": kind == "peer"}
             if kind == "peer":
@@ -170,7 +178,7 @@ def run_layers(cfg: LayersConfig, progress=None) -> dict:
 
                 row["fwd_bwd_ms"] = 1e3 * measure(fb, min_time=0.3, max_runs=5)["median"]
                 layer.zero_grad(set_to_none=True)
-            if kind == "ours" and hasattr(layer, "make_cache"):
+            if kind != "peer" and hasattr(layer, "make_cache"):
                 row["decode_ms"], row["cache_bytes_per_token"] = _decode_ms(layer, x, cfg.decode_steps)
             rows.append(row)
     section = {"config": asdict(cfg), "rows": rows, "checks": checks}

@@ -5,23 +5,38 @@
   (:class:`KVCache`, :class:`HeadKVCache`, :class:`StateCache`); :class:`Attention2d` / :class:`Attention3d`
   over spatial layouts.
 * :class:`TransformerBlock` and a decoder-only :class:`Transformer`.
+* Family D, the head and projection variants, each registered with its paper: :class:`MoHAttention`,
+  :class:`SparseQueryAttention`, :class:`BAMAttention`, :class:`MinimalAttention`, :class:`RCMHA`.
 """
 
 from .attention import Attention
+from .bam import BAMAttention
 from .cache import Cache, HeadKVCache, KVCache, StateCache
+from .minimal import MinimalAttention
+from .moh import MoHAttention
+from .rcmha import RCMHA, RCMHACache
 from .rope import RopeScaling, Rotary
 from .spatial import Attention2d, Attention3d
+from .sqa import VARIANTS as SQA_VARIANTS
+from .sqa import SparseQueryAttention
 from .transformer import SwiGLU, Transformer, TransformerBlock
 
 __all__ = [
+    "RCMHA",
+    "SQA_VARIANTS",
     "Attention",
     "Attention2d",
     "Attention3d",
+    "BAMAttention",
     "Cache",
     "HeadKVCache",
     "KVCache",
+    "MinimalAttention",
+    "MoHAttention",
+    "RCMHACache",
     "RopeScaling",
     "Rotary",
+    "SparseQueryAttention",
     "StateCache",
     "SwiGLU",
     "Transformer",
