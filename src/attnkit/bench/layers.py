@@ -167,8 +167,8 @@ def run_layers(cfg: LayersConfig, progress=None) -> dict:
                     rows.append(row)
                     continue
             with torch.no_grad():
-                row["fwd_ms"] = 1e3 * measure(lambda layer=layer: layer(x), min_time=0.3, max_runs=5)["median"]
-                peak = peak_memory(lambda layer=layer: layer(x))
+                row["fwd_ms"] = 1e3 * measure(lambda layer=layer, x=x: layer(x), min_time=0.3, max_runs=5)["median"]
+                peak = peak_memory(lambda layer=layer, x=x: layer(x))
             row["peak_mib"] = None if peak is None else peak / 2**20
             if N in cfg.backward_sizes or cfg.full:
                 xg = x.detach().requires_grad_(True)
