@@ -234,7 +234,8 @@ def eval_cmd(
     SmolLM2-135M (offline), plus MiniLM embeddings under a sparse prefill. Writes eval.md, eval.json, plots.
 
     The default run takes about an hour on 2 cores; --quick about a minute. --probe runs the probe
-    evaluation alone (about five minutes; with --quick, 400 sentences and one seed) and writes probe.md, probe.json.
+    evaluation alone (about eight minutes on 2 cores; with --quick, 400 sentences and one seed) and writes
+    probe.md, probe.json.
     """
     if probe:
         from .bench import probe as _probe

@@ -160,7 +160,7 @@ def run_probe_eval(
     methods=METHODS,
     epochs: int = 20,
     batch: int = 64,
-    lrs=(1e-3, 3e-3, 1e-2),
+    lrs=(1e-3, 3e-3, 1e-2, 3e-2),
     weight_decay: float = 1e-4,
     queries: int = 8,
     heads: int = 8,
