@@ -6,14 +6,18 @@
   over spatial layouts.
 * :class:`TransformerBlock` and a decoder-only :class:`Transformer`.
 * Family D, the head and projection variants, each registered with its paper: :class:`MoHAttention`,
-  :class:`SparseQueryAttention`, :class:`BAMAttention`, :class:`MinimalAttention`, :class:`RCMHA`.
+  :class:`SparseQueryAttention`, :class:`BAMAttention`, :class:`MinimalAttention`, :class:`RCMHA`,
+  :class:`DifferentialAttention`, and the attentive probes :class:`EfficientProbe`, :class:`AttentiveProbe`
+  (with the :class:`MeanProbe` baseline).
 """
 
 from .attention import Attention
 from .bam import BAMAttention
 from .cache import Cache, HeadKVCache, KVCache, StateCache
+from .differential import DifferentialAttention, lambda_init_fn
 from .minimal import MinimalAttention
 from .moh import MoHAttention
+from .probe import AttentiveProbe, EfficientProbe, MeanProbe
 from .rcmha import RCMHA, RCMHACache
 from .rope import RopeScaling, Rotary
 from .spatial import Attention2d, Attention3d
@@ -27,10 +31,14 @@ __all__ = [
     "Attention",
     "Attention2d",
     "Attention3d",
+    "AttentiveProbe",
     "BAMAttention",
     "Cache",
+    "DifferentialAttention",
+    "EfficientProbe",
     "HeadKVCache",
     "KVCache",
+    "MeanProbe",
     "MinimalAttention",
     "MoHAttention",
     "RCMHACache",
@@ -41,4 +49,5 @@ __all__ = [
     "SwiGLU",
     "Transformer",
     "TransformerBlock",
+    "lambda_init_fn",
 ]
