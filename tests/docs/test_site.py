@@ -73,6 +73,7 @@ def test_tutorials_show_the_examples_the_tests_run(visitor):
         ("compute", "linear_attention.py"),
         ("compute", "dynamic_sparse.py"),
         ("build", "build_layers.py"),
+        ("build", "train_transformer.py"),
         ("apply", "kv_policies.py"),
         ("see", "see_attention.py"),
     ):
