@@ -60,3 +60,14 @@ def test_queries():
         registry.get("nope")
     with pytest.raises(ShapeError, match="family"):
         registry.records(family="Z")
+
+
+def test_the_readme_counts_what_the_registry_holds():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| ([A-J]) \| .*? \| (\d+) \| ", text, flags=re.M)
+    assert rows, "the README's family table"
+    for family, count in rows:
+        assert int(count) == len(registry.records(family=family)), f"README says {count} records in family {family}"
