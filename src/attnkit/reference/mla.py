@@ -98,3 +98,66 @@ def mla_attention(
     p = torch.where(allowed.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
     out = (p @ v).transpose(1, 2).reshape(B, N, H * dv)
     return out @ w["o_proj"].T
+
+
+def tpla_attention(
+    x: torch.Tensor,
+    *,
+    weights: dict,
+    heads: int,
+    kv_lora_rank: int,
+    qk_nope_dim: int,
+    qk_rope_dim: int,
+    v_dim: int,
+    shards: int,
+    inv_freq: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    kv_norm: bool = True,
+    eps: float = 1e-6,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    r"""Naive TPLA (:mod:`attnkit.layers.tpla`): shard ``s`` of ``shards`` holds latent channels
+    ``[s r/S, (s+1) r/S)`` (RMS-normalised on their own when ``kv_norm``), every head attends on every shard with
+    logits :math:`(q^C_h W_{UK,h}^{(s)}) \cdot c^{(s)} + q^R_h \cdot k^R` over its own softmax, and the outputs
+    :math:`W_{UV,h}^{(s)} \sum_j p^{(s)}_{hij} c^{(s)}_j` are summed over shards (the all-reduce)."""
+    w = {k: (None if v is None else v.to(dtype)) for k, v in weights.items()}
+    x = x.to(dtype)
+    B, N, _ = x.shape
+    H, r, dn, dr, dv, S = heads, kv_lora_rank, qk_nope_dim, qk_rope_dim, v_dim, shards
+    if r % S:
+        raise ShapeError(bad("shards", f"a divisor of kv_lora_rank={r}", S))
+    if positions is None:
+        positions = torch.arange(N, device=x.device)
+    if w.get("q_proj") is not None:
+        q = x @ w["q_proj"].T
+    else:
+        q = _rms(x @ w["q_a_proj"].T, w["q_a_layernorm"], eps) @ w["q_b_proj"].T
+    q = q.view(B, N, H, dn + dr).transpose(1, 2)
+    q_nope, q_rope = q[..., :dn], _rope(q[..., dn:], positions, inv_freq)
+    kv = x @ w["kv_a_proj_with_mqa"].T
+    k_rope = _rope(kv[..., r:][:, None], positions, inv_freq)
+    up = w["kv_b_proj"].view(H, dn + dv, r)
+    allowed = torch.ones(N, N, dtype=torch.bool, device=x.device)
+    if causal:
+        allowed = torch.tril(allowed)
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.to(torch.bool)[:, None, None, :]
+    out = 0
+    n = r // S
+    for s in range(S):
+        sl = slice(s * n, (s + 1) * n)
+        c = kv[..., sl]
+        if kv_norm:
+            c = _rms(c, None if w.get("kv_a_layernorm") is None else w["kv_a_layernorm"][sl], eps)
+        wk, wv = up[:, :dn, sl], up[:, dn:, sl]  # (H, dn, n), (H, dv, n)
+        kh = torch.einsum("hdr,bjr->bhjd", wk, c)  # per-head keys from this shard's latent
+        vh = torch.einsum("hdr,bjr->bhjd", wv, c)
+        logits = (q_nope @ kh.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) / math.sqrt(dn + dr)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(logits, -1)
+        p = torch.where(allowed.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
+        out = out + p @ vh
+    return out.transpose(1, 2).reshape(B, N, H * dv) @ w["o_proj"].T
