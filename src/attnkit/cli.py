@@ -199,6 +199,12 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     help="agnostic: the question is fed after the compressed context; aware: it ends the last context chunk; "
     "aware_one_step: the whole prompt is one step, compressed once (SnapKV's setting).",
 )
+@click.option(
+    "--mla",
+    is_flag=True,
+    help="Instead: SmolLM2 converted to MLA (bench.mla): perplexity, KL, KV bytes and speed at 1/4..1x the GQA cache.",
+)
+@click.option("--mla-windows", default=4, show_default=True, help="512-token evaluation windows for --mla.")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(
     quick,
@@ -217,6 +223,8 @@ def eval_cmd(
     haystack,
     variants,
     setting,
+    mla,
+    mla_windows,
     out,
 ):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
@@ -226,6 +234,19 @@ def eval_cmd(
     """
     import dataclasses
     from fractions import Fraction
+
+    if mla:
+        import json
+
+        from .bench import mla as _mla
+
+        res = _mla.run_mla_eval(n_windows=mla_windows, progress=click.echo)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_mla.json").write_text(json.dumps(res, indent=1))
+        (out / "eval_mla.md").write_text(_mla.markdown(res) + "\n")
+        click.echo(_mla.markdown(res))
+        click.echo(f"wrote {out / 'eval_mla.json'} and {out / 'eval_mla.md'}")
+        return
 
     from .bench import models as _models
     from .bench import needle as _needle
