@@ -322,11 +322,29 @@ class MultiheadLatentAttention(nn.Module):
         w_uk, w_uv = self.up_weights()
         q = torch.cat((torch.einsum("bhnd,hdr->bhnr", q_nope, w_uk), q_rope), -1)  # (B, H, N, r + d_R)
         k = (torch.cat((c, kr), -1) if kv is None else kv)[:, None]  # (B, 1, L, r + d_R): one key head
-        v = c[:, None]  # (B, 1, L, r)
-        o = attention(
-            q, k, v, scale=self.scale, key_padding_mask=kpm, q_offset=start, causal=self.causal, backend=self.backend
-        )
+        o = self.latent_attention(q, k, c[:, None], kpm, start)  # values: the latent itself (B, 1, L, r)
         return torch.einsum("bhnr,hdr->bhnd", o, w_uv)
+
+    def latent_attention(self, q, k, v, kpm, start):
+        """Multi-query attention of ``q`` ``(B, H, N, D)`` over one key/value head. When no query's mask depends
+        on its position (one decode token, which sees every cached key, or a non-causal layer) the heads are
+        folded into the query axis, ``(B, 1, H N, D)``: one single-head call that reads the latent cache once
+        (the GQA path of SDPA would expand it ``H`` times)."""
+        B, H, N, _ = q.shape
+        if N == 1 or not self.causal:
+            o = attention(
+                q.reshape(B, 1, H * N, -1),
+                k,
+                v,
+                scale=self.scale,
+                key_padding_mask=kpm,
+                causal=False,
+                backend=self.backend,
+            )
+            return o.reshape(B, H, N, -1)
+        return attention(
+            q, k, v, scale=self.scale, key_padding_mask=kpm, q_offset=start, causal=True, backend=self.backend
+        )
 
     # -- oracle -----------------------------------------------------------------------------------------------------
 

@@ -129,8 +129,6 @@ class TensorParallelLatentAttention(MultiheadLatentAttention):
         return c, kr
 
     def _absorbed(self, q_nope, q_rope, c, kr, kv, kpm, start):
-        from ..api import attention
-
         w_uk, w_uv = self.up_weights()  # (H, d_C, r), (H, d_v, r)
         B, H, N, _ = q_nope.shape
         L, S = c.shape[1], self.shards
@@ -140,15 +138,8 @@ class TensorParallelLatentAttention(MultiheadLatentAttention):
         cs = c.reshape(B, L, S, n).permute(0, 2, 1, 3)  # (B, S, L, n)
         k = torch.cat((cs, kr[:, None].expand(B, S, L, self.qk_rope_dim)), -1)
         mask = None if kpm is None else kpm[:, None].expand(B, S, L).reshape(B * S, L)
-        o = attention(
-            q.reshape(B * S, H, N, -1),
-            k.reshape(B * S, 1, L, -1),
-            cs.reshape(B * S, 1, L, n),
-            scale=self.scale,
-            key_padding_mask=mask,
-            q_offset=start,
-            causal=self.causal,
-            backend=self.backend,
+        o = self.latent_attention(
+            q.reshape(B * S, H, N, -1), k.reshape(B * S, 1, L, -1), cs.reshape(B * S, 1, L, n), mask, start
         ).reshape(B, S, H, N, n)
         return torch.einsum("bshnr,hdsr->bhnd", o, w_uv.reshape(H, -1, S, n))  # the all-reduce: sum over shards
 
