@@ -78,6 +78,7 @@ def test_absorb_backward_matches_naive():
 def test_decode_equals_forward(mode, kv_norm):
     layer = make(mode, seed=12, kv_norm=kv_norm, q_lora_rank=12)
     check_decode(layer, randx(B=2, N=17, seed=13), prefill=5, rtol=1e-6)
+    check_decode(layer, randx(B=2, N=9, seed=16), prefill=1, rtol=1e-6)  # fewer cached keys than heads at first
 
 
 def test_decode_with_padding_equals_forward():

@@ -329,9 +329,9 @@ class MultiheadLatentAttention(nn.Module):
         """Multi-query attention of ``q`` ``(B, H, N, D)`` over one key/value head. When no query's mask depends
         on its position (one decode token, which sees every cached key, or a non-causal layer) the heads are
         folded into the query axis, ``(B, 1, H N, D)``: one single-head call that reads the latent cache once
-        (the GQA path of SDPA would expand it ``H`` times)."""
+        (the GQA path of SDPA would expand it ``H`` times), when there are at least ``H N`` keys."""
         B, H, N, _ = q.shape
-        if N == 1 or not self.causal:
+        if (N == 1 or not self.causal) and H * N <= k.shape[2]:  # the api wants no more queries than keys
             o = attention(
                 q.reshape(B, 1, H * N, -1),
                 k,
@@ -343,7 +343,7 @@ class MultiheadLatentAttention(nn.Module):
             )
             return o.reshape(B, H, N, -1)
         return attention(
-            q, k, v, scale=self.scale, key_padding_mask=kpm, q_offset=start, causal=True, backend=self.backend
+            q, k, v, scale=self.scale, key_padding_mask=kpm, q_offset=start, causal=self.causal, backend=self.backend
         )
 
     # -- oracle -----------------------------------------------------------------------------------------------------
