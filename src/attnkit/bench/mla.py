@@ -19,7 +19,7 @@ import torch.nn.functional as F
 #: cache budgets as fractions of GQA's 384 values/token/layer, and the RoPE width used at each: ``kv_heads * 2P``
 #: for ``P`` kept rotation pairs per KV head (chosen by the sweep recorded in the report; see attnkit.hf.mla).
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
-ROPE_DIMS = {0.25: 24, 0.5: 48, 0.75: 96, 1.0: 192}
+ROPE_DIMS = {0.25: 72, 0.5: 96, 0.75: 144, 1.0: 192}
 
 
 def _windows(tok, n_windows, window, start_token=0):
