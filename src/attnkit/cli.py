@@ -216,6 +216,12 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
 )
 @click.option("--probe-examples", default=3000, show_default=True, help="Sentences of the probe task.")
 @click.option("--probe-seeds", default="0,1,2", show_default=True, help="Comma-separated probe training seeds.")
+@click.option(
+    "--mla",
+    is_flag=True,
+    help="Instead: SmolLM2 converted to MLA (bench.mla): perplexity, KL, KV bytes and speed at 1/4..1x the GQA cache.",
+)
+@click.option("--mla-windows", default=4, show_default=True, help="512-token evaluation windows for --mla.")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(
     quick,
@@ -237,6 +243,8 @@ def eval_cmd(
     probe,
     probe_examples,
     probe_seeds,
+    mla,
+    mla_windows,
     out,
 ):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
@@ -244,7 +252,8 @@ def eval_cmd(
 
     The default run takes about an hour on 2 cores; --quick about a minute. --probe runs the probe
     evaluation alone (about eight minutes on 2 cores; with --quick, 400 sentences and one seed) and writes
-    probe.md, probe.json.
+    probe.md, probe.json. --mla runs the GQA-to-MLA conversion of SmolLM2 alone (its rank curve, about fifteen
+    minutes) and writes eval_mla.md, eval_mla.json.
     """
     if probe:
         from .bench import probe as _probe
@@ -260,6 +269,19 @@ def eval_cmd(
         return
     import dataclasses
     from fractions import Fraction
+
+    if mla:
+        import json
+
+        from .bench import mla as _mla
+
+        res = _mla.run_mla_eval(n_windows=mla_windows, progress=click.echo)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_mla.json").write_text(json.dumps(res, indent=1))
+        (out / "eval_mla.md").write_text(_mla.markdown(res) + "\n")
+        click.echo(_mla.markdown(res))
+        click.echo(f"wrote {out / 'eval_mla.json'} and {out / 'eval_mla.md'}")
+        return
 
     from .bench import models as _models
     from .bench import needle as _needle

@@ -23,6 +23,8 @@ _LAZY = {
     "apply": "._integration",
     "masked_attention": "._integration",
     "HeadwiseCache": ".cache",
+    "convert_to_mla": ".mla",
+    "latent_caches": ".mla",
 }
 
 
@@ -51,6 +53,8 @@ __all__ = [
     "StreamingLLM",
     "Uniform",
     "applied",
+    "convert_to_mla",
+    "latent_caches",
     "apply",
     "masked_attention",
 ]

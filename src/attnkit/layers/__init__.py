@@ -5,7 +5,9 @@
   (:class:`KVCache`, :class:`HeadKVCache`, :class:`StateCache`); :class:`Attention2d` / :class:`Attention3d`
   over spatial layouts.
 * :class:`TransformerBlock` and a decoder-only :class:`Transformer`.
-* Family D, the head and projection variants, each registered with its paper: :class:`MoHAttention`,
+* Family D, the head and projection variants, each registered with its paper:
+  :class:`MultiheadLatentAttention` (MLA, naive and absorbed, with a :class:`LatentCache`),
+  :class:`TensorParallelLatentAttention` (TPLA, simulated on one device), :class:`MoHAttention`,
   :class:`SparseQueryAttention`, :class:`BAMAttention`, :class:`MinimalAttention`, :class:`RCMHA`,
   :class:`DifferentialAttention`, and the attentive probes :class:`EfficientProbe`, :class:`AttentiveProbe`
   (with the :class:`MeanProbe` baseline).
@@ -16,6 +18,7 @@ from .bam import BAMAttention
 from .cache import Cache, HeadKVCache, KVCache, StateCache
 from .differential import DifferentialAttention, lambda_init_fn
 from .minimal import MinimalAttention
+from .mla import LatentCache, MultiheadLatentAttention
 from .moh import MoHAttention
 from .probe import AttentiveProbe, EfficientProbe, MeanProbe
 from .rcmha import RCMHA, RCMHACache
@@ -23,6 +26,7 @@ from .rope import RopeScaling, Rotary
 from .spatial import Attention2d, Attention3d
 from .sqa import VARIANTS as SQA_VARIANTS
 from .sqa import SparseQueryAttention
+from .tpla import TensorParallelLatentAttention
 from .transformer import SwiGLU, Transformer, TransformerBlock
 
 __all__ = [
@@ -38,15 +42,18 @@ __all__ = [
     "EfficientProbe",
     "HeadKVCache",
     "KVCache",
+    "LatentCache",
     "MeanProbe",
     "MinimalAttention",
     "MoHAttention",
+    "MultiheadLatentAttention",
     "RCMHACache",
     "RopeScaling",
     "Rotary",
     "SparseQueryAttention",
     "StateCache",
     "SwiGLU",
+    "TensorParallelLatentAttention",
     "Transformer",
     "TransformerBlock",
     "lambda_init_fn",

@@ -9,8 +9,9 @@ error against the float64 result must be at most twice the naive one's (plus a t
   :func:`local_linear_attention`, :func:`gaussian_adaptive`: the linear / re-normalised family (C).
 * :func:`attention_layer`, :func:`rope`: the attention layer of :mod:`attnkit.layers` (projections, QK-norm,
   rotary embedding).
-* :mod:`~attnkit.reference.heads`, :mod:`~attnkit.reference.differential`, :mod:`~attnkit.reference.probe`: the
-  family-D layers (MoH, SQA, BAM, Minimal, RCMHA; Diff Transformer; the attentive probes), on explicit weights.
+* :mod:`~attnkit.reference.heads`, :mod:`~attnkit.reference.differential`, :mod:`~attnkit.reference.probe`,
+  :mod:`~attnkit.reference.mla`: the family-D layers (MoH, SQA, BAM, Minimal, RCMHA; Diff Transformer; the
+  attentive probes; MLA and TPLA), on explicit weights.
 * :func:`selected_attention`: dense attention over a dynamic selector's pairs (family B).
 """
 
@@ -22,7 +23,7 @@ from .linear import (
     local_linear_attention,
     rat_attention,
 )
-from . import differential, heads, probe
+from . import differential, heads, mla, probe
 from .layers import attention_layer, rope
 from .softmax import attention
 from .sparse import selected_attention
@@ -37,6 +38,7 @@ __all__ = [
     "heads",
     "linear_attention",
     "local_linear_attention",
+    "mla",
     "probe",
     "rat_attention",
     "rope",
