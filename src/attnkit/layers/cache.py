@@ -36,7 +36,8 @@ class Cache:
         self.length = 0
 
 
-def _room(length: int, n: int, max_len: int) -> None:
+def check_room(length: int, n: int, max_len: int) -> None:
+    """Raise ShapeError (naming ``x``) unless ``n`` more tokens fit after ``length`` in ``max_len``."""
     if length + n > max_len:
         raise ShapeError(
             bad("x", f"at most {max_len - length} new tokens (the cache holds max_len={max_len})", f"{n} tokens")
@@ -86,7 +87,7 @@ class KVCache(Cache):
                     tuple(k.shape),
                 )
             )
-        _room(self.length, n, self.max_len)
+        check_room(self.length, n, self.max_len)
         a, e = self.length, self.length + n
         self.k[:, :, a:e] = k.to(self.k.dtype)
         self.v[:, :, a:e] = v.to(self.v.dtype)
@@ -130,7 +131,7 @@ class HeadKVCache(KVCache):
             raise UnsupportedError(
                 bad("x", "one token at a time once heads have evicted different keys", f"{n} tokens")
             )
-        _room(int(self.lengths.max()), n, self.max_len)
+        check_room(int(self.lengths.max()), n, self.max_len)
         real = torch.ones(b, n, dtype=torch.bool, device=k.device) if mask is None else mask
         slot = self.lengths[..., None] + torch.arange(n, device=k.device)  # (B, H, n)
         idx = slot[..., None]

@@ -45,7 +45,7 @@ from ..api import attention
 from ..errors import ShapeError, UnsupportedError, bad, check_count, check_memory
 from ..records import register
 from ..reference.mla import mla_attention
-from .cache import Cache, _room
+from .cache import Cache, check_room
 from .rope import Rotary
 
 MODES = ("naive", "absorb")
@@ -94,7 +94,7 @@ class LatentCache(Cache):
                     (tuple(c.shape), tuple(k_rope.shape)),
                 )
             )
-        _room(self.length, n, self.max_len)
+        check_room(self.length, n, self.max_len)
         a, e = self.length, self.length + n
         self.kv[:, a:e, : self.rank] = c.to(self.kv.dtype)
         self.kv[:, a:e, self.rank :] = k_rope.to(self.kv.dtype)
