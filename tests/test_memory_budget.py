@@ -52,3 +52,24 @@ def test_flex_refuses_before_building_its_block_mask(small_budget):
 
 def test_budget_error_is_a_memory_error():
     assert issubclass(ak.MemoryBudgetError, MemoryError)
+
+
+def test_sdpa_with_unequal_head_widths_stays_off_the_quadratic_math_path():
+    """D != Dv (MLA's naive heads, Diff Transformer's doubled values): SDPA runs on zero-padded widths, so the
+    result is exact and the memory stays linear (the math path would hold the N x N weights)."""
+    from attnkit import reference
+    from attnkit.bench.timing import peak_memory
+
+    q, k = torch.randn(1, 2, 64, 24, dtype=torch.float64), torch.randn(1, 2, 64, 24, dtype=torch.float64)
+    for v in (torch.randn(1, 2, 64, 16, dtype=torch.float64), torch.randn(1, 2, 64, 40, dtype=torch.float64)):
+        for pattern in (ak.patterns.Causal(), ak.patterns.SlidingWindow(left=7, right=0)):
+            out = ak.attention(q, k, v, pattern=pattern, backend="sdpa")
+            want = reference.attention(q, k, v, pattern=pattern)
+            assert (out - want).abs().max() < 1e-12
+    n = 4096
+    q = torch.randn(1, 8, n, 96)
+    v = torch.randn(1, 8, n, 64)
+    grown = peak_memory(lambda: ak.attention(q, q, v, pattern=ak.patterns.Causal(), backend="sdpa"))
+    if grown is None:
+        pytest.skip("the kernel does not report the resident high-water mark")
+    assert grown < 256 * 2**20, f"{grown / 2**20:.0f} MiB for a causal call at 4k (the N x N weights are 512 MiB)"

@@ -63,11 +63,26 @@ def _dense_mask(pattern, Nq, Nk, q_offset, Hq, device):
     return m
 
 
+def _sdpa(q, k, v, scale, **kw):
+    """SDPA with the head widths made equal by zero channels. PyTorch's CPU flash kernel needs ``D == Dv``;
+    otherwise SDPA takes its math path, which holds the ``(B, H, Nq, Nk)`` weights (24 GB for MLA's naive
+    heads at 16k). Zero channels in ``q, k`` add nothing to ``q . k``; zero columns of ``v`` give zero outputs,
+    sliced off."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D == Dv:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
+    scale = D**-0.5 if scale is None else scale
+    if D > Dv:
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, D - Dv)), scale=scale, **kw)[..., :Dv]
+    q, k = F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
+
+
 def run(req: Request):
     """``(out, lse or None)``; the caller has checked :func:`why_not`."""
     q, k, v, dims = req.q, req.k, req.v, req.dims
     if req.dense_causal and req.score is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=req.scale, enable_gqa=dims.group > 1)
+        out = _sdpa(q, k, v, req.scale, is_causal=True, enable_gqa=dims.group > 1)
         return out, (_lse(q, k, None, req.scale, dims.group, causal=True) if req.return_lse else None)
     pattern, score, scale = (None if req.causal_sees_all else req.pattern), req.score, req.scale
     key_padding_mask, q_offset = req.key_padding_mask, req.q_offset
@@ -86,7 +101,7 @@ def run(req: Request):
         bias = score.score_mod(torch.zeros((), dtype=q.dtype, device=q.device), 0, h, qi, ki)[None]
         attn_mask = bias if visible is None else bias.masked_fill(~visible, float("-inf"))
     g = dims.group
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=g > 1)
+    out = _sdpa(q, k, v, scale, attn_mask=attn_mask, enable_gqa=g > 1)
     live = None
     if visible is not None:
         live = visible.any(-1, keepdim=True)  # rows with at least one key; SDPA gives NaN elsewhere
