@@ -226,7 +226,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     "--mla-distill-steps",
     default=0,
     show_default=True,
-    help="With --mla: also a distilled row per budget, this many layer-local Adam steps per layer (hf.mla.distill_mla).",
+    help="With --mla: also a distilled row per budget, this many layer-local Adam steps per layer (distill_mla).",
 )
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(
