@@ -171,7 +171,7 @@ def run_mla_eval(
         say(f"budget {b}: {row}")
         out.append(row)
         if distill_steps:
-            d = distill_mla(conv, model, dist, steps=distill_steps, lr=distill_lr)
+            d = distill_mla(conv, model, dist, steps=distill_steps, lr=distill_lr, progress=say)
             drow = {**{k: row[k] for k in ("budget", "kv_lora_rank", "qk_rope_dim", "values_per_token")}}
             drow.update(bytes_per_token=row["bytes_per_token"], distilled=True, distill_s=d["seconds"])
             drow.update(distill_steps=distill_steps, threads=d["threads"], **_score(_logp(conv, rows), rows, ref))
