@@ -222,6 +222,12 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     help="Instead: SmolLM2 converted to MLA (bench.mla): perplexity, KL, KV bytes and speed at 1/4..1x the GQA cache.",
 )
 @click.option("--mla-windows", default=4, show_default=True, help="512-token evaluation windows for --mla.")
+@click.option(
+    "--mla-distill-steps",
+    default=0,
+    show_default=True,
+    help="With --mla: also a distilled row per budget, this many layer-local Adam steps per layer (distill_mla).",
+)
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(
     quick,
@@ -245,6 +251,7 @@ def eval_cmd(
     probe_seeds,
     mla,
     mla_windows,
+    mla_distill_steps,
     out,
 ):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
@@ -275,7 +282,7 @@ def eval_cmd(
 
         from .bench import mla as _mla
 
-        res = _mla.run_mla_eval(n_windows=mla_windows, progress=click.echo)
+        res = _mla.run_mla_eval(n_windows=mla_windows, distill_steps=mla_distill_steps, progress=click.echo)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval_mla.json").write_text(json.dumps(res, indent=1))
         (out / "eval_mla.md").write_text(_mla.markdown(res) + "\n")

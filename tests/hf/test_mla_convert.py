@@ -72,3 +72,23 @@ def test_bad_arguments(smollm2):
         convert_to_mla(model, kv_lora_rank=64, qk_rope_dim=24, layers=[0])
     with pytest.raises(ShapeError, match="layers"):
         convert_to_mla(model, kv_lora_rank=64, qk_rope_dim=24, layers=[30], method="weights")
+
+
+def test_distillation_lowers_the_layer_error(smollm2, text_ids):
+    from attnkit.hf.mla import distill_mla, layer_error
+
+    model, _ = smollm2
+    x, y = _attn_io(model, text_ids[:, :128], LAYER)  # held out: not in the distillation text
+    calib = text_ids[:, 2000:2256]
+    conv = convert_to_mla(model, kv_lora_rank=48, qk_rope_dim=96, layers=[LAYER], calibration_ids=calib)
+    mla = conv.model.layers[LAYER].self_attn.mla
+    before = layer_error(mla, x, y)
+    mlp = conv.model.layers[LAYER].mlp.down_proj.weight.detach().clone()
+    res = distill_mla(conv, model, text_ids[:, 3000:3512].reshape(2, 256), steps=12, lr=1e-3)
+    after = layer_error(mla, x, y)
+    assert res["layers"][LAYER]["after"] < res["layers"][LAYER]["before"]  # on the distillation text
+    assert after < 0.9 * before, (before, after)  # and on held-out text
+    assert torch.equal(conv.model.layers[LAYER].mlp.down_proj.weight, mlp)  # only the MLA layer trains
+    assert not any(p.grad is not None for p in conv.parameters())
+    with pytest.raises(ShapeError, match="layers"):
+        distill_mla(conv, model, text_ids[:, :64], steps=1, layers=[0])

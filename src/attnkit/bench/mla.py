@@ -93,6 +93,10 @@ def run_mla_eval(
     calibration_start: int = 40000,
     decode_steps: int = 16,
     timing: bool = True,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-3,
+    distill_windows: int = 16,
+    distill_start: int = 50000,
     progress=None,
 ) -> dict:
     """The rank curve of SmolLM2-135M converted to MLA (module docstring).
@@ -106,11 +110,17 @@ def run_mla_eval(
         calibration_windows, calibration_start: calibration rows of ``window`` tokens from token
             ``calibration_start`` on (disjoint from the evaluation windows).
         decode_steps: greedy decode steps timed after a ``window``-token prefill.
+        distill_steps: when positive, every budget also gets a distilled row: the converted model after
+            :func:`attnkit.hf.mla.distill_mla` (layer-local, ``distill_steps`` Adam steps per layer at
+            ``distill_lr``, one ``window``-token row per step) on ``distill_windows`` rows from token
+            ``distill_start`` on (disjoint from the evaluation and calibration text); ``distill_s`` is its wall
+            time (hidden-state capture included) and ``threads`` torch's thread count.
 
     Returns ``{"original": {...}, "rows": [{budget, kv_lora_rank, qk_rope_dim, values_per_token,
-    bytes_per_token, ppl, kl, prefill_s, decode_s_per_token}, ...]}``.
+    bytes_per_token, ppl, kl, prefill_s, decode_s_per_token, distilled}, ...]}`` (a distilled row follows each
+    training-free one when ``distill_steps > 0``).
     """
-    from ..hf.mla import convert_to_mla, gqa_values_per_token, mla_layers
+    from ..hf.mla import convert_to_mla, distill_mla, gqa_values_per_token, mla_layers
     from ..models import load_smollm2
 
     say = progress or (lambda s: None)
@@ -119,6 +129,12 @@ def run_mla_eval(
     calib = ids[0, calibration_start : calibration_start + calibration_windows * window].view(
         calibration_windows, window
     )
+    dist = None
+    if distill_steps:
+        dist = ids[0, distill_start : distill_start + distill_windows * window]
+        if dist.numel() < distill_windows * window:
+            raise ValueError(f"distill: expected {distill_windows * window} tokens from {distill_start}")
+        dist = dist.view(distill_windows, window)
     gqa = gqa_values_per_token(model)
     es = next(model.parameters()).element_size()
     ref = _logp(model, rows)
@@ -145,6 +161,7 @@ def run_mla_eval(
             "values_per_token": r + dr,
             "bytes_per_token": layer.make_cache(1, 1).bytes_per_token,
             "convert_s": conv_s,
+            "distilled": False,
             **_score(_logp(conv, rows), rows, ref),
         }
         if timing:
@@ -153,6 +170,18 @@ def run_mla_eval(
         row["ppl_ratio"] = row["ppl"] / orig["ppl"]
         say(f"budget {b}: {row}")
         out.append(row)
+        if distill_steps:
+            d = distill_mla(conv, model, dist, steps=distill_steps, lr=distill_lr, progress=say)
+            drow = {**{k: row[k] for k in ("budget", "kv_lora_rank", "qk_rope_dim", "values_per_token")}}
+            drow.update(bytes_per_token=row["bytes_per_token"], distilled=True, distill_s=d["seconds"])
+            drow.update(distill_steps=distill_steps, threads=d["threads"], **_score(_logp(conv, rows), rows, ref))
+            drow["layer_error"] = {str(k): v for k, v in d["layers"].items()}
+            for k in ("prefill_s", "decode_s_per_token"):
+                if k in row:
+                    drow[k] = row[k]  # the same shapes: the timing does not change with the weights
+            drow["ppl_ratio"] = drow["ppl"] / orig["ppl"]
+            say(f"budget {b} distilled: { {k: v for k, v in drow.items() if k != 'layer_error'} }")
+            out.append(drow)
         del conv
         gc.collect()
     return {"original": orig, "rows": out, "method": method, "n_windows": n_windows, "window": window}
@@ -165,16 +194,18 @@ def markdown(res: dict) -> str:
         f"SVD method {res['method']!r}",
         "",
         "| cache | r | d_R | values/token/layer | bytes/token/layer | ppl | ppl / original | KL | prefill s "
-        "| decode s/token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| decode s/token | distill s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| GQA (original) | - | - | {o['values_per_token']} | {o['bytes_per_token']} | {o['ppl']:.3f} | 1.000 | 0 | "
-        f"{o.get('prefill_s', float('nan')):.3f} | {o.get('decode_s_per_token', float('nan')):.4f} |",
+        f"{o.get('prefill_s', float('nan')):.3f} | {o.get('decode_s_per_token', float('nan')):.4f} | - |",
     ]
     for r in res["rows"]:
+        name = f"MLA {r['budget']:g}" + (f" + distill {r['distill_steps']}" if r.get("distilled") else "")
+        dist = f"{r['distill_s']:.0f} ({r['threads']} thr)" if r.get("distilled") else "-"
         lines.append(
-            f"| MLA {r['budget']:g} | {r['kv_lora_rank']} | {r['qk_rope_dim']} | {r['values_per_token']} | "
+            f"| {name} | {r['kv_lora_rank']} | {r['qk_rope_dim']} | {r['values_per_token']} | "
             f"{r['bytes_per_token']} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} | {r['kl']:.4f} | "
-            f"{r.get('prefill_s', float('nan')):.3f} | {r.get('decode_s_per_token', float('nan')):.4f} |"
+            f"{r.get('prefill_s', float('nan')):.3f} | {r.get('decode_s_per_token', float('nan')):.4f} | {dist} |"
         )
     return "\n".join(lines)
 
