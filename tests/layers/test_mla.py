@@ -239,3 +239,17 @@ def test_tpla_bad_shards_and_record():
     assert rec.family == "D" and not rec.exact
     layer = rec.make(16, dim=32, heads=2)
     assert layer(torch.randn(1, 16, 32)).shape == (1, 16, 32)
+
+
+def test_auto_mode_absorbs_for_decode_and_expands_for_prefill():
+    torch.manual_seed(21)
+    layer = MultiheadLatentAttention(
+        64, 4, kv_lora_rank=32, qk_nope_dim=16, qk_rope_dim=8, v_dim=16, mode="auto"
+    ).double()
+    assert layer.absorbs(1, 4096) and not layer.absorbs(4096, 4096)
+    x = torch.randn(2, 30, 64, dtype=torch.float64)
+    full = layer(x)
+    layer.mode = "naive"
+    assert (layer(x) - full).abs().max() < 1e-12  # prefill: the naive form
+    layer.mode = "auto"
+    check_decode(layer, x, prefill=10)  # decode steps take the absorbed form, equal to the forward

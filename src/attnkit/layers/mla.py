@@ -48,7 +48,7 @@ from ..reference.mla import mla_attention
 from .cache import Cache, check_room
 from .rope import Rotary
 
-MODES = ("naive", "absorb")
+MODES = ("naive", "absorb", "auto")
 
 
 class LatentCache(Cache):
@@ -117,7 +117,10 @@ class MultiheadLatentAttention(nn.Module):
         v_dim: ``d_v``, the per-head value channels.
         q_lora_rank: None (a full ``W_Q``) or the rank of the low-rank query ``W_UQ RMSNorm(W_DQ x)``.
         rope_base: the RoPE frequency base.
-        mode: ``"naive"`` (expand K/V from the latent) or ``"absorb"`` (attend in latent space).
+        mode: ``"naive"`` (expand K/V from the latent), ``"absorb"`` (attend in latent space), or ``"auto"``:
+            per call, the form with fewer multiply-adds (per head, ``L`` keys, ``N`` queries: naive
+            ``L r (d_C + d_v) + N L (d_C + d_R + d_v)``, absorbed ``N L (2r + d_R) + N r (d_C + d_v)``), which is the
+            absorbed form for a decode step and the naive one for a long prefill, as serving engines split them.
         causal: query ``i`` sees keys ``j <= i``.
         kv_norm: RMS-normalise the latent (DeepSeek); False keeps it linear in ``x`` (converted models).
         backend: the :func:`attnkit.attention` backend.
@@ -301,11 +304,19 @@ class MultiheadLatentAttention(nn.Module):
             kv = None
         out = (
             self._absorbed(q_nope, q_rope, c, kr, kv, kpm, start)
-            if self.mode == "absorb"
+            if self.absorbs(x.shape[1], c.shape[1])
             else self._naive(q_nope, q_rope, c, kr, kpm, start)
         )
         B, _, N, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, N, -1))
+
+    def absorbs(self, n: int, length: int) -> bool:
+        """Whether a call with ``n`` queries over ``length`` keys runs the absorbed form (see ``mode``)."""
+        if self.mode != "auto":
+            return self.mode == "absorb"
+        r, dc, dr, dv = self.kv_lora_rank, self.qk_nope_dim, self.qk_rope_dim, self.v_dim
+        naive = length * r * (dc + dv) + n * length * (dc + dr + dv)
+        return n * length * (2 * r + dr) + n * r * (dc + dv) < naive
 
     def _naive(self, q_nope, q_rope, c, kr, kpm, start):
         B, L, _ = c.shape
