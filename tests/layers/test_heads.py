@@ -373,3 +373,17 @@ def test_rcmha_bad_positions_and_cache():
         layer(_x(), positions=torch.arange(3))
     with pytest.raises(ShapeError, match="^cache:"):
         layer(_x(), cache=LAYERS["bam"].make_cache(2, 10))
+
+
+def test_sqa_with_rope_qk_norm_and_a_window_meets_the_oracle():
+    from attnkit.layers import SparseQueryAttention
+    from attnkit.patterns import SlidingWindow
+    from tests.helpers import check_decode
+
+    torch.manual_seed(31)
+    layer = SparseQueryAttention(
+        32, 8, variant="symmetric", rope=True, qk_norm=True, mechanism=SlidingWindow(left=5, right=0)
+    )
+    x = torch.randn(2, 20, 32)
+    check_layer_against_oracle(layer, x, label="sqa + rope + window")
+    check_decode(layer, x, prefill=6)

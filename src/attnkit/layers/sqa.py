@@ -34,7 +34,7 @@ from ..api import explain
 from ..errors import ShapeError, bad, check_count
 from ..records import register
 from ..reference import heads as ref
-from ._headutil import linear_weights, require_plain_attention
+from ._headutil import linear_weights
 from .attention import Attention
 
 #: variant -> (H / H_q, H / H_kv); None for H_kv = 1.
@@ -121,10 +121,12 @@ class SparseQueryAttention(Attention):
         return super().forward(x, context=context, key_padding_mask=key_padding_mask, cache=cache, positions=positions)
 
     def reference(self, x, *, dtype=torch.float64, key_padding_mask=None, **forward_kw):
-        """The float64 oracle (:func:`attnkit.reference.heads.mha` with ``H_q`` query heads)."""
-        require_plain_attention(self)
-        if forward_kw:
-            raise ShapeError(bad("forward_kw", "only key_padding_mask for the reference", sorted(forward_kw)))
+        """The float64 oracle: :func:`attnkit.reference.heads.mha` with ``H_q`` query heads for plain attention;
+        with RoPE, QK-norm, a mechanism, a score or a context, the attention layer's own oracle
+        (:func:`attnkit.reference.attention_layer`), SQA being that layer with fewer query heads."""
+        plain = self.rotary is None and self.q_norm is None and self.mechanism is None and self.score is None
+        if forward_kw or not plain:
+            return super().reference(x, dtype=dtype, key_padding_mask=key_padding_mask, **forward_kw)
         return ref.mha(
             x.to(dtype),
             **linear_weights(self, dtype),
