@@ -110,7 +110,7 @@ def input_covariances(model, ids: torch.Tensor, layers) -> dict:
 
 
 def mla_from_gqa(
-    q_w, k_w, v_w, o_w, *, heads, kv_heads, head_dim, kv_lora_rank, qk_rope_dim, inv_freq, cov=None, mode="absorb"
+    q_w, k_w, v_w, o_w, *, heads, kv_heads, head_dim, kv_lora_rank, qk_rope_dim, inv_freq, cov=None, mode="auto"
 ) -> MultiheadLatentAttention:
     """One :class:`MultiheadLatentAttention` from one GQA layer's ``q, k, v, o`` weights (module docstring)."""
     dim = q_w.shape[1]
@@ -187,7 +187,7 @@ def convert_to_mla(
     layers=None,
     method: str = "activations",
     calibration_ids: torch.Tensor | None = None,
-    mode: str = "absorb",
+    mode: str = "auto",
     inplace: bool = False,
 ):
     """A copy of a Llama-family ``model`` (``inplace=False``) whose attention layers are MLA (module docstring).
@@ -199,7 +199,8 @@ def convert_to_mla(
         layers: indices to convert (default all).
         method: ``"activations"`` (covariance-aware SVD on ``calibration_ids``) or ``"weights"`` (X-EcoMLA's).
         calibration_ids: ``(S, N)`` token ids for ``method="activations"``.
-        mode: the MLA layers' mode, ``"absorb"`` or ``"naive"``.
+        mode: the MLA layers' mode: ``"auto"`` (default: the naive form for a prefill, the absorbed one for a
+            decode step), ``"absorb"`` or ``"naive"``.
     """
     if method not in METHODS:
         raise ShapeError(bad("method", f"one of {METHODS}", repr(method)))
