@@ -19,5 +19,8 @@ def test_layers_suite_runs_on_small_shapes():
     assert dense["fwd_ms"] > 0 and dense["fwd_bwd_ms"] > 0 and dense["decode_ms"] > 0
     assert dense["cache_bytes_per_token"] == 2 * 64 * 4  # K and V, 4 heads x 16 channels, fp32
     assert len(section["targets"]) >= 2
+    h2h = section["head_to_head"]
+    assert h2h["N"] == 128 and all(v > 0 for v in h2h["median_ms"].values())
+    assert "alternating rounds" in section["targets"][0]["value"]
     text = "\n".join(markdown(section))
     assert "| attnkit dense | 128 |" in text and "## Targets" in text
