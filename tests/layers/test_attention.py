@@ -188,6 +188,7 @@ def test_a_learnable_feature_map_is_a_parameter_of_the_layer():
         ({"heads": 4, "dropout": 1.5}, "dropout"),
         ({"heads": 4, "rope": "yes"}, "rope"),
         ({"heads": 0}, "heads"),
+        ({"heads": 4, "mechanism": "retnet", "score": ak.scores.Softcap(20.0)}, "score"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, arg):
@@ -210,3 +211,12 @@ def test_resolve_makes_a_selector_with_the_layer_head_sizes():
     sel = resolve("moba", heads=6, kv_heads=2, head_dim=16, n=512)
     assert isinstance(sel, ak.sparse.Selector)
     assert resolve(None, heads=1, kv_heads=1, head_dim=1) is None
+
+
+@pytest.mark.parametrize("score", [ak.scores.Softcap(5.0), ak.scores.Sigmoid(-3.0)], ids=["softcap", "sigmoid"])
+def test_a_score_or_normaliser_on_the_layer_matches_the_oracle_and_decodes(score):
+    torch.manual_seed(9)
+    layer = Attention(32, 4, kv_heads=2, score=score, rope=True)
+    x = torch.randn(2, 24, 32)
+    check_layer_against_oracle(layer, x, label=repr(score))
+    check_decode(layer, x, prefill=5)

@@ -168,6 +168,8 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.score = score
         self.mechanism = resolve(mechanism, heads=heads, kv_heads=kv_heads, head_dim=head_dim, n=max_seq_len)
+        if score is not None and isinstance(self.mechanism, Mechanism):
+            raise ShapeError(bad("score", "None with a family-C mechanism (it has its own weights)", repr(score)))
         if _is_linear(self.mechanism) and self.causal != self.mechanism.kwargs.get("causal", True):
             raise ShapeError(
                 bad("causal", f"{self.mechanism.kwargs.get('causal', True)}, as the linear mechanism is", causal)
