@@ -88,6 +88,17 @@ def rope_channels(head_dim: int, pairs: int):
     return rope, nope
 
 
+def _forward_rows(model, ids: torch.Tensor, hooks) -> None:
+    """Run ``model`` over each row of ``ids`` without a cache (the ``hooks`` record), then remove the hooks."""
+    try:
+        with torch.no_grad():
+            for row in ids:
+                model(row[None], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def input_covariances(model, ids: torch.Tensor, layers) -> dict:
     """``{layer: E[x x^T]}`` (float64) of every chosen layer's attention input on ``ids`` ``(1, N)``."""
     acc, hooks = {}, []
@@ -99,13 +110,7 @@ def input_covariances(model, ids: torch.Tensor, layers) -> dict:
             acc[i] = acc.get(i, 0) + x.T @ x / x.shape[0]
 
         hooks.append(model.model.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for row in ids:
-                model(row[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_rows(model, ids, hooks)
     return {i: c / len(ids) for i, c in acc.items()}
 
 
@@ -281,13 +286,7 @@ def attention_io(model, ids: torch.Tensor, layers) -> dict:
             ys[i].append((out[0] if isinstance(out, tuple) else out).detach().float().clone())
 
         hooks.append(model.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for row in ids:
-                model(row[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_rows(model, ids, hooks)
     return {i: (torch.cat(xs[i]), torch.cat(ys[i])) for i in layers}
 
 

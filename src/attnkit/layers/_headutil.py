@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ShapeError, UnsupportedError, bad
+from ..errors import ShapeError, UnsupportedError, bad, check_count
 
 
 def check_input(x: torch.Tensor, dim: int) -> None:
@@ -54,3 +54,21 @@ def linear_weights(layer, dtype):
         kw[f"w{name}"] = c(lin.weight)
         kw[f"b{name}"] = c(lin.bias)
     return kw
+
+
+def head_sizes(dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None, *, split: int = 1):
+    """Check a layer's sizes; return ``(kv_heads, head_dim)`` with their defaults (``heads``; ``dim / (split *
+    heads)``, ``split = 2`` for a layer whose heads are halves, Diff Transformer's)."""
+    check_count("dim", dim, 1)
+    check_count("heads", heads, 1)
+    kv_heads = heads if kv_heads is None else kv_heads
+    check_count("kv_heads", kv_heads, 1)
+    if heads % kv_heads:
+        raise ShapeError(bad("kv_heads", f"a divisor of heads={heads}", kv_heads))
+    if head_dim is None:
+        if dim % (split * heads):
+            of = f"heads={heads}" if split == 1 else f"{split} * heads={split * heads}"
+            raise ShapeError(bad("head_dim", f"given, since dim={dim} is not a multiple of {of}", None))
+        head_dim = dim // (split * heads)
+    check_count("head_dim", head_dim, 1)
+    return kv_heads, head_dim

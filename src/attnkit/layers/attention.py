@@ -54,6 +54,7 @@ from ..patterns.base import Pattern
 from ..records import Mechanism, all_records
 from ..scores import Normalizer, ScoreMod
 from ..sparse._core import Selector
+from ._headutil import head_sizes
 from .cache import Cache, HeadKVCache, KVCache, StateCache
 from .rope import Rotary
 
@@ -137,17 +138,7 @@ class Attention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        check_count("dim", dim, 1)
-        check_count("heads", heads, 1)
-        kv_heads = heads if kv_heads is None else kv_heads
-        check_count("kv_heads", kv_heads, 1)
-        if heads % kv_heads:
-            raise ShapeError(bad("kv_heads", f"a divisor of heads={heads}", kv_heads))
-        if head_dim is None:
-            if dim % heads:
-                raise ShapeError(bad("head_dim", f"given, since dim={dim} is not a multiple of heads={heads}", None))
-            head_dim = dim // heads
-        check_count("head_dim", head_dim, 1)
+        kv_heads, head_dim = head_sizes(dim, heads, kv_heads, head_dim)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ShapeError(bad("dropout", "a number in [0, 1)", repr(dropout)))
         if score is not None and not isinstance(score, (ScoreMod, Normalizer)):

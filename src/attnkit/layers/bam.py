@@ -37,7 +37,7 @@ from ..api import attention
 from ..errors import ShapeError, UnsupportedError, bad, check_count
 from ..records import register
 from ..reference import heads as ref
-from ._headutil import check_input, check_padding
+from ._headutil import check_input, check_padding, head_sizes
 from .cache import KVCache
 
 
@@ -65,14 +65,8 @@ class BAMAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        check_count("dim", dim, 1)
-        check_count("heads", heads, 1)
+        _, head_dim = head_sizes(dim, heads, None, head_dim)
         check_count("experts", experts, 1)
-        if head_dim is None:
-            if dim % heads:
-                raise ShapeError(bad("head_dim", f"given, since dim={dim} is not a multiple of heads={heads}", None))
-            head_dim = dim // heads
-        check_count("head_dim", head_dim, 1)
         if not isinstance(shared_kv, bool):
             raise ShapeError(bad("shared_kv", "a bool", repr(shared_kv)))
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:

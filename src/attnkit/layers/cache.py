@@ -70,8 +70,7 @@ class KVCache(Cache):
 
     @property
     def bytes_per_token(self) -> int:
-        b, h, _, d = self.k.shape
-        return b * h * (d + self.v.shape[-1]) * self.k.element_size() // b
+        return self.k.shape[1] * (self.k.shape[3] + self.v.shape[3]) * self.k.element_size()
 
     def reset(self) -> None:
         self.length, self.padded = 0, False

@@ -47,10 +47,11 @@ from torch import nn
 
 from .. import patterns as _patterns  # noqa: F401  (registers the patterns a name may refer to)
 from ..api import attention
-from ..errors import ShapeError, UnsupportedError, bad, check_count
+from ..errors import ShapeError, UnsupportedError, bad
 from ..patterns.base import Pattern
 from ..records import all_records, register
 from ..reference.differential import differential_attention
+from ._headutil import head_sizes
 from .cache import KVCache
 from .rope import Rotary
 
@@ -114,19 +115,7 @@ class DifferentialAttention(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        check_count("dim", dim, 1)
-        check_count("heads", heads, 1)
-        kv_heads = heads if kv_heads is None else kv_heads
-        check_count("kv_heads", kv_heads, 1)
-        if heads % kv_heads:
-            raise ShapeError(bad("kv_heads", f"a divisor of heads={heads}", kv_heads))
-        if head_dim is None:
-            if dim % (2 * heads):
-                raise ShapeError(
-                    bad("head_dim", f"given, since dim={dim} is not a multiple of 2 * heads={2 * heads}", None)
-                )
-            head_dim = dim // (2 * heads)
-        check_count("head_dim", head_dim, 1)
+        kv_heads, head_dim = head_sizes(dim, heads, kv_heads, head_dim, split=2)
         if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or layer_idx < 0:
             raise ShapeError(bad("layer_idx", "an int >= 0 (the 0-based layer index)", repr(layer_idx)))
         if lambda_init is not None and not (isinstance(lambda_init, (int, float)) and math.isfinite(lambda_init)):

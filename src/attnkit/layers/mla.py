@@ -368,25 +368,27 @@ class MultiheadLatentAttention(nn.Module):
         w["kv_a_layernorm"] = None if self.kv_a_layernorm is None else self.kv_a_layernorm.weight
         return w
 
+    def oracle_kw(self, dtype, key_padding_mask=None, positions=None) -> dict:
+        """The keywords of this layer's float64 oracle (its weights, sizes and options), for MLA and TPLA."""
+        return {
+            "weights": self.reference_weights(),
+            "heads": self.heads,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_dim": self.qk_nope_dim,
+            "qk_rope_dim": self.qk_rope_dim,
+            "v_dim": self.v_dim,
+            "inv_freq": self.rotary.inv_freq if self.rotary is not None else torch.zeros(0),
+            "positions": positions,
+            "key_padding_mask": key_padding_mask,
+            "causal": self.causal,
+            "kv_norm": self.kv_norm,
+            "eps": self.eps,
+            "dtype": dtype,
+        }
+
     def reference(self, x, *, dtype=torch.float64, key_padding_mask=None, positions=None, **_ignored):
         """The naive MLA oracle on this layer's weights cast to ``dtype`` (no cache)."""
-        inv = self.rotary.inv_freq if self.rotary is not None else torch.zeros(0)
-        return mla_attention(
-            x,
-            weights=self.reference_weights(),
-            heads=self.heads,
-            kv_lora_rank=self.kv_lora_rank,
-            qk_nope_dim=self.qk_nope_dim,
-            qk_rope_dim=self.qk_rope_dim,
-            v_dim=self.v_dim,
-            inv_freq=inv,
-            positions=positions,
-            key_padding_mask=key_padding_mask,
-            causal=self.causal,
-            kv_norm=self.kv_norm,
-            eps=self.eps,
-            dtype=dtype,
-        )
+        return mla_attention(x, **self.oracle_kw(dtype, key_padding_mask, positions))
 
 
 def _small(n, dim, heads, mode):

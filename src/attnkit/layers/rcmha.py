@@ -50,7 +50,7 @@ from ..api import attention
 from ..errors import ShapeError, UnsupportedError, bad, check_count
 from ..records import register
 from ..reference import heads as ref
-from ._headutil import check_input, check_padding, check_positions
+from ._headutil import check_input, check_padding, check_positions, head_sizes
 from .cache import KVCache
 
 
@@ -96,14 +96,8 @@ class RCMHA(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        check_count("dim", dim, 1)
-        check_count("heads", heads, 1)
+        _, head_dim = head_sizes(dim, heads, None, head_dim)
         check_count("kernel_size", kernel_size, 1)
-        if head_dim is None:
-            if dim % heads:
-                raise ShapeError(bad("head_dim", f"given, since dim={dim} is not a multiple of heads={heads}", None))
-            head_dim = dim // heads
-        check_count("head_dim", head_dim, 1)
         rel_dim = head_dim + head_dim % 2 if rel_dim is None else rel_dim
         check_count("rel_dim", rel_dim, 2)
         if rel_dim % 2:

@@ -144,24 +144,8 @@ class TensorParallelLatentAttention(MultiheadLatentAttention):
         return torch.einsum("bshnr,hdsr->bhnd", o, w_uv.reshape(H, -1, S, n))  # the all-reduce: sum over shards
 
     def reference(self, x, *, dtype=torch.float64, key_padding_mask=None, positions=None, **_ignored):
-        inv = self.rotary.inv_freq if self.rotary is not None else torch.zeros(0)
-        return tpla_attention(
-            x,
-            weights=self.reference_weights(),
-            heads=self.heads,
-            kv_lora_rank=self.kv_lora_rank,
-            qk_nope_dim=self.qk_nope_dim,
-            qk_rope_dim=self.qk_rope_dim,
-            v_dim=self.v_dim,
-            shards=self.shards,
-            inv_freq=inv,
-            positions=positions,
-            key_padding_mask=key_padding_mask,
-            causal=self.causal,
-            kv_norm=self.kv_norm,
-            eps=self.eps,
-            dtype=dtype,
-        )
+        """The naive TPLA oracle on this layer's weights cast to ``dtype`` (no cache)."""
+        return tpla_attention(x, shards=self.shards, **self.oracle_kw(dtype, key_padding_mask, positions))
 
 
 register(
