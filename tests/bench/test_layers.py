@@ -12,7 +12,7 @@ def test_layers_suite_runs_on_small_shapes():
     rows = section["rows"]
     names = {r["layer"] for r in rows}
     assert {"attnkit dense", "attnkit window 256", "x-transformers Attention", "torch nn.MultiheadAttention"} <= names
-    assert {"moh", "sqa", "rcmha"} <= names  # family D, from the registry
+    assert {"moh", "sqa", "rcmha", "efficient_probe", "attentive_probe"} <= names  # family D, from the registry
     for c in section["checks"]:
         assert c["max_rel_err_vs_attnkit"] < 1e-4, c
     dense = next(r for r in rows if r["layer"] == "attnkit dense" and r["N"] == 128)

@@ -7,8 +7,8 @@ of the prefill, and the cache bytes per token. Layers:
 * attnkit's :class:`~attnkit.layers.Attention`, dense causal and with a causal window of 256 keys;
 * x-transformers' ``Attention(causal=True, flash=True)`` (its fastest CPU path, PyTorch's SDPA) and
   ``torch.nn.MultiheadAttention`` (``is_causal`` with the causal mask, its fast path), on the same shapes;
-* every registered family-D layer (MLA naive and absorbed, the head variants), made by its record with the
-  same width and heads. The quick run takes them at the shortest length only, except MLA (its decode target
+* every registered family-D layer (MLA naive and absorbed, the head variants, the attentive probes, whose
+  output is class logits and which have no decode), made by its record with the same width and heads. The quick run takes them at the shortest length only, except MLA (its decode target
   is at the longest); ``full`` takes every length.
 
 A peer is timed only after its output agrees with attnkit's dense layer given the same weights (copied in).
@@ -108,8 +108,6 @@ def _layers(cfg: LayersConfig):
         out.append(("torch nn.MultiheadAttention", mha, "peer"))
     if cfg.family_d:
         for rec in registry.records(family="D", kind="layer"):
-            if "causal" not in rec.supports:
-                continue
             out.append((rec.name, rec.make(max(cfg.sizes), dim=cfg.dim, heads=cfg.heads), "family_d"))
     return out
 
@@ -119,7 +117,7 @@ def cells(cfg: LayersConfig) -> int:
     if cfg.peers:
         names += [("x-transformers Attention", "peer"), ("torch nn.MultiheadAttention", "peer")]
     if cfg.family_d:
-        names += [(r.name, "family_d") for r in registry.records(family="D", kind="layer") if "causal" in r.supports]
+        names += [(r.name, "family_d") for r in registry.records(family="D", kind="layer")]
     return sum(_runs_at(cfg, n, k, N) for n, k in names for N in cfg.sizes)
 
 
