@@ -8,8 +8,9 @@ of the prefill, and the cache bytes per token. Layers:
 * x-transformers' ``Attention(causal=True, flash=True)`` (its fastest CPU path, PyTorch's SDPA) and
   ``torch.nn.MultiheadAttention`` (``is_causal`` with the causal mask, its fast path), on the same shapes;
 * every registered family-D layer (MLA naive and absorbed, the head variants, the attentive probes, whose
-  output is class logits and which have no decode), made by its record with the same width and heads. The quick run takes them at the shortest length only, except MLA (its decode target
-  is at the longest); ``full`` takes every length.
+  output is class logits and which have no decode), made by its record with the same width and heads. The
+  quick run takes them at the shortest length only, except MLA (its decode target is at the longest);
+  ``full`` takes every length.
 
 A peer is timed only after its output agrees with attnkit's dense layer given the same weights (copied in).
 """
