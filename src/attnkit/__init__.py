@@ -5,7 +5,7 @@
 >>> out = ak.attention(q, k, v, pattern=ak.patterns.SlidingWindow(left=255, right=0))
 """
 
-from . import linear, patterns, reference, registry, scores, sparse
+from . import distributed, linear, patterns, reference, registry, scores, sparse
 from .api import Explanation, attention, explain, sparse_attention
 from .backends.tiled import tiled_attention
 from .errors import (
@@ -34,6 +34,7 @@ __all__ = [
     "ShapeError",
     "UnsupportedError",
     "attention",
+    "distributed",
     "explain",
     "linear",
     "sparse",

@@ -97,12 +97,13 @@ def explain(name, length, heads, kv_heads, dim, train, budget, backend):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["all", "static", "linear", "dynamic", "layers"]),
+    type=click.Choice(["all", "static", "linear", "dynamic", "layers", "distributed"]),
     default="all",
     show_default=True,
     help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); dynamic: family-B selectors on "
     "real SmolLM2 q, k, v (4k, 16k); layers: attention layers (prefill, decode, cache bytes) beside x-transformers "
-    "and nn.MultiheadAttention; all: every suite, sharing SDPA timings.",
+    "and nn.MultiheadAttention; distributed: context-parallel attention on 1, 2 and 4 local gloo processes (not in "
+    "all); all: every suite but distributed, sharing SDPA timings.",
 )
 @click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
 def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):
@@ -118,6 +119,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import registry
+    from .bench import distributed as _distributed
     from .bench import dynamic as _dynamic
     from .bench import layers as _layers
     from .bench import linear as _linear
@@ -149,6 +151,9 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
             dtype=dtype,
         ),
         "dynamic": _dynamic.DynamicConfig(peers=not no_peers, full=full),
+        "distributed": _distributed.DistributedConfig(
+            n=size_list[-1] if sizes else (16384 if full else _distributed.DistributedConfig.n)
+        ),
         "layers": _layers.LayersConfig(
             sizes=size_list if sizes else _layers.SIZES,
             peers=not no_peers,

@@ -74,6 +74,7 @@ def test_tutorials_show_the_examples_the_tests_run(visitor):
         ("compute", "dynamic_sparse.py"),
         ("build", "build_layers.py"),
         ("build", "train_transformer.py"),
+        ("build", "train_context_parallel.py"),
         ("apply", "kv_policies.py"),
         ("see", "see_attention.py"),
     ):

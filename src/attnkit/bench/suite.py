@@ -79,13 +79,14 @@ class Suite(Protocol):
 
 
 def _suites() -> dict[str, type]:
+    from .distributed import DistributedSuite
     from .dynamic import DynamicSuite
     from .layers import LayersSuite
     from .linear import LinearSuite
     from .models import ModelsSuite
     from .static import StaticSuite
 
-    return {s.name: s for s in (StaticSuite, LinearSuite, DynamicSuite, LayersSuite, ModelsSuite)}
+    return {s.name: s for s in (StaticSuite, LinearSuite, DynamicSuite, LayersSuite, DistributedSuite, ModelsSuite)}
 
 
 SUITES: dict[str, type] = _suites()

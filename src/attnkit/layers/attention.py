@@ -48,11 +48,13 @@ from .. import patterns as _patterns  # noqa: F401
 from .. import reference as _reference
 from .. import sparse as _sparse  # noqa: F401
 from ..api import attention
+from ..distributed import context_parallel_attention, context_parallel_linear_attention, local_positions
 from ..errors import ShapeError, UnsupportedError, bad, check_count
 from ..linear.engine import linear_attention
 from ..patterns.base import Pattern
 from ..records import Mechanism, all_records
 from ..scores import Normalizer, ScoreMod
+from ..sparse import BlockTopK
 from ..sparse._core import Selector
 from ._headutil import head_sizes
 from .cache import Cache, HeadKVCache, KVCache, StateCache
@@ -90,6 +92,29 @@ def _padding(mech: Mechanism, kpm) -> dict:
     return {"key_padding_mask": kpm}
 
 
+_CP_LINEAR = ("feature_map", "decay", "normalize", "scale", "chunk_size")
+
+
+def _check_context_parallel(m, score, balance) -> None:
+    """What a context-parallel layer can run, refused at construction rather than at the first forward."""
+    if balance not in ("contiguous", "zigzag"):
+        raise ShapeError(bad("cp_balance", "'contiguous' or 'zigzag'", repr(balance)))
+    if isinstance(score, Normalizer):
+        raise UnsupportedError(bad("score", "a ScoreMod or None with process_group", type(score).__name__))
+    if _is_linear(m):
+        extra = sorted(set(m.kwargs) - set(_CP_LINEAR) - {"causal", "mode"})
+        if not m.kwargs.get("causal", True) or extra or balance != "contiguous":
+            raise UnsupportedError(
+                bad("mechanism", "causal linear attention on contiguous shards with process_group", m.kwargs)
+            )
+    elif isinstance(m, Mechanism) or (isinstance(m, Selector) and not isinstance(m, BlockTopK)):
+        name = m.fn.__name__ if isinstance(m, Mechanism) else type(m).__name__
+        raise UnsupportedError(
+            bad("mechanism", "None, a static Pattern, a BlockTopK selector or causal linear attention with "
+                "process_group", name)
+        )
+
+
 def _is_linear(mech) -> bool:
     return isinstance(mech, Mechanism) and mech.fn is linear_attention
 
@@ -117,6 +142,11 @@ class Attention(nn.Module):
         context_dim: width of the cross-attention context (default ``dim``).
         max_seq_len: the sequence length a registry name's record sizes its mechanism for.
         backend: the :func:`attnkit.attention` backend (``"auto"``).
+        process_group: a ``torch.distributed`` group: the layer runs context-parallel
+            (:func:`attnkit.distributed.context_parallel_attention`, or the linear form for a linear mechanism).
+            Each rank passes its shard of the sequence ``(B, n_r, dim)``; RoPE uses the shard's global positions.
+            ``torch.distributed.group.WORLD`` for the default group.
+        cp_balance: how the sequence is sharded with ``process_group``: ``"contiguous"`` or ``"zigzag"``.
     """
 
     def __init__(
@@ -136,6 +166,8 @@ class Attention(nn.Module):
         context_dim: int | None = None,
         max_seq_len: int = 2048,
         backend: str = "auto",
+        process_group=None,
+        cp_balance: str = "contiguous",
     ):
         super().__init__()
         kv_heads, head_dim = head_sizes(dim, heads, kv_heads, head_dim)
@@ -159,6 +191,9 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.score = score
         self.mechanism = resolve(mechanism, heads=heads, kv_heads=kv_heads, head_dim=head_dim, n=max_seq_len)
+        self.process_group, self.cp_balance = process_group, cp_balance
+        if process_group is not None:
+            _check_context_parallel(self.mechanism, self.score, cp_balance)
         if score is not None and isinstance(self.mechanism, Mechanism):
             raise ShapeError(bad("score", "None with a family-C mechanism (it has its own weights)", repr(score)))
         if _is_linear(self.mechanism) and self.causal != self.mechanism.kwargs.get("causal", True):
@@ -251,12 +286,31 @@ class Attention(nn.Module):
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.k_proj.in_features:
                 raise ShapeError(bad("context", f"({x.shape[0]}, Nk, {self.k_proj.in_features})", tuple(context.shape)))
         start = 0 if cache is None else cache.length
-        if positions is None:
+        if self.process_group is not None:
+            if cache is not None or context is not None:
+                what, got = ("cache", type(cache).__name__) if cache is not None else ("context", "a context")
+                raise UnsupportedError(bad(what, "None in a context-parallel layer (self-attention, no decode)", got))
+            if positions is None:
+                positions = local_positions(x.shape[1], balance=self.cp_balance, group=self.process_group)
+        elif positions is None:
             positions = torch.arange(start, start + x.shape[1], device=x.device)
         q, k, v = self.project(x, context, positions)
-        out = self._attend(q, k, v, key_padding_mask, cache, cross=context is not None)
+        if self.process_group is not None:
+            out = self._attend_parallel(q, k, v, key_padding_mask)
+        else:
+            out = self._attend(q, k, v, key_padding_mask, cache, cross=context is not None)
         B, _, N, _ = out.shape
         return self.dropout(self.o_proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def _attend_parallel(self, q, k, v, kpm):
+        m, group = self.mechanism, self.process_group
+        if _is_linear(m):
+            kw = {key: val for key, val in m._args(q).items() if key in _CP_LINEAR}
+            return context_parallel_linear_attention(q, k, v, key_padding_mask=kpm, group=group, **kw)
+        return context_parallel_attention(
+            q, k, v, pattern=m, causal=self.causal, score=self.score, key_padding_mask=kpm,
+            balance=self.cp_balance, group=group,
+        )
 
     def _attend(self, q, k, v, kpm, cache, *, cross=False):
         m, start = self.mechanism, 0 if cache is None else cache.length

@@ -11,7 +11,7 @@
 
 from .agent import AgentAttention, agent_attention, pool_agents
 from .decay import retnet_decay, transnormer_decay
-from .engine import LinearState, linear_attention
+from .engine import LinearState, linear_attention, linear_state
 from .feature_maps import FAVOR, EluPlusOne, FeatureMap, Hedgehog, Identity, ReLU, fit_hedgehog, hedgehog_loss
 from .flow import flow_attention
 from .gaussian import GaussianAdaptiveAttention
@@ -33,6 +33,7 @@ __all__ = [
     "flow_attention",
     "hedgehog_loss",
     "linear_attention",
+    "linear_state",
     "local_linear_attention",
     "pool_agents",
     "rat_attention",

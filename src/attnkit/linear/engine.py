@@ -159,6 +159,33 @@ def linear_attention(
     return out, LinearState(s, t if totals else None, pos)
 
 
+def linear_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    heads: int | None = None,
+    feature_map="elu+1",
+    decay=None,
+    normalize=True,
+    key_padding_mask: torch.Tensor | None = None,
+) -> LinearState:
+    r"""The :class:`LinearState` that causal :func:`linear_attention` reaches after the keys ``k``, ``v``
+    ``(B, Hkv, N, D / Dv)``, without computing any output: :math:`S = \sum_j \gamma^{N-1-j} \phi(k_j) [v_j, 1]^T`
+    in ``O(N F Dv)``. ``heads``: query heads (GQA; default ``Hkv``). Differentiable. Context parallelism passes
+    it between ranks (:func:`attnkit.distributed.context_parallel_linear_attention`)."""
+    fmap = resolve(feature_map)
+    heads = k.shape[1] if heads is None else heads
+    q = k[:, :1].expand(k.shape[0], heads, *k.shape[2:])  # the checks' stand-in for queries: no copy
+    dims = _check(q, k, v, fmap, decay, normalize, True, "auto", 1, None, key_padding_mask, None)
+    cd = torch.float64 if k.dtype == torch.float64 else torch.float32
+    _, kf, va = _features(fmap, q, k, v, key_padding_mask, None, dims.group, cd)
+    logd = _log_decay(decay, heads, cd, k.device)
+    totals = None
+    if normalize in ("inline", "mala"):
+        totals = _final_state(kf.new_ones(*kf.shape[:-1], 1), va, logd, None)
+    return LinearState(_final_state(kf, va, logd, None), totals, k.shape[2])
+
+
 def _features(fmap, q, k, v, kpm, scale, group, cd):
     """Features of the queries (scaled) and keys, and the values with their ones column; GQA expanded."""
     qf = fmap(q.to(cd), True)
