@@ -31,3 +31,10 @@ def text_ids(smollm2):
 
     _, tok = smollm2
     return tok(english_text()[:20000], return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from attnkit.models import load_minilm
+
+    return load_minilm()

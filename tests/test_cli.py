@@ -12,7 +12,7 @@ from attnkit.cli import main
 
 def test_help_everywhere():
     r = CliRunner()
-    for args in ([], ["list"], ["explain"], ["bench"], ["pictures"], ["eval"], ["calibrate"]):
+    for args in ([], ["list"], ["explain"], ["bench"], ["pictures"], ["eval"], ["calibrate"], ["analyze"]):
         res = r.invoke(main, args + ["--help"])
         assert res.exit_code == 0 and "Usage" in res.output
 

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-@pytest.mark.parametrize("name", ["build_layers.py", "see_attention.py"])
+@pytest.mark.parametrize("name", ["build_layers.py", "see_attention.py", "see_heads.py"])
 def test_example_runs(name, capsys):
     runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     assert capsys.readouterr().out.strip()

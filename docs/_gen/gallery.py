@@ -107,6 +107,26 @@ def snippet(rec) -> str:
             "print(tok.decode(out[0, enc.input_ids.shape[1]:]))\n"
             "handle.remove()  # the model is exactly as before\n"
         )
+    if rec.kind == "analysis":
+        tool = rec.make(N)
+        head = (
+            "import attnkit as ak\n"
+            "import attnkit.analysis\n"
+            "from attnkit.models import load_smollm2\n\n"
+            "model, tok = load_smollm2()  # SmolLM2-135M, offline (about 16 s)\n"
+            f"tool = {get}.make({N}, model=model)\n"
+        )
+        if hasattr(tool, "run"):
+            return head + (
+                "scores = tool.run(model, tok)  # one forward (or one generation), no N x N map\n"
+                "print(scores.top(5) if hasattr(scores, 'top') else scores.markdown())\n"
+            )
+        fn = getattr(tool, "__name__", name)
+        return head + (
+            f"# tool is attnkit.analysis.{fn}: its call and arguments are under The math below;\n"
+            "# `attnkit analyze --task ioi|induction|needle|text` runs it on generated prompts\n"
+            "help(tool)\n"
+        )
     if rec.kind == "module":
         layer = rec.make(256)
         dim = getattr(layer, "dim", 64)

@@ -339,6 +339,41 @@ def eval_cmd(
 
 
 @main.command()
+@click.option("--model", "model_name", type=click.Choice(["smollm2", "minilm"]), default="smollm2", show_default=True)
+@click.option(
+    "--text",
+    "text_file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A text file to analyse (default: the Python reference manual shipped with Python).",
+)
+@click.option(
+    "--task",
+    type=click.Choice(["text", "needle", "induction", "ioi"]),
+    default="text",
+    show_default=True,
+    help="text: capture, sinks, head maps, rollout; needle: retrieval heads; induction; ioi: patching.",
+)
+@click.option("--tokens", default=1024, show_default=True, help="Tokens of the text captured (task text).")
+@click.option("--out", default="analyze-out", show_default=True, type=click.Path(path_type=Path))
+def analyze(model_name, text_file, task, tokens, out):
+    """See what attention does inside a real model (offline): writes report.md, analysis.json, JSON per score
+    and pictures (head heatmaps, sink mass per layer, distance profiles, pooled maps, rollout and flow)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .analysis import analyze as run
+
+    text = text_file.read_text(errors="replace") if text_file is not None else None
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as bar:
+        job = bar.add_task("loading the model", total=None)
+        data = run(
+            model_name, task=task, text=text, tokens=tokens, out=out, say=lambda s: bar.update(job, description=s)
+        )
+    click.echo((out / "report.md").read_text())
+    click.echo(f"wrote {out / 'report.md'} and {out / 'analysis.json'} ({data['wall_s']} s)")
+
+
+@main.command()
 @click.option("--method", type=click.Choice(["duo", "moa"]), required=True, help="DuoAttention gates or MoA profile.")
 @click.option("--length", default=1024, show_default=True, help="Tokens per calibration sample.")
 @click.option("--samples", default=None, type=int, help="Samples (default: duo 8, moa 4).")

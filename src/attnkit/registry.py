@@ -33,7 +33,15 @@ from .records import FAMILIES, KINDS, SUPPORT_KEYS, Mechanism, Record, all_recor
 __all__ = ["FAMILIES", "KINDS", "SUPPORT_KEYS", "Mechanism", "Record", "get", "names", "records"]
 
 # The packages whose modules register records; importing them registers everything.
-_FAMILIES = ("attnkit.patterns", "attnkit.api", "attnkit.linear", "attnkit.sparse", "attnkit.layers", "attnkit.hf")
+_FAMILIES = (
+    "attnkit.patterns",
+    "attnkit.api",
+    "attnkit.linear",
+    "attnkit.sparse",
+    "attnkit.layers",
+    "attnkit.hf",
+    "attnkit.analysis",
+)
 _loaded = False
 
 

@@ -26,8 +26,9 @@ def _rst():
     return mod
 
 
-RUNNABLE = [r.name for r in registry.records() if r.kind != "policy"]
+RUNNABLE = [r.name for r in registry.records() if r.kind not in ("policy", "analysis")]
 POLICIES = [r.name for r in registry.records(kind="policy")]
+ANALYSES = [r.name for r in registry.records(kind="analysis")]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -47,6 +48,14 @@ def test_policy_call_compiles_and_names_the_public_api(name):
     assert "attnkit.hf.apply(model, policy)" in code and f'ak.registry.get("{name}")' in code
 
 
+@pytest.mark.parametrize("name", ANALYSES)
+def test_analysis_call_compiles(name):
+    """An analysis needs SmolLM2 and seconds to minutes: its call is compiled here, run by tests/analysis."""
+    code = gallery.snippet(registry.get(name))
+    compile(code, f"<gallery {name}>", "exec")
+    assert f'ak.registry.get("{name}")' in code and "load_smollm2()" in code
+
+
 def test_the_calls_have_the_forms_of_their_kind():
     forms = {
         "pattern": ["pat = ak.registry.get(", ".make(1024)", "ak.attention(q, k, v, pattern=pat)"],
@@ -55,6 +64,7 @@ def test_the_calls_have_the_forms_of_their_kind():
         "layer": ["layer = ak.registry.get(", ".make(256, dim=64, heads=4)"],
         "selector": ["sel = ak.registry.get("],
         "policy": ["attnkit.hf.apply(model, "],
+        "analysis": ["tool = ak.registry.get("],
     }
     for rec in registry.records():
         code = gallery.snippet(rec)

@@ -77,6 +77,7 @@ def test_tutorials_show_the_examples_the_tests_run(visitor):
         ("build", "train_context_parallel.py"),
         ("apply", "kv_policies.py"),
         ("see", "see_attention.py"),
+        ("see", "see_heads.py"),
     ):
         visitor.visit(f"tutorials/{tutorial}.html")
         code = "\n".join(visitor.page.eval_on_selector_all("article pre code", "els => els.map(e => e.innerText)"))
