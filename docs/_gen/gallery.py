@@ -107,6 +107,18 @@ def snippet(rec) -> str:
             "print(tok.decode(out[0, enc.input_ids.shape[1]:]))\n"
             "handle.remove()  # the model is exactly as before\n"
         )
+    if rec.kind == "intervention":
+        return (
+            "import attnkit as ak\n"
+            "import attnkit.hf\n"
+            "from attnkit.models import load_smollm2\n\n"
+            "model, tok = load_smollm2()  # SmolLM2-135M, offline (about 16 s)\n"
+            f"steer = {get}.make({N}, model=model)  # a Steer policy holding the intervention\n"
+            'enc = tok("Sinks are the first tokens. " * 4, return_tensors="pt")\n'
+            "with attnkit.hf.applied(model, steer):\n"
+            "    out = model.generate(**enc, max_new_tokens=8, do_sample=False)\n"
+            "print(tok.decode(out[0, enc.input_ids.shape[1]:]))\n"
+        )
     if rec.kind == "analysis":
         tool = rec.make(N)
         head = (

@@ -233,6 +233,11 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     show_default=True,
     help="With --mla: also a distilled row per budget, this many layer-local Adam steps per layer (distill_mla).",
 )
+@click.option(
+    "--interventions",
+    is_flag=True,
+    help="Instead: family-G interventions (PASTA, VAR) on generated counterfactual-context QA (bench.interventions).",
+)
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(
     quick,
@@ -257,6 +262,7 @@ def eval_cmd(
     mla,
     mla_windows,
     mla_distill_steps,
+    interventions,
     out,
 ):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
@@ -267,6 +273,20 @@ def eval_cmd(
     probe.md, probe.json. --mla runs the GQA-to-MLA conversion of SmolLM2 alone (its rank curve, about fifteen
     minutes) and writes eval_mla.md, eval_mla.json.
     """
+    if interventions:
+        import json
+
+        from .bench import interventions as _iv
+        from .models import load_smollm2
+
+        model, tok = load_smollm2()
+        res = _iv.run(model, tok, n=8 if quick else 24, profile=4 if quick else 8, say=click.echo)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_interventions.json").write_text(json.dumps(res, indent=1))
+        (out / "eval_interventions.md").write_text(_iv.markdown(res))
+        click.echo(_iv.markdown(res))
+        click.echo(f"wrote {out / 'eval_interventions.json'} and {out / 'eval_interventions.md'}")
+        return
     if probe:
         from .bench import probe as _probe
 

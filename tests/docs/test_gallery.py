@@ -26,9 +26,9 @@ def _rst():
     return mod
 
 
-RUNNABLE = [r.name for r in registry.records() if r.kind not in ("policy", "analysis")]
+RUNNABLE = [r.name for r in registry.records() if r.kind not in ("policy", "analysis", "intervention")]
 POLICIES = [r.name for r in registry.records(kind="policy")]
-ANALYSES = [r.name for r in registry.records(kind="analysis")]
+ANALYSES = [r.name for r in registry.records() if r.kind in ("analysis", "intervention")]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -65,6 +65,7 @@ def test_the_calls_have_the_forms_of_their_kind():
         "selector": ["sel = ak.registry.get("],
         "policy": ["attnkit.hf.apply(model, "],
         "analysis": ["tool = ak.registry.get("],
+        "intervention": ["steer = ak.registry.get(", "attnkit.hf.applied(model, steer)"],
     }
     for rec in registry.records():
         code = gallery.snippet(rec)

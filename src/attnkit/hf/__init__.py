@@ -13,6 +13,20 @@ from .duo import DuoAttention
 from .kv import H2O, HeadAware, KVCompress, SnapKV, Uniform
 from .moa import MoA
 from .policy import Dense, PerLayer, Policy, SparsePrefill
+from .steer import (
+    ACT,
+    PASTA,
+    SSMax,
+    VAR,
+    HeadPerturbation,
+    Intervention,
+    LogNScaling,
+    SpanAmplification,
+    SpanKnockout,
+    Steer,
+    Temperature,
+    contrastive_logits,
+)
 from .streaming import StreamingLLM
 
 # transformers is imported on first use of what needs it, so that loading the policies (the registry does) stays
@@ -37,7 +51,18 @@ def __getattr__(name):
 
 
 __all__ = [
+    "ACT",
     "H2O",
+    "HeadPerturbation",
+    "Intervention",
+    "LogNScaling",
+    "PASTA",
+    "SSMax",
+    "SpanAmplification",
+    "SpanKnockout",
+    "Steer",
+    "Temperature",
+    "VAR",
     "CalibrationError",
     "Dense",
     "DuoAttention",
@@ -56,5 +81,6 @@ __all__ = [
     "convert_to_mla",
     "latent_caches",
     "apply",
+    "contrastive_logits",
     "masked_attention",
 ]

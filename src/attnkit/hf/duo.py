@@ -28,7 +28,6 @@ from .streaming import sinks_and_window
 METHOD = "duo_attention"
 
 
-
 @dataclass(frozen=True)
 class DuoAttention(Policy):
     """Per KV head: full cache (retrieval) or ``sinks + recent`` entries (streaming).

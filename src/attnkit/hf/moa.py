@@ -31,7 +31,6 @@ CALIBRATION_OFFSET = 60_000  # tokens
 CANDIDATES = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
-
 @dataclass(frozen=True)
 class MoA(Policy):
     """Per KV head: ``sinks`` first tokens plus the last ``ceil(span * N)`` (``N`` real tokens seen so far).

@@ -1,0 +1,168 @@
+"""Family-G interventions: float64 parity with attnkit.reference.steer, identity settings bit-identical to
+Dense on SmolLM2, prefill and decode with left padding."""
+
+import pytest
+import torch
+
+import attnkit.hf as akhf
+from attnkit.errors import ShapeError
+from attnkit.hf.steer import (
+    ACT,
+    PASTA,
+    SSMax,
+    VAR,
+    HeadPerturbation,
+    LogNScaling,
+    SpanAmplification,
+    SpanKnockout,
+    Steer,
+    Temperature,
+    contrastive_logits,
+)
+from attnkit.reference import steer as ref
+
+B, HQ, HKV, K, D = 2, 4, 2, 14, 8
+LAYER = 3
+
+
+def _inputs(Q, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, Q, D, generator=g, dtype=torch.float64) * 2
+    k = torch.randn(B, HKV, K, D, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(B, HKV, K, D, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, K, dtype=torch.bool)
+    valid[1, :3] = False  # the second row is left-padded
+    return q, k, v, valid
+
+
+def _heads_mask(heads):
+    return torch.tensor([(LAYER, h) in heads for h in range(HQ)])
+
+
+CASES = {
+    "temperature": lambda: (Temperature({(LAYER, 1): 0.7, (LAYER, 2): 1.6}), {}),
+    "pasta": lambda: (PASTA(span=(4, 9), heads={(LAYER, 0), (LAYER, 3)}, alpha=0.05), {}),
+    "pasta_include": lambda: (PASTA(span=(4, 9), heads={(LAYER, 1)}, alpha=0.2, scale="include"), {}),
+    "act": lambda: (ACT(heads={(LAYER, 0), (LAYER, 2)}, beta=0.3, alpha=1.5), {}),
+    "var": lambda: (VAR(span=(5, 10), heads={(LAYER, 1), (LAYER, 2)}, rho=0.6), {}),
+    "perturb": lambda: (HeadPerturbation(heads={(LAYER, 3)}, alpha=0.4), {}),
+    "amplify": lambda: (SpanAmplification(span=(3, 8), sensitivity={(LAYER, 0): 0.5, (LAYER, 2): 2.0}, gamma=1.5), {}),
+    "knockout": lambda: (SpanKnockout(span=(4, 9), layers_=(LAYER,)), {}),
+}
+
+
+def _reference(x, q, k, v, valid):
+    Hq, Kk = q.shape[1], k.shape[2]
+    temps = x.temperature(LAYER, Hq, Kk, q.shape[2])
+    bias = x.bias(LAYER, Hq, Kk, q.device)
+    p = ref.probabilities(q, k, valid=valid, temps=temps, bias=bias)
+    if isinstance(x, ACT):
+        p = ref.act(p, _heads_mask(x.heads), beta=x.beta, alpha=x.alpha, valid=valid)
+    elif isinstance(x, VAR):
+        p = ref.var(p, _heads_mask(x.heads), span=x.span, rho=x.rho, valid=valid)
+    elif isinstance(x, HeadPerturbation):
+        p = ref.perturb(p, _heads_mask(x.heads), alpha=x.alpha)
+    elif isinstance(x, SpanKnockout):
+        p = ref.knockout(p, span=x.span)
+    return ref.output(p, v)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("Q", [K, 1])  # prefill, and a decode step over the cache
+def test_float64_parity_with_the_reference(case, Q):
+    x, _ = CASES[case]()
+    q, k, v, valid = _inputs(Q)
+    got = Steer((x,)).attend(LAYER, q, k, v, valid, K - Q, None, True)
+    want = _reference(x, q, k, v, valid)
+    assert got is not None
+    live = valid[:, K - Q :]  # padded queries are not compared (they see no key in row 1 ... or only padding)
+    assert (got - want)[live[:, None, :, None].expand_as(got)].abs().max().item() < 1e-12
+    # other layers are untouched: the dense path
+    assert Steer((x,)).attend(LAYER + 1, q, k, v, valid, K - Q, None, True) is None
+
+
+def test_temperatures_multiply_and_biases_add():
+    q, k, v, valid = _inputs(K, seed=1)
+    a, b = Temperature({(LAYER, 1): 0.5}), Temperature({(LAYER, 1): 3.0})
+    both = Steer((a, b)).attend(LAYER, q, k, v, valid, 0, None, True)
+    one = Steer((Temperature({(LAYER, 1): 1.5}),)).attend(LAYER, q, k, v, valid, 0, None, True)
+    assert (both - one).abs().max().item() < 1e-12
+
+
+def test_length_scalings_follow_their_formulas():
+    t = LogNScaling(train_length=8).temperature(0, 4, 32, 32)
+    assert torch.allclose(t, torch.full((4,), (5 / 3) ** 0.5, dtype=torch.float64))
+    assert LogNScaling(train_length=64).temperature(0, 4, 32, 32) is None  # inside the training length
+    s = SSMax(train_length=16).temperature(0, 2, 256, 1)
+    assert torch.allclose(s, torch.full((2,), 2.0, dtype=torch.float64))
+    assert SSMax(train_length=16).temperature(0, 2, 16, 1) is None
+
+
+def test_identity_settings_are_bit_identical_to_dense(smollm2):
+    model, tok = smollm2
+    ids = torch.randint(300, 8000, (2, 20), generator=torch.Generator().manual_seed(2))
+    identity = Steer(
+        (
+            Temperature({(3, 1): 1.0}),
+            PASTA(span=(2, 8), heads={(3, 0)}, alpha=1.0),
+            ACT(heads={(4, 1)}, beta=1.0),
+            VAR(span=(2, 8), heads={(5, 2)}, rho=0.0),
+            HeadPerturbation(heads={(6, 0)}, alpha=0.0),
+            SpanAmplification(span=(2, 8), sensitivity={(7, 1): 0.9}, gamma=0.0),
+        )
+    )
+    with torch.no_grad():
+        with akhf.applied(model, akhf.Dense()):
+            dense = model(ids).logits
+        with akhf.applied(model, identity):
+            same = model(ids).logits
+        with akhf.applied(model, Steer((PASTA(span=(2, 8), heads={(3, 0)}, alpha=0.01),))):
+            steered = model(ids).logits
+    assert torch.equal(same, dense)
+    assert not torch.equal(steered, dense)
+
+
+def test_generate_with_left_padding_and_an_explicit_intervention(smollm2):
+    model, tok = smollm2
+    tok.padding_side = "left"
+    enc = tok(
+        ["The capital of France is", "A much longer prompt about the capital of Italy, which is"],
+        return_tensors="pt",
+        padding=True,
+    )
+    steer = Steer((HeadPerturbation(heads={(10, h) for h in range(9)}, alpha=0.3), Temperature({(2, 0): 1.3})))
+    with akhf.applied(model, steer), torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, enc.input_ids.shape[1] + 4)
+    # the padded row gives what it gives alone (padding changes nothing)
+    alone = tok(["The capital of France is"], return_tensors="pt")
+    with akhf.applied(model, steer), torch.no_grad():
+        one = model.generate(**alone, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out[0, -4:], one[0, -4:])
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ShapeError, match="alpha"):
+        PASTA(span=(0, 4), heads={(0, 0)}, alpha=0)
+    with pytest.raises(ShapeError, match="span"):
+        PASTA(span=(4, 4), heads={(0, 0)})
+    with pytest.raises(ShapeError, match="heads"):
+        ACT(heads=[(0,)])
+    with pytest.raises(ShapeError, match="factors"):
+        Temperature({(0, 0): -1.0})
+    with pytest.raises(ShapeError, match="interventions"):
+        Steer(("pasta",))
+
+
+def test_contrastive_logits(smollm2):
+    model, _ = smollm2
+    ids = torch.randint(300, 8000, (1, 16), generator=torch.Generator().manual_seed(3))
+    cf = Steer((SpanKnockout(span=(2, 8), layers_=tuple(range(30))),))
+    with torch.no_grad():
+        z = model(ids).logits
+    assert torch.equal(contrastive_logits(model, ids, cf, beta=0.0), z)
+    with akhf.applied(model, cf), torch.no_grad():
+        zc = model(ids).logits
+    got = contrastive_logits(model, ids, cf, beta=0.5)
+    assert (got - (1.5 * z - 0.5 * zc)).abs().max().item() < 1e-4
+    assert (zc[:, :2] - z[:, :2]).abs().max().item() < 1e-4  # tokens before the span are unchanged
