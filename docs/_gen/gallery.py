@@ -107,6 +107,18 @@ def snippet(rec) -> str:
             "print(tok.decode(out[0, enc.input_ids.shape[1]:]))\n"
             "handle.remove()  # the model is exactly as before\n"
         )
+    if rec.kind == "pruner":
+        return (
+            "import torch\n"
+            "import attnkit as ak\n"
+            "import attnkit.hf\n"
+            "from attnkit.models import load_smollm2\n\n"
+            "model, tok = load_smollm2()  # SmolLM2-135M, offline (about 16 s)\n"
+            f"pruner = {get}.make({N}, model=model, budget=0.5)\n"
+            'ids = tok("A passage to prune. " * 40 + "What was it about?", return_tensors="pt").input_ids\n'
+            "res = attnkit.hf.pruned_forward(model, ids, span=(0, 160), pruner=pruner)\n"
+            "print(res.tokens_per_layer, res.seconds)  # the span's tokens really leave\n"
+        )
     if rec.kind == "intervention":
         return (
             "import attnkit as ak\n"

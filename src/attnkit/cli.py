@@ -238,6 +238,11 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     is_flag=True,
     help="Instead: family-G interventions (PASTA, VAR) on generated counterfactual-context QA (bench.interventions).",
 )
+@click.option(
+    "--pruning",
+    is_flag=True,
+    help="Instead: family-F token pruning (FastV, PyramidDrop, DyVTE, P-Sigmoid) on pass-key span QA (bench.pruning).",
+)
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(
     quick,
@@ -263,6 +268,7 @@ def eval_cmd(
     mla_windows,
     mla_distill_steps,
     interventions,
+    pruning,
     out,
 ):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
@@ -271,21 +277,18 @@ def eval_cmd(
     The default run takes about an hour on 2 cores; --quick about a minute. --probe runs the probe
     evaluation alone (about eight minutes on 2 cores; with --quick, 400 sentences and one seed) and writes
     probe.md, probe.json. --mla runs the GQA-to-MLA conversion of SmolLM2 alone (its rank curve, about fifteen
-    minutes) and writes eval_mla.md, eval_mla.json.
+    minutes) and writes eval_mla.md, eval_mla.json. --interventions (about 2 minutes) and --pruning (about 2
+    minutes) run family G on counterfactual-context QA and family F on pass-key span QA and write
+    eval_interventions.* / eval_pruning.*.
     """
-    if interventions:
-        import json
-
+    if pruning or interventions:
         from .bench import interventions as _iv
-        from .models import load_smollm2
+        from .bench import pruning as _pr
 
-        model, tok = load_smollm2()
-        res = _iv.run(model, tok, n=8 if quick else 24, profile=4 if quick else 8, say=click.echo)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_interventions.json").write_text(json.dumps(res, indent=1))
-        (out / "eval_interventions.md").write_text(_iv.markdown(res))
-        click.echo(_iv.markdown(res))
-        click.echo(f"wrote {out / 'eval_interventions.json'} and {out / 'eval_interventions.md'}")
+        if pruning:
+            _smollm2_eval(_pr, "pruning", out, tokens=256 if quick else 1024, prompts=2 if quick else 8)
+        if interventions:
+            _smollm2_eval(_iv, "interventions", out, n=8 if quick else 24, profile=4 if quick else 8)
         return
     if probe:
         from .bench import probe as _probe
@@ -356,6 +359,21 @@ def eval_cmd(
     paths = _models.write(res, out)
     click.echo(_models.markdown(res))
     click.echo(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots")
+
+
+def _smollm2_eval(module, name: str, out: Path, **kw) -> None:
+    """Run ``module.run(model, tok, **kw)`` on SmolLM2 and write ``eval_<name>.json`` and ``.md``."""
+    import json
+
+    from .models import load_smollm2
+
+    model, tok = load_smollm2()
+    res = module.run(model, tok, say=click.echo, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"eval_{name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"eval_{name}.md").write_text(module.markdown(res))
+    click.echo(module.markdown(res))
+    click.echo(f"wrote {out / f'eval_{name}.json'} and {out / f'eval_{name}.md'}")
 
 
 @main.command()

@@ -26,9 +26,9 @@ def _rst():
     return mod
 
 
-RUNNABLE = [r.name for r in registry.records() if r.kind not in ("policy", "analysis", "intervention")]
+RUNNABLE = [r.name for r in registry.records() if r.kind not in ("policy", "analysis", "intervention", "pruner")]
 POLICIES = [r.name for r in registry.records(kind="policy")]
-ANALYSES = [r.name for r in registry.records() if r.kind in ("analysis", "intervention")]
+ANALYSES = [r.name for r in registry.records() if r.kind in ("analysis", "intervention", "pruner")]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -66,6 +66,7 @@ def test_the_calls_have_the_forms_of_their_kind():
         "policy": ["attnkit.hf.apply(model, "],
         "analysis": ["tool = ak.registry.get("],
         "intervention": ["steer = ak.registry.get(", "attnkit.hf.applied(model, steer)"],
+        "pruner": ["pruner = ak.registry.get(", "attnkit.hf.pruned_forward("],
     }
     for rec in registry.records():
         code = gallery.snippet(rec)

@@ -40,6 +40,9 @@ def repeated_tokens(tok, *, length: int = 32, batch: int = 4, seed: int = 0) -> 
     return ids, 1 + length
 
 
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
 @dataclass(frozen=True)
 class Needle:
     """One needle prompt: ``ids`` ``(1, N)``, the needle's token span ``[start, end)`` and its tokens."""
@@ -67,7 +70,7 @@ def needles(tok, *, tokens: int = 512, depths=(0.1, 0.5, 0.9), seed: int = 0) ->
         needle = tok(
             f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False
         ).input_ids
-        question = tok("\nWhat is the pass key? The pass key is", add_special_tokens=False).input_ids
+        question = tok(PASSKEY_QUESTION, add_special_tokens=False).input_ids
         head = [tok.bos_token_id] if tok.bos_token_id is not None else []
         ids = head + hay[:cut] + needle + hay[cut:] + question
         start = len(head) + cut

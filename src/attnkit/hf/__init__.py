@@ -10,9 +10,10 @@ file, no monkeypatched forward. See :func:`apply` for what is supported.
 
 from .artifacts import CalibrationError
 from .duo import DuoAttention
-from .kv import H2O, HeadAware, KVCompress, SnapKV, Uniform
+from .kv import H2O, TOVA, HeadAware, KVCompress, SnapKV, Uniform
 from .moa import MoA
 from .policy import Dense, PerLayer, Policy, SparsePrefill
+from .prune import DyVTE, FastV, PSigmoid, PyramidDrop, pruned_forward
 from .steer import (
     ACT,
     PASTA,
@@ -52,6 +53,10 @@ def __getattr__(name):
 
 __all__ = [
     "ACT",
+    "DyVTE",
+    "FastV",
+    "PSigmoid",
+    "PyramidDrop",
     "H2O",
     "HeadPerturbation",
     "Intervention",
@@ -76,11 +81,13 @@ __all__ = [
     "SnapKV",
     "SparsePrefill",
     "StreamingLLM",
+    "TOVA",
     "Uniform",
     "applied",
     "convert_to_mla",
     "latent_caches",
     "apply",
     "contrastive_logits",
+    "pruned_forward",
     "masked_attention",
 ]

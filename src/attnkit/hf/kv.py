@@ -91,6 +91,23 @@ class SnapKV(Scorer):
         return min(self.window, n_keep)
 
 
+@dataclass(frozen=True)
+class TOVA(Scorer):
+    r"""TOVA (Oren et al., *Transformers are Multi-State RNNs*, 2024): at each compressing step keep the keys
+    the **current** query attends most, ``score_j = \sum_g p_{last, j}`` (the step's last query, summed over
+    the KV head's query group); older votes are forgotten. kvpress's TOVAPress averages the scores over every
+    head of the layer, so all heads keep the same tokens; here each KV head keeps its own (the per-head cache
+    frees memory per head). Nothing is kept by recency alone."""
+
+    name = "tova"
+
+    def observes(self, q_len):
+        return 1
+
+    def update(self, old, mass, observed):
+        return mass if observed else old
+
+
 class Allocator:
     """Splits ``n_keep * kv_heads`` entries of one layer between its KV heads."""
 
@@ -241,4 +258,15 @@ register(
     ),
     summary="per-head budgets from where each head's attention mass lies (joint top-k), real per-head memory",
     source=HeadAware,
+)
+register(
+    "tova",
+    family="E",
+    kind="policy",
+    paper="Transformers are Multi-State RNNs (TOVA, Oren et al., 2024)",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: KVCompress(TOVA(), budget=kv_tokens(n, budget), phase="both"),
+    summary="keep the keys the current query attends most (per KV head), forget older votes",
+    source=TOVA,
 )

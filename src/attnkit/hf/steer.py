@@ -264,7 +264,8 @@ class ACT(Intervention):
         {1 - \sum_{s} p_{is}}\, p_{ij}\ (j \notin S).
 
     Sinks are found per call from the column means of the call's queries (a decode step: from its one
-    query). ``beta = 1`` is no calibration. ACT searches its heads on held-out prompts; pass them."""
+    query; a call over 8M logits per KV head: per chunk of queries). ``beta = 1`` is no calibration. ACT
+    searches its heads on held-out prompts; pass them."""
 
     heads: frozenset
     beta: float = 0.4
