@@ -29,6 +29,7 @@ import torch
 
 from ..errors import ShapeError, UnsupportedError, bad
 from ..hf.policy import Policy
+from ..hf.steer import GroupKnockout, Steer
 from .scores import HeadScores, register_tool
 
 ABLATIONS = ("zero", "mean", "resample")
@@ -210,34 +211,16 @@ def direct_logit_attribution(model, ids, answer, wrong) -> HeadScores:
 class Knockout(Policy):
     """Attention with the pairs from ``dst`` queries to ``src`` keys removed in ``layers`` (dense elsewhere).
 
-    ``src``, ``dst``: ``(N,)`` bool masks over the prompt's token indices (the same for every batch row)."""
+    ``src``, ``dst``: ``(N,)`` bool masks over the prompt's token indices (the same for every batch row). The
+    explicit softmax is :class:`attnkit.hf.Steer`'s, with a :class:`~attnkit.hf.steer.GroupKnockout`."""
 
     name = "knockout"
 
     def __init__(self, src, dst, layers):
-        self.src, self.dst, self.layers = src.to(torch.bool), dst.to(torch.bool), set(layers)
+        self._steer = Steer((GroupKnockout(src.to(torch.bool), dst.to(torch.bool), tuple(layers)),))
 
     def attend(self, layer, q, k, v, key_padding_mask, q_offset, scale, causal):
-        if layer not in self.layers:
-            return None
-        B, Hq, Q, D = q.shape
-        K = k.shape[2]
-        allowed = torch.ones(Q, K, dtype=torch.bool)
-        if causal:
-            allowed = torch.ones(Q, K, dtype=torch.bool).tril(K - Q)
-        src = torch.nn.functional.pad(self.src, (0, max(0, K - len(self.src))))[:K]
-        dst = torch.nn.functional.pad(self.dst, (0, max(0, K - len(self.dst))))[K - Q : K]
-        allowed = allowed & ~(dst[:, None] & src[None, :])
-        mask = allowed[None, None]
-        if key_padding_mask is not None:
-            mask = mask & key_padding_mask[:, None, None, :]
-        G = Hq // k.shape[1]
-        kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-        s = torch.matmul(q, kk.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
-        s = s.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, -1)
-        p = torch.nan_to_num(p, nan=0.0)  # a row with every key knocked out gets 0, as everywhere in attnkit
-        return torch.matmul(p, vv)
+        return self._steer.attend(layer, q, k, v, key_padding_mask, q_offset, scale, causal)
 
 
 @contextlib.contextmanager

@@ -14,18 +14,14 @@ import torch
 
 from ..errors import ShapeError, bad
 from .observer import Statistics, capture
-from .prompts import needles, repeated_tokens
+from .prompts import needles, repeated_tokens, text_ids
 from .scores import HeadScores, register_tool
 
 
 def _text_ids(tok, tokens: int, offset: int = 0) -> torch.Tensor:
     from ..models import english_text
 
-    text = english_text()[offset : offset + 8 * tokens]
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :tokens]
-    if tok.bos_token_id is not None:
-        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
-    return ids
+    return text_ids(tok, english_text()[offset : offset + 8 * tokens], tokens)
 
 
 def _forward(model, ids, attention_mask=None, **stats):

@@ -23,6 +23,16 @@ PLACES = "store park school office station market library museum beach garden".s
 OBJECTS = "drink book ball letter key bag ring pen cup gift".split()
 
 
+def text_ids(tok, text: str, tokens: int) -> torch.Tensor:
+    """``(1, <= tokens + 1)``: the first ``tokens`` tokens of ``text`` after the model's first token (BOS, or an
+    encoder's [CLS])."""
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :tokens]
+    first = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    if first is not None:
+        ids = torch.cat([torch.tensor([[first]]), ids], 1)
+    return ids
+
+
 def _single_token_names(tok) -> list[str]:
     return [n for n in NAMES if len(tok(" " + n, add_special_tokens=False).input_ids) == 1]
 

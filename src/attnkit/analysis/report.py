@@ -30,7 +30,7 @@ from .flow import attention_flow, attention_maps, rollout
 from .heads import HiddenSinks, InductionHeads, PreviousTokenHeads, RetrievalHeads
 from .massive import massive_activations
 from .observer import Statistics, capture, full_map_bytes
-from .prompts import ioi, needles, repeated_tokens
+from .prompts import ioi, needles, repeated_tokens, text_ids
 from .scores import HeadScores
 
 TASKS = ("text", "induction", "needle", "ioi")
@@ -67,17 +67,9 @@ def load(name: str):
     raise ShapeError(bad("model", "'smollm2' or 'minilm'", repr(name)))
 
 
-def _text_ids(tok, text: str, tokens: int) -> torch.Tensor:
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :tokens]
-    first = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
-    if first is not None:
-        ids = torch.cat([torch.tensor([[first]]), ids], 1)
-    return ids
-
-
 def text_section(model, tok, text, *, tokens, out, say) -> tuple[list[str], dict]:
     """The capture over every layer and head, its cost, and the head maps of one text."""
-    ids = _text_ids(tok, text, tokens)
+    ids = text_ids(tok, text, tokens)
     N = ids.shape[1]
     say(f"plain forward, {N} tokens")
     with torch.no_grad():
@@ -178,7 +170,7 @@ def text_section(model, tok, text, *, tokens, out, say) -> tuple[list[str], dict
 
 def _hidden_and_massive(model, tok, text, *, out, say, causal) -> list[str]:
     lines = []
-    ids = _text_ids(tok, text, 256)
+    ids = text_ids(tok, text, 256)
     say("hidden sinks (ACT)")
     hs = HiddenSinks().run(model, tok, ids=ids)
     hs.save(out)
@@ -195,7 +187,7 @@ ROLLOUT_TEXT = "When Mary and John went to the store, John gave a drink to Mary 
 
 
 def _rollout_section(model, tok, *, out, say) -> list[str]:
-    ids = _text_ids(tok, ROLLOUT_TEXT, 64)
+    ids = text_ids(tok, ROLLOUT_TEXT, 64)
     say(f"rollout and flow on {ids.shape[1]} tokens")
     maps = attention_maps(model, ids)
     R = rollout(maps)[0]

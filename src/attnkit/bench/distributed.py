@@ -171,6 +171,30 @@ def cells(cfg: DistributedConfig) -> int:
     return len(cfg.worlds) + 2 + bool(cfg.torch_cp)
 
 
+def _planned(name: str) -> bool:
+    """Whether a case has a static plan (linear attention and selectors are planned from the data)."""
+    pattern = _case(name, 1024)[0]
+    return pattern != "linear" and not isinstance(pattern, BlockTopK)
+
+
+def _plan(cfg: DistributedConfig, name: str, n: int, world: int):
+    """The plan of case ``name`` at ``n`` tokens on ``world`` ranks (None: linear or a selector, planned at run
+    time from the data)."""
+    if not _planned(name):
+        return None
+    pattern, causal, balance = _case(name, n)
+    return explain_context_parallel(
+        n,
+        world,
+        pattern=pattern,
+        causal=causal,
+        balance=balance,
+        heads=cfg.heads,
+        kv_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+    )
+
+
 def run_distributed(cfg: DistributedConfig, progress=None, context=None) -> dict:
     step = progress or (lambda text: None)
     rows = []
@@ -181,19 +205,7 @@ def run_distributed(cfg: DistributedConfig, progress=None, context=None) -> dict
         step(f"distributed: {world} process{'es' * (world > 1)}")
         per_rank = run_local(_rank_worker, world, cfg, threads=max(1, threads // world), timeout=1800)
         for name in cfg.cases:
-            pattern, causal, balance = _case(name, cfg.n)
-            plan = None
-            if pattern != "linear" and not isinstance(pattern, BlockTopK):
-                plan = explain_context_parallel(
-                    cfg.n,
-                    world,
-                    pattern=pattern,
-                    causal=causal,
-                    balance=balance,
-                    heads=cfg.heads,
-                    kv_heads=cfg.kv_heads,
-                    head_dim=cfg.head_dim,
-                )
+            plan = _plan(cfg, name, cfg.n, world)
             row_bytes = 2 * cfg.kv_heads * cfg.head_dim * 4
             shard_rows = cfg.n // world
             rows.append(
@@ -215,20 +227,10 @@ def run_distributed(cfg: DistributedConfig, progress=None, context=None) -> dict
     step("distributed: the cost model for 8 to 64 ranks")
     predictions = []
     for name in cfg.cases:
-        pattern, causal, balance = _case(name, cfg.predict_n)
-        if pattern == "linear" or isinstance(pattern, BlockTopK):
+        if not _planned(name):
             continue
         for world in PREDICT_RANKS:
-            plan = explain_context_parallel(
-                cfg.predict_n,
-                world,
-                pattern=pattern,
-                causal=causal,
-                balance=balance,
-                heads=cfg.heads,
-                kv_heads=cfg.kv_heads,
-                head_dim=cfg.head_dim,
-            )
+            plan = _plan(cfg, name, cfg.predict_n, world)
             predictions.append(
                 {
                     "case": name,

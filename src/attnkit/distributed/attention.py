@@ -174,10 +174,8 @@ def context_parallel_attention(
     scale = dims.head_dim**-0.5 if scale is None else scale
     row_bytes = dims.kv_heads * (dims.head_dim + dims.v_dim) * q.element_size()
     with guarded(g, "context_parallel_attention"):
-        if isinstance(pattern, Selector):
-            sel_blocks, block, sel_causal = global_selection(pattern, q, k, key_padding_mask, chunks, g, causal)
-            pairs = BlockPairs(sel_blocks, n, block, sel_causal, dims.batch)
-            plan = build_plan(
+        def plan_of(pairs):
+            return build_plan(
                 pairs,
                 chunks,
                 world=g.size,
@@ -186,24 +184,20 @@ def context_parallel_attention(
                 kv_row_bytes=row_bytes,
                 head_dim=dims.head_dim,
             )
+
+        if isinstance(pattern, Selector):
+            sel_blocks, block, sel_causal = global_selection(pattern, q, k, key_padding_mask, chunks, g, causal)
+            pairs = BlockPairs(sel_blocks, n, block, sel_causal, dims.batch)
+            plan = plan_of(pairs)
         else:
             pat = static_pattern(pattern, bool(causal))
             key = (pat, tuple(lengths), balance, q_offset, dims.q_heads, row_bytes, dims.head_dim)
             hit = _plans.get(key)
             if hit is None:
                 pairs = PatternPairs(pat, n, q_offset, dims.q_heads)
-                plan = build_plan(
-                    pairs,
-                    chunks,
-                    world=g.size,
-                    balance=balance,
-                    heads=dims.q_heads,
-                    kv_row_bytes=row_bytes,
-                    head_dim=dims.head_dim,
-                )
                 if len(_plans) >= _MAX_PLANS:
                     _plans.clear()
-                _plans[key] = hit = (pairs, plan)
+                _plans[key] = hit = (pairs, plan_of(pairs))
             pairs, plan = hit
         job = _Job(g, plan, pairs, plan.choose(strategy), scale, score, q_offset, key_padding_mask, None)
         out, lse = _ContextParallel.apply(q, k, v, job)

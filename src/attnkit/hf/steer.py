@@ -245,12 +245,36 @@ class SpanKnockout(Intervention):
     def edit(self, layer, p, heads, q_pos, valid):
         if layer not in self.layers_:
             return None
+        inside = _in_span(self.span, p.shape[-1], p.device)
+        return _cut(p, inside[None, :] & ~inside[q_pos][:, None])
+
+
+@dataclass(frozen=True)
+class GroupKnockout(Intervention):
+    """The pairs from ``dst`` queries to ``src`` keys removed in ``layers_`` (all heads), rows renormalised (a row
+    left with no key gives 0). ``src``, ``dst``: ``(N,)`` bool masks over token indices; indices past them (generated
+    tokens) are in neither group. The attention knockout of :func:`attnkit.analysis.knockout`."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    layers_: tuple = ()
+
+    def layers(self):
+        return set(self.layers_)
+
+    def edit(self, layer, p, heads, q_pos, valid):
+        if layer not in self.layers_:
+            return None
         K = p.shape[-1]
-        inside = _in_span(self.span, K, p.device)
-        outside_q = ~((q_pos >= self.span[0]) & (q_pos < self.span[1]))  # (Q,)
-        cut = inside[None, :] & outside_q[:, None]  # (Q, K)
-        kept = p.masked_fill(cut[None, None], 0.0)
-        return kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        src = torch.nn.functional.pad(self.src.to(torch.bool), (0, max(0, K - len(self.src))))[:K]
+        dst = torch.nn.functional.pad(self.dst.to(torch.bool), (0, max(0, K - len(self.dst))))[q_pos]
+        return _cut(p, dst[:, None] & src[None, :])
+
+
+def _cut(p: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """``p`` ``(B, G, Q, K)`` without the pairs ``cut`` ``(Q, K)``, rows renormalised (an emptied row stays 0)."""
+    kept = p.masked_fill(cut[None, None], 0.0)
+    return kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
 @dataclass(frozen=True)
