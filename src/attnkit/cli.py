@@ -243,6 +243,22 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     is_flag=True,
     help="Instead: family-F token pruning (FastV, PyramidDrop, DyVTE, P-Sigmoid) on pass-key span QA (bench.pruning).",
 )
+@click.option(
+    "--option-order",
+    is_flag=True,
+    help="Instead: option-order flips of generated multiple-choice questions, dense against PINE (bench.option_order).",
+)
+@click.option(
+    "--length",
+    "length_extrapolation",
+    is_flag=True,
+    help="Instead: perplexity past SmolLM2's 8k training length, dense against log-n scaling and SSMax (bench.length).",
+)
+@click.option(
+    "--classify",
+    is_flag=True,
+    help="Instead: ACT's searched calibration on generated sentiment classification (bench.classify).",
+)
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(path_type=Path))
 def eval_cmd(
     quick,
@@ -269,6 +285,9 @@ def eval_cmd(
     mla_distill_steps,
     interventions,
     pruning,
+    option_order,
+    length_extrapolation,
+    classify,
     out,
 ):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
@@ -279,14 +298,29 @@ def eval_cmd(
     probe.md, probe.json. --mla runs the GQA-to-MLA conversion of SmolLM2 alone (its rank curve, about fifteen
     minutes) and writes eval_mla.md, eval_mla.json. --interventions (about 2 minutes) and --pruning (about 2
     minutes) run family G on counterfactual-context QA and family F on pass-key span QA and write
-    eval_interventions.* / eval_pruning.*.
+    eval_interventions.* / eval_pruning.*; --option-order (about 3 minutes) asks generated multiple-choice
+    questions in every cyclic order of their options, dense against PINE, and writes eval_option_order.*;
+    --length (about 5 minutes) scores perplexity past the 8k training length under log-n scaling and SSMax
+    (eval_length.*); --classify (about 2 minutes) searches ACT's layers on generated sentiment prompts and
+    tests them on others (eval_classify.*).
     """
-    if pruning or interventions:
+    if pruning or interventions or option_order or length_extrapolation or classify:
+        from .bench import classify as _cl
         from .bench import interventions as _iv
+        from .bench import length as _ln
+        from .bench import option_order as _oo
         from .bench import pruning as _pr
 
+        if length_extrapolation:
+            _smollm2_eval(_ln, "length", out, tokens=9216 if quick else 12288)
+        if classify:
+            _smollm2_eval(_cl, "classify", out, n=16 if quick else 48, search=8 if quick else 16)
+        if option_order:
+            _smollm2_eval(_oo, "option_order", out, n=8 if quick else 40)
         if pruning:
-            _smollm2_eval(_pr, "pruning", out, tokens=256 if quick else 1024, prompts=2 if quick else 8)
+            _smollm2_eval(
+                _pr, "pruning", out, tokens=256 if quick else 1024, prompts=2 if quick else 8, search=1 if quick else 4
+            )
         if interventions:
             _smollm2_eval(_iv, "interventions", out, n=8 if quick else 24, profile=4 if quick else 8)
         return

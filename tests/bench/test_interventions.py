@@ -18,6 +18,7 @@ def test_tiny_run_reports_every_configuration(smollm2):
     model, tok = smollm2
     res = iv.run(model, tok, n=2, profile=1, top_heads=4, top_layers=1)
     names = [r["config"].split(",")[0].split(":")[0] for r in res["rows"]]
-    assert names == ["dense", "PASTA", "PASTA", "VAR", "span amplification", "CausalMM-style contrast"]
+    assert names == ["dense", "PASTA", "PASTA", "VAR", "span amplification", "VHR", "CARVE", "CausalMM-style contrast"]
+    assert len(res["vhd_heads"]) == 4
     assert len(res["layer_gains"]) == 30 and all(0 <= r["follow"] <= 1 for r in res["rows"])
     assert "| dense |" in iv.markdown(res)

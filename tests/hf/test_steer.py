@@ -1,6 +1,8 @@
 """Family-G interventions: float64 parity with attnkit.reference.steer, identity settings bit-identical to
 Dense on SmolLM2, prefill and decode with left padding."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,9 @@ import attnkit.hf as akhf
 from attnkit.errors import ShapeError
 from attnkit.hf.steer import (
     ACT,
+    CARVE,
     PASTA,
+    VHR,
     SSMax,
     VAR,
     HeadPerturbation,
@@ -41,6 +45,8 @@ def _heads_mask(heads):
 
 CASES = {
     "temperature": lambda: (Temperature({(LAYER, 1): 0.7, (LAYER, 2): 1.6}), {}),
+    "logn": lambda: (LogNScaling(train_length=4, only=(LAYER,)), {}),
+    "ssmax": lambda: (SSMax(train_length=6, only=(LAYER,)), {}),
     "pasta": lambda: (PASTA(span=(4, 9), heads={(LAYER, 0), (LAYER, 3)}, alpha=0.05), {}),
     "pasta_include": lambda: (PASTA(span=(4, 9), heads={(LAYER, 1)}, alpha=0.2, scale="include"), {}),
     "act": lambda: (ACT(heads={(LAYER, 0), (LAYER, 2)}, beta=0.3, alpha=1.5), {}),
@@ -48,6 +54,8 @@ CASES = {
     "perturb": lambda: (HeadPerturbation(heads={(LAYER, 3)}, alpha=0.4), {}),
     "amplify": lambda: (SpanAmplification(span=(3, 8), sensitivity={(LAYER, 0): 0.5, (LAYER, 2): 2.0}, gamma=1.5), {}),
     "knockout": lambda: (SpanKnockout(span=(4, 9), layers_=(LAYER,)), {}),
+    "vhr": lambda: (VHR({(LAYER, 1): 1.8, (LAYER, 2): 0.6}), {}),
+    "carve": lambda: (CARVE(span=(4, 10), drop=(5, 7, 8), layers_=(LAYER,)), {}),
 }
 
 
@@ -64,6 +72,10 @@ def _reference(x, q, k, v, valid):
         p = ref.perturb(p, _heads_mask(x.heads), alpha=x.alpha)
     elif isinstance(x, SpanKnockout):
         p = ref.knockout(p, span=x.span)
+    elif isinstance(x, VHR):
+        p = ref.scale_heads(p, torch.tensor([x.factors.get((LAYER, h), 1.0) for h in range(Hq)], dtype=torch.float64))
+    elif isinstance(x, CARVE):
+        p = ref.mask_tokens(p, span=x.span, drop=x.drop)
     return ref.output(p, v)
 
 
@@ -90,12 +102,19 @@ def test_temperatures_multiply_and_biases_add():
 
 
 def test_length_scalings_follow_their_formulas():
+    # a prefill of 32 queries: query i sees i + 1 keys; only those past the training length are scaled
     t = LogNScaling(train_length=8).temperature(0, 4, 32, 32)
-    assert torch.allclose(t, torch.full((4,), (5 / 3) ** 0.5, dtype=torch.float64))
+    assert t.shape == (4, 32) and bool((t[:, :8] == 1).all())
+    assert torch.allclose(t[:, -1], torch.full((4,), (5 / 3) ** 0.5, dtype=torch.float64))
+    assert torch.allclose(t[0, 15], torch.tensor(math.sqrt(math.log(16) / math.log(8)), dtype=torch.float64))
     assert LogNScaling(train_length=64).temperature(0, 4, 32, 32) is None  # inside the training length
     s = SSMax(train_length=16).temperature(0, 2, 256, 1)
-    assert torch.allclose(s, torch.full((2,), 2.0, dtype=torch.float64))
+    assert torch.allclose(s, torch.full((2, 1), 2.0, dtype=torch.float64))
     assert SSMax(train_length=16).temperature(0, 2, 16, 1) is None
+    assert torch.allclose(
+        SSMax(train_length=16).temperature(0, 2, 8, 4)[0],
+        torch.log(torch.arange(5.0, 9.0, dtype=torch.float64)) / math.log(16),
+    )
 
 
 def test_identity_settings_are_bit_identical_to_dense(smollm2):
@@ -109,6 +128,8 @@ def test_identity_settings_are_bit_identical_to_dense(smollm2):
             VAR(span=(2, 8), heads={(5, 2)}, rho=0.0),
             HeadPerturbation(heads={(6, 0)}, alpha=0.0),
             SpanAmplification(span=(2, 8), sensitivity={(7, 1): 0.9}, gamma=0.0),
+            VHR({(8, 1): 1.0}),
+            CARVE(span=(2, 8), drop=(), layers_=(3,)),
         )
     )
     with torch.no_grad():
@@ -166,3 +187,32 @@ def test_contrastive_logits(smollm2):
     got = contrastive_logits(model, ids, cf, beta=0.5)
     assert (got - (1.5 * z - 0.5 * zc)).abs().max().item() < 1e-4
     assert (zc[:, :2] - z[:, :2]).abs().max().item() < 1e-4  # tokens before the span are unchanged
+
+
+def test_vhr_from_divergence_scores_and_carve_from_two_queries(smollm2):
+    from attnkit.analysis import context_divergence
+    from attnkit.hf.steer import carve
+
+    model, tok = smollm2
+    passage = tok(" Peru's capital city is Oslo. Its government sits in Oslo.", add_special_tokens=False).input_ids
+    head = tok("Passage:", add_special_tokens=False).input_ids
+    task = tok("\nQuestion: What is the capital of Peru?\nAnswer:", add_special_tokens=False).input_ids
+    general = tok("\nQuestion: What is this text about?\nAnswer:", add_special_tokens=False).input_ids
+    with_ctx, without = torch.tensor([head + passage + task]), torch.tensor([head + task])
+    vhr = VHR.from_scores(context_divergence(model, with_ctx, without), top=6, alpha=2.0)
+    assert len(vhr.factors) == 6 and set(vhr.factors.values()) == {2.0}
+    span = (len(head), len(head) + len(passage))
+    mask = carve(model, with_ctx, torch.tensor([head + passage + general]), span=span, keep=0.5)
+    assert len(mask.drop) == (span[1] - span[0]) - round(0.5 * (span[1] - span[0]))
+    assert all(span[0] <= t < span[1] for t in mask.drop)
+    with torch.no_grad():
+        base = model(with_ctx).logits[0, -1]
+        with akhf.applied(model, Steer((vhr, mask))):
+            moved = model(with_ctx).logits[0, -1]
+    assert torch.isfinite(moved).all() and (moved - base).abs().max() > 1e-3
+    with pytest.raises(ShapeError, match="factors"):
+        VHR({(0, 0): -1.0})
+    with pytest.raises(ShapeError, match="drop"):
+        CARVE(span=(2, 5), drop=(7,))
+    with pytest.raises(ShapeError, match="keep"):
+        carve(model, with_ctx, with_ctx, span=span, keep=0.0)

@@ -16,7 +16,11 @@ Configurations, with heads chosen on separate prompts (never on the scored ones)
 - imbalanced-attention amplification: every head's span logits raised by ``log(1 + gamma s_h)``, ``s_h`` its span
   score;
 - CausalMM's counterfactual contrast: ``2 z - z_cf`` with ``z_cf`` the logits when no query outside the passage
-  can attend to it (the text analogue of the image's attention knocked out).
+  can attend to it (the text analogue of the image's attention knocked out);
+- VHR: the heads whose last-position output diverges most without the passage (VHD,
+  :func:`attnkit.analysis.context_divergence` on the profiling prompts), their outputs scaled by 2;
+- CARVE: per prompt, the attention of the task question to the passage contrasted with that of a general
+  question ("What is this passage about?"); the half of the passage with the lower contrast is masked.
 """
 
 from __future__ import annotations
@@ -88,6 +92,17 @@ def counterfactual_prompts(tok, *, n: int = 16, seed: int = 0) -> list[Prompt]:
     return out
 
 
+def _without_passage(p: Prompt) -> torch.Tensor:
+    a, b = p.span
+    return torch.cat([p.ids[:, :a], p.ids[:, b:]], 1)
+
+
+def _general(tok, p: Prompt) -> torch.Tensor:
+    """The prompt up to the passage's end, then a question that any passage answers."""
+    general = tok("\nQuestion: What is this passage about?\nAnswer:", add_special_tokens=False).input_ids
+    return torch.cat([p.ids[:, : p.span[1]], torch.tensor([general])], 1)
+
+
 def _margins(model, prompts, policy=None) -> torch.Tensor:
     from ..hf import applied
 
@@ -128,7 +143,8 @@ def run(
     say=lambda s: None,
 ) -> dict:
     """Every configuration's follow rate and margin on ``n`` scored prompts (heads chosen on ``profile`` others)."""
-    from ..hf import PASTA, VAR, SpanAmplification, SpanKnockout, Steer, contrastive_logits
+    from ..analysis import context_divergence
+    from ..hf import PASTA, VAR, VHR, SpanAmplification, SpanKnockout, Steer, carve, contrastive_logits
 
     scored = counterfactual_prompts(tok, n=n, seed=1)
     held = counterfactual_prompts(tok, n=profile, seed=2)
@@ -145,6 +161,9 @@ def run(
         m = torch.tensor([float(_margins(model, [p], pol[i])[0]) for i, p in enumerate(held)]).mean()
         gains.append(float(m - base_held))
     layers = sorted(range(L), key=lambda i: -gains[i])[:top_layers]
+    say("VHD divergence on the profiling prompts")
+    div = sum(context_divergence(model, p.ids, _without_passage(p)).values for p in held) / len(held)
+    vhr = VHR({h: 2.0 for h in _top(div, top_heads)})
     configs = {
         "dense": lambda p: None,
         f"PASTA, top {top_heads} span heads": lambda p: Steer((PASTA(span=p.span, heads=heads, alpha=alpha),)),
@@ -154,6 +173,10 @@ def run(
         f"VAR, top {top_heads} span heads": lambda p: Steer((VAR(span=p.span, heads=heads, rho=0.8),)),
         "span amplification, every head by its span score (gamma 4)": lambda p: Steer(
             (SpanAmplification(span=p.span, sensitivity=sensitivity, gamma=4.0),)
+        ),
+        f"VHR, top {top_heads} VHD heads, outputs x2": lambda p: Steer((vhr,)),
+        "CARVE, task vs general question, half the passage kept": lambda p: Steer(
+            (carve(model, p.ids, _general(tok, p), span=p.span, keep=0.5),)
         ),
     }
     rows = []
@@ -175,7 +198,14 @@ def run(
             "margin": float(m.mean()),
         }
     )
-    return {"rows": rows, "layer_gains": gains, "span_heads": sorted(heads), "prompts": n, "profile": profile}
+    return {
+        "rows": rows,
+        "layer_gains": gains,
+        "span_heads": sorted(heads),
+        "vhd_heads": sorted(vhr.factors),
+        "prompts": n,
+        "profile": profile,
+    }
 
 
 def markdown(res: dict) -> str:

@@ -10,6 +10,7 @@ the sequence (:func:`attnkit.hf.pruned_forward`), so the time and the entries fa
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -19,6 +20,7 @@ def configs():
 
     return {
         "dense": None,
+        "PyramidDrop, ranked by the 11 question tokens": (PyramidDrop(layers=(8, 16, 24), ratio=0.5), "question"),
         "FastV, after layer 2, keep 1/2": FastV(layer=2, keep=0.5),
         "FastV, after layer 2, keep 1/4": FastV(layer=2, keep=0.25),
         "FastV, after layer 8, keep 1/4": FastV(layer=8, keep=0.25),
@@ -29,23 +31,39 @@ def configs():
     }
 
 
-def run(model, tok, *, tokens: int = 1024, prompts: int = 8, say=lambda s: None) -> dict:
+def _items(tok, tokens, n, seed):
+    """(ids, span, answer ids) per pass-key prompt: the prompt plus the answer's tokens but the last."""
     from ..analysis.prompts import PASSKEY_QUESTION, needles
-    from ..hf import pruned_forward
 
-    depths = tuple((i + 0.5) / prompts for i in range(prompts))
-    items = needles(tok, tokens=tokens, depths=depths, seed=3)
     q_len = len(tok(PASSKEY_QUESTION, add_special_tokens=False).input_ids)
+    out = []
+    for p in needles(tok, tokens=tokens, depths=tuple((i + 0.5) / n for i in range(n)), seed=seed):
+        answer = tok(" " + p.answer, add_special_tokens=False).input_ids
+        out.append((torch.cat([p.ids, torch.tensor([answer[:-1]])], 1), (1, p.ids.shape[1] - q_len), answer))
+    return out, q_len
+
+
+def run(model, tok, *, tokens: int = 1024, prompts: int = 8, search: int = 4, say=lambda s: None) -> dict:
+    from ..hf import g_search, pruned_forward
+
+    items, q_len = _items(tok, tokens, prompts, seed=3)
+    todo = configs()
+    search_s = None
+    if search:
+        say(f"pruning: G-Search on {search} validation prompts (seed 11, disjoint from the test prompts)")
+        t0 = time.perf_counter()
+        found = g_search(model, _items(tok, tokens, search, seed=11)[0], layers=(2, 8, 14, 20, 26))
+        search_s = time.perf_counter() - t0
+        todo["G-Search schedule " + _describe(found.keeps)] = found
     rows = []
     dense_kv = None
-    for name, pruner in configs().items():
+    for name, pruner in todo.items():
         say(f"pruning: {name}")
+        pruner, window = pruner if isinstance(pruner, tuple) else (pruner, 1)
+        window = q_len if window == "question" else window
         hits, secs, kv = 0, [], []
-        for p in items:
-            answer = tok(" " + p.answer, add_special_tokens=False).input_ids
-            ids = torch.cat([p.ids, torch.tensor([answer[:-1]])], 1)
-            span = (1, p.ids.shape[1] - q_len)
-            res = pruned_forward(model, ids, span=span, pruner=pruner, tail=len(answer))
+        for ids, span, answer in items:
+            res = pruned_forward(model, ids, span=span, pruner=pruner, tail=len(answer), window=window)
             hits += int(res.logits[0].argmax(-1).tolist() == answer)
             secs.append(res.seconds)
             kv.append(res.kv_tokens)
@@ -59,7 +77,13 @@ def run(model, tok, *, tokens: int = 1024, prompts: int = 8, say=lambda s: None)
                 "kv_share": statistics.mean(kv) / dense_kv,
             }
         )
-    return {"rows": rows, "tokens": tokens, "prompts": len(items)}
+    return {"rows": rows, "tokens": tokens, "prompts": len(items), "search_s": search_s}
+
+
+def _describe(keeps: dict) -> str:
+    return (
+        "(" + ", ".join(f"after {lyr}: keep {f:.2g}" for lyr, f in sorted(keeps.items())) + ")" if keeps else "(none)"
+    )
 
 
 def markdown(res: dict) -> str:
@@ -75,4 +99,6 @@ def markdown(res: dict) -> str:
             f"| {r['config']} | {r['accuracy']:.0%} | {r['prefill_s']:.2f} | {r['prefill_s'] / dense_s:.2f}x | "
             f"{r['kv_share']:.2f} |"
         )
+    if res.get("search_s") is not None:
+        lines.append(f"\nThe G-Search fit took {res['search_s']:.0f} s.")
     return "\n".join(lines) + "\n"

@@ -10,13 +10,17 @@ file, no monkeypatched forward. See :func:`apply` for what is supported.
 
 from .artifacts import CalibrationError
 from .duo import DuoAttention
-from .kv import H2O, TOVA, HeadAware, KVCompress, SnapKV, Uniform
+from .kv import H2O, TOVA, ExpectedAttention, HeadAware, KVCompress, SnapKV, Uniform
 from .moa import MoA
+from .compose import Steered
 from .policy import Dense, PerLayer, Policy, SparsePrefill
-from .prune import DyVTE, FastV, PSigmoid, PyramidDrop, pruned_forward
+from .pine import PINE
+from .prune import DyVTE, FastV, GSearch, PSigmoid, PyramidDrop, g_search, pruned_forward
 from .steer import (
     ACT,
+    CARVE,
     PASTA,
+    VHR,
     SSMax,
     VAR,
     HeadPerturbation,
@@ -26,6 +30,7 @@ from .steer import (
     SpanKnockout,
     Steer,
     Temperature,
+    carve,
     contrastive_logits,
 )
 from .streaming import StreamingLLM
@@ -53,8 +58,12 @@ def __getattr__(name):
 
 __all__ = [
     "ACT",
+    "CARVE",
     "DyVTE",
+    "ExpectedAttention",
     "FastV",
+    "GSearch",
+    "PINE",
     "PSigmoid",
     "PyramidDrop",
     "H2O",
@@ -66,8 +75,10 @@ __all__ = [
     "SpanAmplification",
     "SpanKnockout",
     "Steer",
+    "Steered",
     "Temperature",
     "VAR",
+    "VHR",
     "CalibrationError",
     "Dense",
     "DuoAttention",
@@ -87,7 +98,9 @@ __all__ = [
     "convert_to_mla",
     "latent_caches",
     "apply",
+    "carve",
     "contrastive_logits",
+    "g_search",
     "pruned_forward",
     "masked_attention",
 ]

@@ -287,7 +287,13 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     scorer = policy.scorer_at(layer)
     observe = policy.observes_at(layer, Q) if scorer is not None else 0
     fresh = all(n == Q for n in lay.lengths()) and all(bool(x.all()) for x in lay.valid)
-    if fresh and observe < Q:
+    own = getattr(policy, "attend_cached", None)
+    if own is not None:  # a policy that computes the step over the cache itself (Steered)
+        out, masses = own(layer, q, lay, scale, causal, pat, observe, cache.inv_freq)
+        if scorer is not None:
+            for h, mass in enumerate(masses):
+                lay.record(h, mass, observe > 0, scorer)
+    elif fresh and observe < Q:
         # a first prefill without padding: positions are indices, the fast kernels apply; only the observed
         # queries go through the explicit path, for their attention mass
         full = Causal() if pat is None else Causal() & pat
@@ -314,6 +320,16 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
         if scorer is not None:
             for h, mass in enumerate(masses):
                 lay.record(h, mass, observe > 0, scorer)
+    direct = getattr(scorer, "score_keys", None)
+    if direct is not None:  # a scorer that estimates from the step's queries and the cached keys, not from mass
+        if cache.inv_freq is None:
+            raise UnsupportedError(bad("model", f"plain rotary embeddings (scorer {scorer.name})", "none found"))
+        G = Hq // lay.kv_heads
+        for h in range(lay.kv_heads):
+            q_rope = lay.rope[h][:, -Q:].long()
+            lay.score[h] = direct(
+                q[:, h * G : (h + 1) * G], q_rope, lay.k[h], lay.v[h], lay.pos[h], lay.valid[h], cache.inv_freq
+            )
     lay.evict(policy.keep(layer, lay, Q))
     return out
 

@@ -108,6 +108,87 @@ class TOVA(Scorer):
         return mass if observed else old
 
 
+@dataclass(frozen=True)
+class ExpectedAttention(Scorer):
+    r"""Expected Attention (Devoto et al., NVIDIA kvpress, 2025): score each cached key by the attention that
+        *future* queries are expected to give it, estimated from the statistics of the step's queries.
+
+        With the un-rotated queries of the step (the first ``sinks`` positions left out, their queries are
+        outliers) modelled as a Gaussian :math:`q \sim \mathcal N(\mu, \Sigma)`, the rotation averaged over the
+        next ``future`` positions :math:`ar R = rac1F \sum_{t=1}^{F} R(p_{last} + t)`, and the key :math:`k_j`
+        as cached (rotated at its position), the expected un-normalised attention is the Gaussian moment
+        generating function
+
+        .. math::
+
+            \mathbb E[e^{q^	op k_j / \sqrt d}] = \exp\Big(rac{(ar R\mu)^	op k_j}{\sqrt d}
+            + rac{k_j^	op ar R \Sigma ar R^	op k_j}{2 d}\Big),
+
+        softmax-normalised over the head's keys, averaged over the KV head's query group, and multiplied by
+        :math:`\lVert v_j
+    Vert_2` (what the key would contribute). The first ``sinks`` positions always stay.
+        Each compressing step replaces the scores with its own estimate.
+
+        Choices (learned from kvpress's ``ExpectedAttentionPress``): the mean rotation over future positions (not the
+        rotation of a mean position); the covariance and the value norm on by default; per-KV-head eviction here
+        (kvpress prunes per head as well). No attention mass is observed, so prefill runs the fast kernels.
+    """
+
+    future: int = 512
+    sinks: int = 4
+    covariance: bool = True
+    value_norm: bool = True
+    name = "expected_attention"
+
+    def __post_init__(self):
+        check_count("future", self.future, 1)
+        check_count("sinks", self.sinks, 0)
+
+    def observes(self, q_len):
+        return 0
+
+    def score_keys(self, q, q_rope, k, v, k_pos, valid, inv_freq):
+        """Scores ``(B, T)`` of one KV head's cached entries from its query group ``q (B, G, Q, D)`` (rotated at
+        ``q_rope (B, Q)``), keys ``k (B, T, D)`` as cached, values ``v``, real positions ``k_pos``, ``valid``."""
+        from ._rope import rerotate
+
+        B, G, Q, D = q.shape
+        raw = rerotate(q.float(), -q_rope[:, None, :].float(), inv_freq)[:, :, self.sinks :] if Q > self.sinks else None
+        if raw is None or raw.shape[2] == 0:
+            raw = rerotate(q.float(), -q_rope[:, None, :].float(), inv_freq)
+        mu = raw.mean(2)  # (B, G, D)
+        t = q_rope.max(1).values[:, None].float() + torch.arange(1, self.future + 1, device=q.device).float()
+        ang = t[..., None] * inv_freq.to(q.device).float()  # (B, F, D/2)
+        cos, sin = ang.cos().mean(1), ang.sin().mean(1)  # (B, D/2): the averaged rotation, blockwise
+        cos, sin = torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None]
+
+        def rot(x):  # x (B, G, ..., D) -> R_bar x, R_bar = mean_t (cos_t I + sin_t P)
+            half = x.shape[-1] // 2
+            px = torch.cat((-x[..., half:], x[..., :half]), -1)
+            shape = (B, 1) + (1,) * (x.dim() - 3) + (D,)
+            return x * cos.view(shape) + px * sin.view(shape)
+
+        kf = k.float()
+        logits = torch.einsum("bgd,btd->bgt", rot(mu), kf) / D**0.5
+        if self.covariance and raw.shape[2] > 1:
+            c = raw - mu[:, :, None]
+            cov = c.transpose(-1, -2) @ c / raw.shape[2]  # (B, G, D, D)
+            rk = _rot_t(kf, cos[:, 0], sin[:, 0])  # k^T (R S R^T) k = (R^T k)^T S (R^T k)
+            logits = logits + torch.einsum("btd,bgde,bte->bgt", rk, cov, rk) / (2 * D)
+        logits = logits.masked_fill(~valid[:, None], float("-inf"))
+        score = torch.softmax(logits, -1).nan_to_num(0.0).mean(1)
+        if self.value_norm:
+            score = score * v.float().norm(dim=-1)
+        return score.masked_fill((k_pos < self.sinks) & valid, float("inf"))
+
+
+def _rot_t(x, cos, sin):
+    """``R^T x`` for the averaged rotation ``R = cos I + sin P`` (``P`` the rotate-half map, ``P^T = -P``)."""
+    half = x.shape[-1] // 2
+    px = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos[:, None] - px * sin[:, None]
+
+
 class Allocator:
     """Splits ``n_keep * kv_heads`` entries of one layer between its KV heads."""
 
@@ -269,4 +350,17 @@ register(
     factory=lambda n, *, model=None, budget=0.25: KVCompress(TOVA(), budget=kv_tokens(n, budget), phase="both"),
     summary="keep the keys the current query attends most (per KV head), forget older votes",
     source=TOVA,
+)
+register(
+    "expected_attention",
+    family="E",
+    kind="policy",
+    paper="Expected Attention: KV Cache Compression by Estimating Attention from Future Queries Distribution (2025)",
+    exact=False,
+    supports=POLICY_SUPPORTS,
+    factory=lambda n, *, model=None, budget=0.25: KVCompress(
+        ExpectedAttention(), budget=kv_tokens(n, budget), phase="prefill"
+    ),
+    summary="keep the keys future queries are expected to attend (Gaussian query statistics, averaged RoPE)",
+    source=ExpectedAttention,
 )

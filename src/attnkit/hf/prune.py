@@ -4,8 +4,9 @@ Published for the image tokens of vision-language models; here the span is a mar
 in SmolLM2 (or any Llama-style ``model.model.layers`` decoder), which the docstrings and reports say.
 
 :func:`pruned_forward` runs the decoder layer by layer. After each layer that a pruner's schedule names, it
-ranks the span's remaining tokens by the attention the **last token** (the end of the instruction) gives them
-in that layer, averaged over heads, keeps the top ones and drops the rest from the hidden states. Every later
+ranks the span's remaining tokens by the attention the **last token of the instruction** (before the scored
+tail) gives them in that layer, averaged over heads, keeps the top ones and drops the rest from the hidden
+states. Every later
 layer then computes (and caches) fewer tokens, so time and memory fall. Kept tokens keep their original
 positions (the rotary embedding uses them), and their order, so the causal mask stays right.
 
@@ -16,13 +17,15 @@ positions (the rotary embedding uses them), and their order, so the causal mask 
 - :class:`DyVTE` (2024): the whole span leaves after layer ``L`` (its "visual tokens exit" point).
 - :class:`PSigmoid`: keep counts following a sigmoid over depth (the P-Sigmoid schedule G-Search fits),
   ``n_l = n_0 / (1 + exp(k (l - l_0)))``, applied at every layer.
+- :func:`g_search` (the same paper): a greedy search, shallow to deep, for the fewest tokens each layer can keep
+  without losing performance on a validation set; returns a :class:`GSearch` schedule.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,24 +82,97 @@ class PSigmoid:
         return out
 
 
-PRUNERS = (FastV, PyramidDrop, DyVTE, PSigmoid)
+@dataclass(frozen=True)
+class GSearch:
+    """A schedule found by :func:`g_search`: ``keeps[l]`` is the fraction of the span tokens still alive that
+    survives layer ``l``."""
+
+    keeps: dict = field(default_factory=dict)
+
+    def schedule(self, n_layers: int) -> dict:
+        return dict(self.keeps)
+
+    def alive(self, n_layers: int) -> list:
+        """The fraction of the span each layer computes (what the budget counts)."""
+        out, frac = [], 1.0
+        for layer in range(n_layers):
+            out.append(frac)
+            frac *= self.keeps.get(layer, 1.0)
+        return out
 
 
-class _LastRow(Policy):
-    """Dense attention that also keeps, in chosen layers, the last query's probabilities ``(B, Hq, K)``."""
+def answer_logprob(model, items, pruner) -> float:
+    """Mean over ``items`` of the answer's total log-probability, teacher-forced. Each item is
+    ``(ids (1, N), span, answer_ids)`` with ``ids`` ending in the answer's tokens but the last."""
+    total = 0.0
+    for ids, span, answer in items:
+        res = pruned_forward(model, ids, span=span, pruner=pruner, tail=len(answer))
+        logp = torch.log_softmax(res.logits[0].float(), -1)
+        total += float(logp[torch.arange(len(answer)), torch.tensor(answer)].sum())
+    return total / len(items)
 
-    name = "last_row"
 
-    def __init__(self, layers):
-        self.layers, self.rows = set(layers), {}
+def g_search(model, items, *, layers=None, fractions=(0.125, 0.25, 0.5, 0.75), tolerance: float = 0.25) -> GSearch:
+    r"""G-Search (Zhao et al., *Rethinking token reduction in MLLMs*, 2024): from the shallowest candidate layer
+    to the deepest, keep the fewest top-ranked span tokens that do not lose performance on a validation set.
+
+    The paper's observation is that the number of essential tokens never grows with depth, so each layer's
+    choice is final and the next layer starts from it. Here "performance" is :func:`answer_logprob` on
+    ``items`` and "no loss" is a drop of at most ``tolerance`` nats from dense (exact accuracy on a handful of
+    CPU-sized validation prompts is too coarse to steer a search). At each layer of ``layers`` (default: every
+    fourth layer from 2) the alive fraction of the span is tried at ``fractions`` below the current one, fewest
+    first; the first that passes is kept. The 0 fraction (drop the whole span) is tried first at each layer.
+    Costs at most ``len(layers) * (len(fractions) + 1)`` validation passes.
+    """
+    inner = getattr(model, "model", None)
+    L = len(inner.layers) if inner is not None and hasattr(inner, "layers") else None
+    if L is None:
+        raise UnsupportedError(bad("model", "a Llama-style causal LM (model.model.layers)", type(model).__name__))
+    if not items:
+        raise ShapeError(bad("items", "at least one validation item (ids, span, answer_ids)", items))
+    if tolerance < 0:
+        raise ShapeError(bad("tolerance", "a non-negative number of nats", tolerance))
+    layers = tuple(range(2, L - 1, 4)) if layers is None else tuple(sorted(layers))
+    if any(not 0 <= lyr < L - 1 for lyr in layers):
+        raise ShapeError(bad("layers", f"layers in [0, {L - 1})", layers))
+    floor = answer_logprob(model, items, None) - tolerance
+    keeps, alive = {}, 1.0
+    for layer in layers:
+        for f in (0.0,) + tuple(sorted(x for x in fractions if x < alive)):
+            trial = GSearch({**keeps, layer: f / alive})
+            if answer_logprob(model, items, trial) >= floor:
+                keeps[layer], alive = f / alive, f
+                break
+        if alive == 0.0:
+            break
+    return GSearch(keeps)
+
+
+PRUNERS = (FastV, PyramidDrop, DyVTE, PSigmoid, GSearch)
+
+
+class _RankingRows(Policy):
+    """Dense attention that also keeps, in chosen layers, the mean probabilities ``(B, Hq, K)`` of the ranking
+    queries: the ``window`` queries that end ``tail`` positions before the end (the instruction's last tokens;
+    the scored tail after them is never looked at, so the answer cannot steer what is kept)."""
+
+    name = "ranking_rows"
+
+    def __init__(self, layers, tail: int, window: int):
+        self.layers, self.tail, self.window, self.rows = set(layers), tail, window, {}
 
     def attend(self, layer, q, k, v, key_padding_mask, q_offset, scale, causal):
         if layer not in self.layers:
             return None
         G = q.shape[1] // k.shape[1]
-        s = q[:, :, -1:].float() @ k.float().repeat_interleave(G, 1).transpose(-1, -2)
+        Q = q.shape[2]
+        end = Q - self.tail + 1
+        qs = q[:, :, end - self.window : end].float()
+        s = qs @ k.float().repeat_interleave(G, 1).transpose(-1, -2)
         s = s * (q.shape[-1] ** -0.5 if scale is None else scale)
-        self.rows[layer] = torch.softmax(s[:, :, 0], -1)
+        pos = torch.arange(end - self.window, end, device=q.device) + q_offset
+        s = s.masked_fill(torch.arange(k.shape[2], device=q.device)[None, :] > pos[:, None], float("-inf"))
+        self.rows[layer] = torch.softmax(s, -1).mean(2)
         return None
 
 
@@ -115,10 +191,14 @@ class Pruned:
         return sum(self.tokens_per_layer)
 
 
-def pruned_forward(model, ids, *, span, pruner=None, tail: int = 1) -> Pruned:
+def pruned_forward(model, ids, *, span, pruner=None, tail: int = 1, window: int = 1) -> Pruned:
     """One prefill of ``ids`` ``(1, N)`` with ``pruner`` dropping tokens of ``span = (start, end)``; None: dense.
 
-    ``tail`` positions at the end are never in the span (the question, the answer being scored)."""
+    The last ``tail`` positions are scored: their logits are returned, and the first of them (position
+    ``N - tail``, the end of the instruction) is the query whose attention ranks the span tokens; positions
+    after it (a teacher-forced answer) never influence the ranking. ``window > 1`` ranks by the mean attention
+    of the ``window`` queries ending there (the question's tokens, as SnapKV's observation window) instead of
+    the single last instruction token of FastV and PyramidDrop."""
     from ._integration import applied
 
     inner = getattr(model, "model", None)
@@ -132,9 +212,11 @@ def pruned_forward(model, ids, *, span, pruner=None, tail: int = 1) -> Pruned:
     a, b = span
     if not 0 <= a < b <= N - tail:
         raise ShapeError(bad("span", f"0 <= start < end <= {N - tail} (before the scored tail)", span))
+    if not 1 <= window <= N - tail + 1 - b:
+        raise ShapeError(bad("window", f"1 <= window <= {N - tail + 1 - b} (ranking queries after the span)", window))
     L = len(inner.layers)
     sched = {} if pruner is None else pruner.schedule(L)
-    rec = _LastRow(sched)
+    rec = _RankingRows(sched, tail, window)
     pos = torch.arange(N)[None]
     in_span = (pos[0] >= a) & (pos[0] < b)
     counts = []

@@ -75,7 +75,7 @@ class Intervention:
         return set()
 
     def temperature(self, layer: int, q_heads: int, kv_len: int, q_len: int):
-        """``(q_heads,)`` logit multipliers for this call, or None."""
+        """Logit multipliers for this call: ``(q_heads,)``, or ``(q_heads, q_len)`` per query; or None."""
         return None
 
     def bias(self, layer: int, q_heads: int, kv_len: int, device):
@@ -113,12 +113,24 @@ class Temperature(Intervention):
         return None if bool((t == 1).all()) else t
 
 
+def _keys_seen(kv_len: int, q_len: int) -> torch.Tensor:
+    """``(q_len,)`` float64: the keys each query of a causal call sees."""
+    return torch.arange(kv_len - q_len + 1, kv_len + 1, dtype=torch.float64)
+
+
+def _per_query(t: torch.Tensor, q_len: int) -> torch.Tensor:
+    return t[:, None].expand(-1, q_len) if t.dim() == 1 else t
+
+
 @dataclass(frozen=True)
 class LogNScaling(Intervention):
     r"""Entropy-aware log-n scaling (the training-free variable-size adaptation of diffusion models; Qwen's
     ``use_logn_attn`` for LLMs): logits multiplied by :math:`\sqrt{\log n / \log n_{train}}` once the ``n`` keys a
     query sees exceed ``train_length`` (1 below it), so the attention entropy stays where it was trained.
-    ``sqrt=False`` uses :math:`\log n / \log n_{train}` (Qwen's form). All layers and heads unless ``only``."""
+    ``sqrt=False`` uses :math:`\log n / \log n_{train}` (Qwen's form). All layers and heads unless ``only``.
+
+    ``n`` is per query: query ``i`` of a causal call over ``K`` keys with ``Q`` queries sees
+    :math:`n_i = K - Q + i + 1` keys (left padding counted), so a long prefill scales only its late queries."""
 
     train_length: int = 2048
     sqrt: bool = True
@@ -133,16 +145,18 @@ class LogNScaling(Intervention):
             return None
         if kv_len <= self.train_length:
             return None
-        r = math.log(kv_len) / math.log(self.train_length)
-        return torch.full((q_heads,), math.sqrt(r) if self.sqrt else r, dtype=torch.float64)
+        n = _keys_seen(kv_len, q_len)
+        r = (n.log() / math.log(self.train_length)).clamp_min(1.0)
+        return (r.sqrt() if self.sqrt else r)[None].expand(q_heads, q_len)
 
 
 @dataclass(frozen=True)
 class SSMax(Intervention):
     r"""Scalable-Softmax (Nakanishi, 2025) swapped in after pretraining: logits multiplied by :math:`s \log n`
-    with ``n`` the number of keys of the call. The paper trains ``s`` per head; post hoc, ``s = 1 / log
-    n_train`` keeps the softmax unchanged at the training length and sharpens it past it (which is what the
-    paper's "swap in after pretraining" experiment measures). All layers and heads unless ``only``."""
+    with ``n`` the number of keys the query sees (per query, as :class:`LogNScaling`). The paper trains ``s``
+    per head; post hoc, ``s = 1 / log n_train`` keeps the softmax unchanged at the training length, softens it
+    before and sharpens it past it (which is what the paper's "swap in after pretraining" experiment
+    measures). All layers and heads unless ``only``."""
 
     train_length: int = 2048
     only: tuple | None = None
@@ -150,8 +164,8 @@ class SSMax(Intervention):
     def temperature(self, layer, q_heads, kv_len, q_len):
         if self.only is not None and layer not in self.only:
             return None
-        t = math.log(max(kv_len, 2)) / math.log(self.train_length)
-        return None if t == 1 else torch.full((q_heads,), t, dtype=torch.float64)
+        t = _keys_seen(kv_len, q_len).clamp_min(2).log() / math.log(self.train_length)
+        return None if bool((t == 1).all()) else t[None].expand(q_heads, q_len)
 
 
 @dataclass(frozen=True)
@@ -388,6 +402,121 @@ class HeadPerturbation(Intervention):
 
 
 @dataclass(frozen=True)
+class VHR(Intervention):
+    r"""VHR (He et al., *Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence*, 2024):
+    reinforce the heads whose output depends most on the context by scaling their outputs,
+    :math:`o_h \leftarrow \alpha_h o_h`. Since :math:`o_h = A_h V`, this is :math:`A_h \leftarrow \alpha_h A_h`
+    (rows then sum to :math:`\alpha_h`, which is the point: the head speaks louder in the residual stream).
+
+    The heads come from VHD, the divergence of each head's output with and without the context
+    (:func:`attnkit.analysis.context_divergence`); :meth:`from_scores` takes the ``top`` of such scores.
+    Choices: VHD/VHR's paper scores heads per generated token with the image and without it; here the heads
+    are chosen once, on held-out prompts (one extra forward pass per prompt, not per token), and every chosen
+    head gets the same ``alpha``. Substitute: the context is a text passage, not an image. ``alpha = 1`` is no
+    change."""
+
+    factors: dict
+
+    def __post_init__(self):
+        try:
+            f = {(int(a), int(b)): float(x) for (a, b), x in dict(self.factors).items()}
+        except (TypeError, ValueError):
+            raise ShapeError(bad("factors", "a {(layer, head): factor} dict", self.factors)) from None
+        if any(x <= 0 for x in f.values()):
+            raise ShapeError(bad("factors", "positive output factors", f))
+        _heads(f, "factors")
+        object.__setattr__(self, "factors", f)
+
+    @classmethod
+    def from_scores(cls, scores, *, top: int = 16, alpha: float = 1.5) -> "VHR":
+        """The ``top`` heads of a :class:`~attnkit.analysis.HeadScores` (e.g. ``context_divergence``), each scaled
+        by ``alpha``."""
+        return cls({(layer, head): alpha for layer, head, _ in scores.top(top)})
+
+    def layers(self):
+        return {layer for (layer, _), x in self.factors.items() if x != 1.0}
+
+    def edit(self, layer, p, heads, q_pos, valid):
+        f = torch.tensor([self.factors.get((layer, int(h)), 1.0) for h in heads], device=p.device, dtype=p.dtype)
+        if bool((f == 1).all()):
+            return None
+        return p * f[None, :, None, None]
+
+
+@dataclass(frozen=True)
+class CARVE(Intervention):
+    r"""CARVE (*Focusing by Contrastive Attention*, 2025): the attention a **task** query pays to the context,
+    contrasted with the attention a **general** query pays to it, separates what the task needs from what any
+    query looks at (the "noise"); only the task-relevant context stays.
+
+    With :math:`a^{task}_j` and :math:`a^{gen}_j` the attention of each prompt's last token to context token
+    :math:`j`, averaged over heads and the ``layers`` used, each normalised over the span, the contrast is
+    :math:`c_j = a^{task}_j - a^{gen}_j`; the ``keep`` share of the span with the highest contrast stays and
+    every other span token is masked from every query outside the span, in ``layers_`` (:func:`carve`: all;
+    rows renormalised), as
+    CARVE masks the image outside the extracted regions before answering.
+
+    Choices: CARVE's paper builds pixel-level masks from the contrast of attention maps of a VLM and re-runs on
+    the masked image; here the span is a text passage, the mask drops tokens from attention (not from the
+    input), and the contrast is the difference of normalised maps. Substitute: a text passage for the image.
+    Build it with :func:`carve` (which computes the two maps); ``keep = 1`` is no change."""
+
+    span: tuple
+    drop: tuple = ()
+    layers_: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "span", _span(self.span, "span"))
+        object.__setattr__(self, "layers_", tuple(int(x) for x in self.layers_))
+        drop = tuple(sorted(int(t) for t in self.drop))
+        a, b = self.span
+        if any(not a <= t < b for t in drop):
+            raise ShapeError(bad("drop", f"token indices inside the span {self.span}", drop))
+        object.__setattr__(self, "drop", drop)
+
+    def layers(self):
+        return set(self.layers_) if self.drop else set()
+
+    def edit(self, layer, p, heads, q_pos, valid):
+        if not self.drop or layer not in self.layers_:
+            return None
+        K = p.shape[-1]
+        gone = torch.zeros(K, dtype=torch.bool, device=p.device)
+        idx = torch.tensor([t for t in self.drop if t < K], dtype=torch.long, device=p.device)
+        gone[idx] = True
+        outside = ~_in_span(self.span, K, p.device)[q_pos]
+        return _cut(p, gone[None, :] & outside[:, None])
+
+
+def carve(model, task_ids, general_ids, *, span, keep: float = 0.5, layers=None) -> CARVE:
+    """A :class:`CARVE` mask from one forward of ``task_ids`` and one of ``general_ids`` ``(1, N)``: two prompts
+    holding the same context at ``span`` and ending in different queries. ``layers``: the second half by
+    default (CARVE finds attention focused in deep layers)."""
+    from ._integration import applied
+    from .prune import _RankingRows
+
+    if not 0 < keep <= 1:
+        raise ShapeError(bad("keep", "a fraction in (0, 1]", keep))
+    span = _span(span, "span")
+    a, b = span
+    L = model.config.num_hidden_layers
+    layers = tuple(range(L // 2, L)) if layers is None else tuple(layers)
+    maps = []
+    for ids in (task_ids, general_ids):
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] <= b:
+            raise ShapeError(bad("task_ids/general_ids", f"(1, N) ids with N > {b} (the span's end)", tuple(ids.shape)))
+        rec = _RankingRows(layers, 1, 1)
+        with applied(model, rec), torch.no_grad():
+            model(input_ids=ids)
+        m = torch.stack([rec.rows[layer][0].mean(0)[a:b] for layer in layers]).mean(0)
+        maps.append(m / m.sum().clamp_min(1e-30))
+    contrast = maps[0] - maps[1]
+    n_keep = max(1, int(round(keep * (b - a))))
+    kept = set(contrast.topk(n_keep).indices.tolist())
+    return CARVE(span=span, drop=tuple(a + i for i in range(b - a) if i not in kept), layers_=tuple(range(L)))
+
+
+@dataclass(frozen=True)
 class Steer(Policy):
     """Dense attention with ``interventions`` applied in list order (probability edits) and combined
     (temperatures multiply, biases add). See the module docstring for which path a layer takes."""
@@ -413,7 +542,7 @@ class Steer(Policy):
         for x in self.interventions:
             t = x.temperature(layer, Hq, K, Q)
             if t is not None:
-                temps = t if temps is None else temps * t
+                temps = _per_query(t, Q) if temps is None else temps * _per_query(t, Q)
             b = x.bias(layer, Hq, K, q.device)
             if b is not None:
                 biases = b if biases is None else biases + b
@@ -422,7 +551,7 @@ class Steer(Policy):
         if temps is None and biases is None and not edits:
             return None
         if temps is not None:
-            q = q * temps.to(q.dtype).view(1, Hq, 1, 1)
+            q = q * temps.to(q.dtype).view(1, Hq, Q, 1)
         if biases is None and not edits:
             from ..api import attention
 
@@ -548,6 +677,20 @@ for _name, _cls, _kw, _paper, _summary in (
         {"span": (0, 8), "heads": {(0, 0)}},
         "See What You Are Told: Visual Attention Sink in Large Multimodal Models (VAR, 2025) [text span]",
         "sink mass moved onto a span in span-centric heads",
+    ),
+    (
+        "vhr",
+        VHR,
+        {"factors": {(0, 0): 1.5}},
+        "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence (VHD/VHR, 2024) [text span]",
+        "outputs of the heads that diverge most without the context, scaled up",
+    ),
+    (
+        "carve",
+        CARVE,
+        {"span": (0, 8), "drop": (1, 3), "layers_": (0,)},
+        "Focusing by Contrastive Attention: Enhancing VLMs' Visual Reasoning (CARVE, 2025) [text span]",
+        "context tokens a general query attends as much as the task query masked out",
     ),
     (
         "head_perturbation",

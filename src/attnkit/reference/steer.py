@@ -19,7 +19,8 @@ def probabilities(q, k, *, scale=None, causal=True, valid=None, temps=None, bias
     scale = D**-0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
     if temps is not None:
-        s = s * temps.double().view(1, Hq, 1, 1)
+        t = temps.double()
+        s = s * (t.view(1, Hq, 1, 1) if t.dim() == 1 else t.view(1, Hq, Q, 1))
     if bias is not None:
         s = s + bias.double()[None, :, None, :]
     allowed = torch.ones(B, 1, Q, K, dtype=torch.bool)
@@ -91,6 +92,26 @@ def knockout(p, *, span):
             continue
         out[:, :, i, span[0] : span[1]] = 0
         out[:, :, i] = out[:, :, i] / out[:, :, i].sum(-1, keepdim=True)
+    return out
+
+
+def scale_heads(p, factors):
+    """VHR: head ``h``'s probabilities (so its output) times ``factors[h]`` ``(Hq,)``."""
+    return p * factors.double().view(1, -1, 1, 1)
+
+
+def mask_tokens(p, *, span, drop):
+    """CARVE: queries outside ``span`` lose their attention to the ``drop`` tokens; rows renormalised."""
+    B, H, Q, K = p.shape
+    out = p.clone()
+    for i in range(Q):
+        pos = K - Q + i
+        if span[0] <= pos < span[1]:
+            continue
+        for t in drop:
+            out[:, :, i, t] = 0
+        tot = out[:, :, i].sum(-1, keepdim=True)
+        out[:, :, i] = torch.where(tot > 0, out[:, :, i] / tot.clamp_min(1e-300), out[:, :, i])
     return out
 
 
