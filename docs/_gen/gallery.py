@@ -107,6 +107,18 @@ def snippet(rec) -> str:
             "print(tok.decode(out[0, enc.input_ids.shape[1]:]))\n"
             "handle.remove()  # the model is exactly as before\n"
         )
+    if rec.kind == "pruner" and getattr(rec.source, "__module__", "").endswith("encoder_prune"):
+        return (
+            "import attnkit as ak\n"
+            "import attnkit.hf\n"
+            "from attnkit.hf.encoder_prune import pruned_encode\n"
+            "from attnkit.models import load_minilm\n\n"
+            "model, tok = load_minilm()  # all-MiniLM-L6-v2, offline\n"
+            f"pruner = {get}.make({N}, model=model, budget=0.5)\n"
+            'enc = tok(["A passage to embed with half of its tokens. " * 12], return_tensors="pt")\n'
+            "res = pruned_encode(model, enc, pruner=pruner)\n"
+            "print(res.embedding.shape, res.tokens_per_layer)  # tokens leave mid-encoder\n"
+        )
     if rec.kind == "pruner":
         return (
             "import torch\n"
@@ -125,7 +137,7 @@ def snippet(rec) -> str:
             "import attnkit.hf\n"
             "from attnkit.models import load_smollm2\n\n"
             "model, tok = load_smollm2()  # SmolLM2-135M, offline (about 16 s)\n"
-            f"steer = {get}.make({N}, model=model)  # a Steer policy holding the intervention\n"
+            f"steer = {get}.make({N}, model=model)  # a policy holding the intervention\n"
             'enc = tok("Sinks are the first tokens. " * 4, return_tensors="pt")\n'
             "with attnkit.hf.applied(model, steer):\n"
             "    out = model.generate(**enc, max_new_tokens=8, do_sample=False)\n"

@@ -236,7 +236,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
 @click.option(
     "--interventions",
     is_flag=True,
-    help="Instead: family-G interventions (PASTA, VAR) on generated counterfactual-context QA (bench.interventions).",
+    help="Instead: family-G interventions (PASTA, VAR, amplification, VHR, CARVE, CausalMM) on counterfactual QA.",
 )
 @click.option(
     "--pruning",
@@ -253,6 +253,16 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     "length_extrapolation",
     is_flag=True,
     help="Instead: perplexity past SmolLM2's 8k training length, dense against log-n scaling and SSMax (bench.length).",
+)
+@click.option(
+    "--encoder-pruning",
+    is_flag=True,
+    help="Instead: [CLS]-ranked pruning and merging inside MiniLM, embedding cosine (bench.encoder_pruning).",
+)
+@click.option(
+    "--emphasis",
+    is_flag=True,
+    help="Instead: PASTA on a format instruction the model tends to ignore (bench.emphasis).",
 )
 @click.option(
     "--classify",
@@ -288,6 +298,8 @@ def eval_cmd(
     option_order,
     length_extrapolation,
     classify,
+    emphasis,
+    encoder_pruning,
     out,
 ):
     """Perplexity, KL to dense, passkey accuracy, prefill/decode time and peak KV memory of every KV policy on
@@ -296,16 +308,32 @@ def eval_cmd(
     The default run takes about an hour on 2 cores; --quick about a minute. --probe runs the probe
     evaluation alone (about eight minutes on 2 cores; with --quick, 400 sentences and one seed) and writes
     probe.md, probe.json. --mla runs the GQA-to-MLA conversion of SmolLM2 alone (its rank curve, about fifteen
-    minutes) and writes eval_mla.md, eval_mla.json. --interventions (about 2 minutes) and --pruning (about 2
+    minutes) and writes eval_mla.md, eval_mla.json. --interventions and --pruning (each a few
     minutes) run family G on counterfactual-context QA and family F on pass-key span QA and write
-    eval_interventions.* / eval_pruning.*; --option-order (about 3 minutes) asks generated multiple-choice
+    eval_interventions.* / eval_pruning.*; --option-order asks generated multiple-choice
     questions in every cyclic order of their options, dense against PINE, and writes eval_option_order.*;
-    --length (about 5 minutes) scores perplexity past the 8k training length under log-n scaling and SSMax
-    (eval_length.*); --classify (about 2 minutes) searches ACT's layers on generated sentiment prompts and
-    tests them on others (eval_classify.*).
+    --length scores perplexity past the 8k training length under log-n scaling and SSMax
+    (eval_length.*); --classify searches ACT's layers on generated sentiment prompts and
+    tests them on others (eval_classify.*); --emphasis measures PASTA on a format instruction
+    (eval_emphasis.*); --encoder-pruning prunes and merges tokens inside MiniLM by [CLS]
+    attention and writes eval_encoder_pruning.*.
     """
-    if pruning or interventions or option_order or length_extrapolation or classify:
+    if encoder_pruning:
+        import json
+
+        from .bench import encoder_pruning as _ep
+        from .models import load_minilm
+
+        model, tok = load_minilm()
+        res = _ep.run(model, tok, count=8 if quick else 32, sweep=not quick, say=click.echo)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_encoder_pruning.json").write_text(json.dumps(res, indent=1))
+        (out / "eval_encoder_pruning.md").write_text(_ep.markdown(res))
+        click.echo(_ep.markdown(res))
+        return
+    if pruning or interventions or option_order or length_extrapolation or classify or emphasis:
         from .bench import classify as _cl
+        from .bench import emphasis as _em
         from .bench import interventions as _iv
         from .bench import length as _ln
         from .bench import option_order as _oo
@@ -313,6 +341,8 @@ def eval_cmd(
 
         if length_extrapolation:
             _smollm2_eval(_ln, "length", out, tokens=9216 if quick else 12288)
+        if emphasis:
+            _smollm2_eval(_em, "emphasis", out, n=8 if quick else 24, profile=4 if quick else 8)
         if classify:
             _smollm2_eval(_cl, "classify", out, n=16 if quick else 48, search=8 if quick else 16)
         if option_order:

@@ -21,3 +21,22 @@ def test_classification_prompts_and_a_tiny_act_search(smollm2):
     assert len(res["layer_gains"]) == 30 and res["rows"][0]["config"] == "dense"
     assert len(res["rows"]) == (3 if res["layers"] else 1)
     assert "| dense |" in classify.markdown(res)
+
+
+def test_instruction_emphasis_prompts_and_a_tiny_run(smollm2):
+    from attnkit.bench import emphasis
+
+    model, tok = smollm2
+    items = emphasis.prompts(tok, n=3, seed=0, filler=40)
+    for it in items:
+        a, b = it["span"]
+        assert tok.decode(it["ids"][a:b]).startswith("Instruction:")
+        upper, usual = it["continuations"]
+        assert tok.decode(upper).strip().isupper() and not tok.decode(usual).strip().isupper()
+    res = emphasis.run(model, tok, n=2, profile=1, top_layers=1)
+    assert [r["config"].split(",")[0] for r in res["rows"]] == [
+        "dense",
+        "PASTA on the instruction",
+        "PASTA on the instruction",
+    ]
+    assert len(res["layer_gains"]) == 30 and "| dense |" in emphasis.markdown(res)

@@ -53,7 +53,7 @@ def test_analysis_call_compiles(name):
     """An analysis needs SmolLM2 and seconds to minutes: its call is compiled here, run by tests/analysis."""
     code = gallery.snippet(registry.get(name))
     compile(code, f"<gallery {name}>", "exec")
-    assert f'ak.registry.get("{name}")' in code and "load_smollm2()" in code
+    assert f'ak.registry.get("{name}")' in code and ("load_smollm2()" in code or "load_minilm()" in code)
 
 
 def test_the_calls_have_the_forms_of_their_kind():
@@ -66,10 +66,11 @@ def test_the_calls_have_the_forms_of_their_kind():
         "policy": ["attnkit.hf.apply(model, "],
         "analysis": ["tool = ak.registry.get("],
         "intervention": ["steer = ak.registry.get(", "attnkit.hf.applied(model, steer)"],
-        "pruner": ["pruner = ak.registry.get(", "attnkit.hf.pruned_forward("],
+        "pruner": ["pruner = ak.registry.get(", "pruned_"],
     }
     for rec in registry.records():
         code = gallery.snippet(rec)
+        assert rec.kind != "pruner" or "pruned_forward(" in code or "pruned_encode(" in code, rec.name
         for piece in forms[rec.kind]:
             assert piece in code, (rec.name, piece)
 

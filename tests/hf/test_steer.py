@@ -162,6 +162,37 @@ def test_generate_with_left_padding_and_an_explicit_intervention(smollm2):
     assert torch.equal(out[0, -4:], one[0, -4:])
 
 
+def test_vhr_and_carve_decode_with_left_padding(smollm2):
+    """The span is given in padded-batch indices; the padded row must give what it gives alone with the span
+    shifted by its padding, in prefill and in every decode step, and differ from dense (the edits act)."""
+    model, tok = smollm2
+    tok.padding_side = "left"
+    texts = [
+        "Passage: Rome is in Peru. Question: where is Rome?",
+        "A much longer passage than the first one: Oslo is in Chile, which is far away from Norway.",
+    ]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    pad = int((enc.attention_mask[0] == 0).sum())
+    assert pad > 0
+    span = (pad + 2, pad + 8)
+
+    def steer(a, b):
+        return Steer((CARVE(span=(a, b), drop=(a + 1, a + 3), layers_=tuple(range(30))), VHR({(12, 1): 2.0})))
+
+    kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with akhf.applied(model, steer(*span)), torch.no_grad():
+        both = model.generate(**enc, **kw)
+    alone = tok(texts[:1], return_tensors="pt")
+    with akhf.applied(model, steer(span[0] - pad, span[1] - pad)), torch.no_grad():
+        one = model.generate(**alone, **kw)
+    with torch.no_grad():
+        dense = model.generate(**alone, **kw)
+    assert torch.equal(both.sequences[0, -3:], one.sequences[0, -3:])
+    for a, b in zip(both.scores, one.scores, strict=True):
+        assert (a[0] - b[0]).abs().max().item() < 1e-3
+    assert (one.scores[0][0] - dense.scores[0][0]).abs().max().item() > 1e-2
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ShapeError, match="alpha"):
         PASTA(span=(0, 4), heads={(0, 0)}, alpha=0)

@@ -10,6 +10,7 @@ file, no monkeypatched forward. See :func:`apply` for what is supported.
 
 from .artifacts import CalibrationError
 from .duo import DuoAttention
+from .encoder_prune import VMTC, Encoded, FlowCut, HiRED, MustDrop, VFlowOpt, VTCCLS, pruned_encode
 from .kv import H2O, TOVA, ExpectedAttention, HeadAware, KVCompress, SnapKV, Uniform
 from .moa import MoA
 from .compose import Steered
@@ -60,6 +61,13 @@ __all__ = [
     "ACT",
     "CARVE",
     "DyVTE",
+    "Encoded",
+    "FlowCut",
+    "HiRED",
+    "MustDrop",
+    "VFlowOpt",
+    "VMTC",
+    "VTCCLS",
     "ExpectedAttention",
     "FastV",
     "GSearch",
@@ -101,6 +109,7 @@ __all__ = [
     "carve",
     "contrastive_logits",
     "g_search",
+    "pruned_encode",
     "pruned_forward",
     "masked_attention",
 ]

@@ -32,7 +32,7 @@ import torch
 from ..errors import DTypeError, UnsupportedError, bad
 from ._rope import rerotate
 from .policy import Policy
-from .steer import Intervention, Steer, _per_query
+from .steer import Steer
 
 _CHUNK = 1 << 23  # logits per chunk
 
@@ -99,16 +99,7 @@ class Steered(Policy):
         width = lay.seen  # indices seen so far, padding included
         pad = width - lay.real  # (B,) left padding of each row
         q_idx = width - Q + torch.arange(Q, device=q.device)
-        temps, biases, edits = None, None, []
-        for x in self.steer.interventions:
-            t = x.temperature(layer, Hq, width, Q)
-            if t is not None:
-                temps = _per_query(t, Q) if temps is None else temps * _per_query(t, Q)
-            b = x.bias(layer, Hq, width, q.device)
-            if b is not None:
-                biases = b if biases is None else biases + b
-            if layer in x.layers() and type(x).edit is not Intervention.edit:
-                edits.append(x)
+        temps, biases, edits = self.steer.combined(layer, Hq, width, Q, q.device)
         out = torch.empty(B, Hq, Q, lay.v[0].shape[-1], dtype=q.dtype, device=q.device)
         masses = []
         for h in range(Hkv):

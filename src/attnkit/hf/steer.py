@@ -534,20 +534,26 @@ class Steer(Policy):
     def describe(self) -> str:
         return "steer(" + ", ".join(type(x).__name__ for x in self.interventions) + ")"
 
-    def attend(self, layer, q, k, v, key_padding_mask, q_offset, scale, causal):
-        B, Hq, Q, D = q.shape
-        K = k.shape[2]
-        scale = D**-0.5 if scale is None else scale
+    def combined(self, layer: int, q_heads: int, kv_len: int, q_len: int, device):
+        """The layer's interventions combined: temperatures ``(Hq, Q)`` multiplied, biases ``(Hq, K)`` added (None
+        when there are none), and the probability edits in list order."""
         temps, biases, edits = None, None, []
         for x in self.interventions:
-            t = x.temperature(layer, Hq, K, Q)
+            t = x.temperature(layer, q_heads, kv_len, q_len)
             if t is not None:
-                temps = _per_query(t, Q) if temps is None else temps * _per_query(t, Q)
-            b = x.bias(layer, Hq, K, q.device)
+                temps = _per_query(t, q_len) if temps is None else temps * _per_query(t, q_len)
+            b = x.bias(layer, q_heads, kv_len, device)
             if b is not None:
                 biases = b if biases is None else biases + b
             if layer in x.layers() and type(x).edit is not Intervention.edit:
                 edits.append(x)
+        return temps, biases, edits
+
+    def attend(self, layer, q, k, v, key_padding_mask, q_offset, scale, causal):
+        B, Hq, Q, D = q.shape
+        K = k.shape[2]
+        scale = D**-0.5 if scale is None else scale
+        temps, biases, edits = self.combined(layer, Hq, K, Q, q.device)
         if temps is None and biases is None and not edits:
             return None
         if temps is not None:
