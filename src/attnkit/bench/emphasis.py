@@ -54,19 +54,10 @@ def prompts(tok, *, n: int, seed: int, filler: int = 120) -> list[dict]:
 
 def _margin(model, item, policy) -> float:
     """log P(upper case) - log P(usual spelling), teacher-forced."""
-    from ..hf import applied
+    from .option_order import score_options
 
-    P = len(item["ids"])
-    rows = [item["ids"] + c for c in item["continuations"]]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    with applied(model, policy), torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    tot = []
-    for b, c in enumerate(item["continuations"]):
-        tot.append(float(logp[b, torch.arange(P - 1, P - 1 + len(c)), torch.tensor(c)].sum()))
-    return tot[0] - tot[1]
+    tot = score_options(model, item, policy)
+    return float(tot[0] - tot[1])
 
 
 def run(model, tok, *, n: int = 24, profile: int = 8, top_layers: int = 3, alpha: float = 0.01, say=lambda s: None):

@@ -153,9 +153,8 @@ class ExpectedAttention(Scorer):
         from ._rope import rerotate
 
         B, G, Q, D = q.shape
-        raw = rerotate(q.float(), -q_rope[:, None, :].float(), inv_freq)[:, :, self.sinks :] if Q > self.sinks else None
-        if raw is None or raw.shape[2] == 0:
-            raw = rerotate(q.float(), -q_rope[:, None, :].float(), inv_freq)
+        raw = rerotate(q.float(), -q_rope[:, None, :].float(), inv_freq)
+        raw = raw[:, :, self.sinks :] if Q > self.sinks else raw  # the sinks' queries are outliers
         mu = raw.mean(2)  # (B, G, D)
         t = q_rope.max(1).values[:, None].float() + torch.arange(1, self.future + 1, device=q.device).float()
         ang = t[..., None] * inv_freq.to(q.device).float()  # (B, F, D/2)
