@@ -9,9 +9,12 @@ file, no monkeypatched forward. See :func:`apply` for what is supported.
 """
 
 from .artifacts import CalibrationError
+from .chunked import ChunkedPrefill
 from .duo import DuoAttention
 from .encoder_prune import VMTC, Encoded, FlowCut, HiRED, MustDrop, VFlowOpt, VTCCLS, pruned_encode
+from .hack import HACK
 from .kv import H2O, TOVA, ExpectedAttention, HeadAware, KVCompress, SnapKV, Uniform
+from .lookm import LOOKM
 from .moa import MoA
 from .compose import Steered
 from .policy import Dense, PerLayer, Policy, SparsePrefill
@@ -35,6 +38,7 @@ from .steer import (
     contrastive_logits,
 )
 from .streaming import StreamingLLM
+from .tidal import TidalDecode
 
 # transformers is imported on first use of what needs it, so that loading the policies (the registry does) stays
 # light and works without the models extra.
@@ -60,6 +64,7 @@ def __getattr__(name):
 __all__ = [
     "ACT",
     "CARVE",
+    "ChunkedPrefill",
     "DyVTE",
     "Encoded",
     "FlowCut",
@@ -75,6 +80,8 @@ __all__ = [
     "PSigmoid",
     "PyramidDrop",
     "H2O",
+    "HACK",
+    "LOOKM",
     "HeadPerturbation",
     "Intervention",
     "LogNScaling",
@@ -101,6 +108,7 @@ __all__ = [
     "SparsePrefill",
     "StreamingLLM",
     "TOVA",
+    "TidalDecode",
     "Uniform",
     "applied",
     "convert_to_mla",

@@ -330,7 +330,7 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
             lay.score[h] = direct(
                 q[:, h * G : (h + 1) * G], q_rope, lay.k[h], lay.v[h], lay.pos[h], lay.valid[h], cache.inv_freq
             )
-    lay.evict(policy.keep(layer, lay, Q))
+    lay.evict(policy.keep(layer, lay, Q), policy.merge_at(layer))
     return out
 
 

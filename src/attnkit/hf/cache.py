@@ -136,16 +136,20 @@ class _HeadwiseLayer(CacheLayerMixin):
             return
         self.score[h] = scorer.update(self.score[h], mass, observed)
 
-    def evict(self, keep: list[torch.Tensor | None]) -> None:
-        """Keep, per head, the entries at the given sorted indices ``(B, n_h)``; free the rest."""
+    def evict(self, keep: list[torch.Tensor | None], merge=None) -> None:
+        """Keep, per head, the entries at the given sorted indices ``(B, n_h)``; free the rest. ``merge(k, v,
+        valid, idx) -> (k_kept, v_kept)`` folds the evicted entries into the kept ones first (LOOK-M)."""
         owner = self._owner
         for h, idx in enumerate(keep):
             if idx is None:
                 continue
             idx = idx.to(self.k[h].device)
             ix3 = idx[..., None]
-            self.k[h] = self.k[h].gather(1, ix3.expand(-1, -1, self.k[h].shape[-1])).contiguous()
-            self.v[h] = self.v[h].gather(1, ix3.expand(-1, -1, self.v[h].shape[-1])).contiguous()
+            if merge is not None:
+                self.k[h], self.v[h] = merge(self.k[h], self.v[h], self.valid[h], idx)
+            else:
+                self.k[h] = self.k[h].gather(1, ix3.expand(-1, -1, self.k[h].shape[-1])).contiguous()
+                self.v[h] = self.v[h].gather(1, ix3.expand(-1, -1, self.v[h].shape[-1])).contiguous()
             for store in (self.pos, self.rope, self.valid, self.score):
                 store[h] = store[h].gather(1, idx).contiguous()
             if owner.policy.rerotate:

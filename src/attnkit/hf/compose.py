@@ -80,6 +80,9 @@ class Steered(Policy):
     def keep(self, layer, view, q_len):
         return self.policy.keep(layer, view, q_len)
 
+    def merge_at(self, layer):
+        return self.policy.merge_at(layer)
+
     def attend(self, layer, q, k, v, key_padding_mask, q_offset, scale, causal):
         """Without a cache of attnkit's (``use_cache=False``, or a policy that keeps everything): the Steer."""
         if self.policy.pattern(layer, q.shape[1], k.shape[1], k.shape[2], q.shape[2]) is not None:

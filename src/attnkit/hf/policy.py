@@ -56,6 +56,10 @@ class Policy:
     def observes_at(self, layer: int, q_len: int) -> int:
         return self.observes(q_len)
 
+    def merge_at(self, layer: int):
+        """``merge(k, v, valid, keep) -> (k_kept, v_kept)`` folding evicted entries into kept ones (None: drop)."""
+        return None
+
     def scorer_at(self, layer: int):
         """The scorer whose scores :meth:`keep` reads in ``layer`` (None: no attention mass is recorded)."""
         return getattr(self, "scorer", None)
@@ -107,6 +111,9 @@ class PerLayer(Policy):
 
     def scorer_at(self, layer):
         return self.at(layer).scorer_at(layer)
+
+    def merge_at(self, layer):
+        return self.at(layer).merge_at(layer)
 
     def describe(self):
         inner = ", ".join(f"{k}: {p.describe()}" for k, p in sorted(self.layers.items()))

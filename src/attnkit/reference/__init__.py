@@ -23,7 +23,7 @@ from .linear import (
     local_linear_attention,
     rat_attention,
 )
-from . import differential, heads, mla, probe
+from . import differential, heads, kv_policies, mla, probe
 from .layers import attention_layer, rope
 from .softmax import attention
 from .sparse import selected_attention
@@ -36,6 +36,7 @@ __all__ = [
     "flow_attention",
     "gaussian_adaptive",
     "heads",
+    "kv_policies",
     "linear_attention",
     "local_linear_attention",
     "mla",
