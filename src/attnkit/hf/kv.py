@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import ShapeError, bad, check_count
+from ..errors import ShapeError, UnsupportedError, bad, check_count
 from ..records import register
 from .policy import POLICY_SUPPORTS, Policy, keep_top, kv_tokens, resolve_budget
 
@@ -97,8 +97,10 @@ class TOVA(Scorer):
     the **current** query attends most, ``score_j = \sum_g p_{last, j}`` (the step's last query, summed over
     the KV head's query group); older votes are forgotten. kvpress's TOVAPress averages the scores over every
     head of the layer, so all heads keep the same tokens; here each KV head keeps its own (the per-head cache
-    frees memory per head). Nothing is kept by recency alone."""
+    frees memory per head) unless ``average_heads``, which keeps kvpress's rule: every KV head ranks the keys by
+    the scores averaged over the layer's KV heads. Nothing is kept by recency alone."""
 
+    average_heads: bool = False
     name = "tova"
 
     def observes(self, q_len):
@@ -290,9 +292,14 @@ class KVCompress(Policy):
             return [None] * view.kv_heads
         n_keep = resolve_budget(self.budget, view.seen_real)
         counts = self.allocator.split(view.score, view.valid, n_keep)
+        scores = view.score
+        if getattr(self.scorer, "average_heads", False):
+            if len({tuple(x.shape) for x in scores}) > 1 or not all(bool((p == view.pos[0]).all()) for p in view.pos):
+                raise UnsupportedError(bad("scorer", "heads holding the same entries (average_heads)", "unequal heads"))
+            scores = [torch.stack(scores).mean(0)] * len(scores)
         out = []
         for h, n in enumerate(counts):
-            pri = view.score[h].clone()
+            pri = scores[h].clone()
             r = self.scorer.recent(n)
             if r:
                 newest = view.pos[h] > (view.real[:, None] - 1 - r)
