@@ -44,8 +44,14 @@ def test_dense_learns_easy_mqar_above_chance():
 
 def test_the_targets_judge_zoologys_result():
     def row(mech, acc, dim=32):
-        return {"task": "mqar", "n": 64, "mechanism": mech, "dim": dim, "state": quality.state_size(dim),
-                "accuracy": acc}
+        return {
+            "task": "mqar",
+            "n": 64,
+            "mechanism": mech,
+            "dim": dim,
+            "state": quality.state_size(dim),
+            "accuracy": acc,
+        }
 
     rows = [row("causal", 1.0), row("sliding_window", 0.2), row("linear_elu", 0.3), row("linear_elu", 0.6, 64)]
     assert [t["met"] for t in quality.judge(rows)] == [True, True, True]

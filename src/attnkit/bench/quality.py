@@ -14,6 +14,7 @@ seeds, mean and spread.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -74,11 +75,14 @@ def accuracy(model, task, batches: int = 4, size: int = 64) -> float:
 
 
 def train(record, task, *, dim: int, steps: int, batch: int, lr: float, seed: int) -> dict:
-    """Train on ``task`` (AdamW, cosine schedule) and return held-out accuracy, seconds and parameter count."""
+    """Train on ``task`` (AdamW, warm-up then cosine); return held-out accuracy, seconds and the last loss."""
     torch.manual_seed(seed)
     model = build(record, task.vocab, task.n, dim)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)  # linear warm-up over a tenth of the steps, then a cosine decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     started = time.perf_counter()
     for step in range(steps):
         x, y = (torch.from_numpy(a) for a in task.batch(batch, step))
@@ -120,8 +124,15 @@ def run_quality(config: QualityConfig, progress) -> dict:
                     accs.append(r["accuracy"])
                     secs.append(r["seconds"])
                 else:
-                    rows.append({**row, "accuracy": float(np.mean(accs)), "spread": float(np.std(accs)),
-                                 "seconds": float(np.mean(secs)), "seeds": len(accs)})
+                    rows.append(
+                        {
+                            **row,
+                            "accuracy": float(np.mean(accs)),
+                            "spread": float(np.std(accs)),
+                            "seconds": float(np.mean(secs)),
+                            "seeds": len(accs),
+                        }
+                    )
                 progress(f"quality {task_name} n={n} d={dim} {rec.name}")
     section = {"rows": rows, "seconds": time.time() - started, "config": {"steps": config.steps, "full": config.full}}
     section["targets"] = judge(rows)
@@ -130,36 +141,67 @@ def run_quality(config: QualityConfig, progress) -> dict:
 
 def judge(rows: list) -> list:
     """Zoology's qualitative result: dense >= 99% on easy MQAR; the window fails; linear rises with state."""
+
     def acc(mech, **k):
-        return [r["accuracy"] for r in rows if r["mechanism"] == mech and r["task"] == "mqar" and "accuracy" in r
-                and all(r.get(a) == b for a, b in k.items())]
+        return [
+            r["accuracy"]
+            for r in rows
+            if r["mechanism"] == mech
+            and r["task"] == "mqar"
+            and "accuracy" in r
+            and all(r.get(a) == b for a, b in k.items())
+        ]
 
     out = []
     dense = acc(DENSE, n=64)
     if dense:
-        out.append({"target": "dense attention >= 99% MQAR accuracy (n=64, 4 pairs)", "met": max(dense) >= 0.99,
-                    "value": max(dense)})
+        out.append(
+            {
+                "target": "dense attention >= 99% MQAR accuracy (n=64, 4 pairs)",
+                "met": max(dense) >= 0.99,
+                "value": max(dense),
+            }
+        )
     win = acc("sliding_window", n=64)
     if win and dense:
-        out.append({"target": "sliding window fails (< 50%) with the pairs outside its window", "met": max(win) < 0.5,
-                    "value": max(win)})
-    lin = sorted((r["state"], r["accuracy"]) for r in rows
-                 if r["mechanism"] == "linear_elu" and r["task"] == "mqar" and r["n"] == 64 and "accuracy" in r)
+        out.append(
+            {
+                "target": "sliding window fails (< 50%) with the pairs outside its window",
+                "met": max(win) < 0.5,
+                "value": max(win),
+            }
+        )
+    lin = sorted(
+        (r["state"], r["accuracy"])
+        for r in rows
+        if r["mechanism"] == "linear_elu" and r["task"] == "mqar" and r["n"] == 64 and "accuracy" in r
+    )
     if len(lin) >= 2:
-        out.append({"target": "linear attention's MQAR accuracy rises with its state size",
-                    "met": lin[-1][1] > lin[0][1], "value": [a for _, a in lin]})
+        out.append(
+            {
+                "target": "linear attention's MQAR accuracy rises with its state size",
+                "met": lin[-1][1] > lin[0][1],
+                "value": [a for _, a in lin],
+            }
+        )
     return out
 
 
 def markdown(section: dict) -> list[str]:
-    lines = ["## Trained quality (issue 20)", "", "| task | n | mechanism | dim | state | accuracy | spread | s | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Trained quality (issue 20)",
+        "",
+        "| task | n | mechanism | dim | state | accuracy | spread | s | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in section["rows"]:
         a = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
         s = f"{r['spread']:.3f}" if "spread" in r else "-"
         t = f"{r['seconds']:.1f}" if "seconds" in r else "-"
-        lines.append(f"| {r['task']} | {r['n']} | {r['mechanism']} | {r['dim']} | {r['state']} | {a} | {s} | {t} | "
-                     f"{r.get('note', '')} |")
+        lines.append(
+            f"| {r['task']} | {r['n']} | {r['mechanism']} | {r['dim']} | {r['state']} | {a} | {s} | {t} | "
+            f"{r.get('note', '')} |"
+        )
     lines += ["", f"wall time {section['seconds']:.0f} s", ""]
     lines += [f"- {'met' if t['met'] else 'NOT met'}: {t['target']} ({t['value']})" for t in section["targets"]]
     return lines
