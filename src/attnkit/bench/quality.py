@@ -43,6 +43,7 @@ class QualityConfig:
     batch: int = 32
     lr: float = 3e-3
     seeds: tuple = (0,)
+    eval_batches: int = 4  # held-out batches of 64 sequences
     tasks: tuple = field(default_factory=lambda: MQAR_SWEEP[:1] + MAD_TASKS)
 
     def __post_init__(self):
@@ -55,7 +56,7 @@ def causal_mechanisms() -> list:
     return [r for r in registry.records() if r.kind in _MECHANISM_KINDS and "causal" in r.supports]
 
 
-def build(record, vocab: int, n: int, dim: int, heads: int = 2, depth: int = 2):
+def build(record, vocab: int, n: int, dim: int, heads: int = 4, depth: int = 2):
     """A ``depth``-block model whose token mixer is ``record``'s mechanism."""
     if record.kind == "layer":
         return Transformer(vocab, dim, depth, heads, attn=lambda i: record.make(n, dim=dim, heads=heads))
@@ -74,7 +75,7 @@ def accuracy(model, task, batches: int = 4, size: int = 64) -> float:
     return hit / max(total, 1)
 
 
-def train(record, task, *, dim: int, steps: int, batch: int, lr: float, seed: int) -> dict:
+def train(record, task, *, dim: int, steps: int, batch: int, lr: float, seed: int, eval_batches: int = 4) -> dict:
     """Train on ``task`` (AdamW, warm-up then cosine); return held-out accuracy, seconds and the last loss."""
     torch.manual_seed(seed)
     model = build(record, task.vocab, task.n, dim)
@@ -92,48 +93,60 @@ def train(record, task, *, dim: int, steps: int, batch: int, lr: float, seed: in
         opt.step()
         sched.step()
     seconds = time.perf_counter() - started
-    return {"accuracy": accuracy(model, task), "seconds": seconds, "loss": float(loss)}
+    return {"accuracy": accuracy(model, task, eval_batches), "seconds": seconds, "loss": float(loss.detach())}
 
 
-def state_size(dim: int, heads: int = 2) -> int:
+def state_size(dim: int, heads: int = 4) -> int:
     """Floats of a linear-attention layer's recurrent state: ``heads * head_dim^2``."""
     return heads * (dim // heads) ** 2
 
 
-def run_quality(config: QualityConfig, progress) -> dict:
+def plan(config: QualityConfig) -> list:
+    """The cells ``(task name, n, task options, width, record)`` the suite trains, from the registry."""
     recs = [registry.get(n) for n in config.mechanisms] if config.mechanisms else None
     if recs is None:
         recs = causal_mechanisms() if config.full else [registry.get(n) for n in QUICK]
+    return [(t, n, opts, dim, rec) for t, n, opts in config.tasks for dim in config.widths for rec in recs]
+
+
+def run_quality(config: QualityConfig, progress) -> dict:
     rows, started = [], time.time()
-    for task_name, n, opts in config.tasks:
-        for dim in config.widths:
-            for rec in recs:
-                row = {"task": task_name, "n": n, **opts, "mechanism": rec.name, "dim": dim, "state": state_size(dim)}
-                if "backward" not in rec.supports:
-                    rows.append({**row, "note": "no backward: cannot be trained"})
-                    progress(f"quality {task_name} n={n} d={dim} {rec.name} (no backward)")
-                    continue
-                accs, secs = [], []
-                for seed in config.seeds:
-                    task = registry.get(task_name).make(n, seed=seed, **opts)
-                    try:
-                        r = train(rec, task, dim=dim, steps=config.steps, batch=config.batch, lr=config.lr, seed=seed)
-                    except Exception as e:  # a mechanism that cannot run here is reported, not hidden
-                        rows.append({**row, "note": f"{type(e).__name__}: {e}"[:160]})
-                        break
-                    accs.append(r["accuracy"])
-                    secs.append(r["seconds"])
-                else:
-                    rows.append(
-                        {
-                            **row,
-                            "accuracy": float(np.mean(accs)),
-                            "spread": float(np.std(accs)),
-                            "seconds": float(np.mean(secs)),
-                            "seeds": len(accs),
-                        }
-                    )
-                progress(f"quality {task_name} n={n} d={dim} {rec.name}")
+    for task_name, n, opts, dim, rec in plan(config):
+        row = {"task": task_name, "n": n, **opts, "mechanism": rec.name, "dim": dim, "state": state_size(dim)}
+        if "backward" not in rec.supports:
+            rows.append({**row, "note": "no backward: cannot be trained"})
+            progress(f"quality {task_name} n={n} d={dim} {rec.name} (no backward)")
+            continue
+        accs, secs = [], []
+        for seed in config.seeds:
+            task = registry.get(task_name).make(n, seed=seed, **opts)
+            try:
+                r = train(
+                    rec,
+                    task,
+                    dim=dim,
+                    steps=config.steps,
+                    batch=config.batch,
+                    lr=config.lr,
+                    seed=seed,
+                    eval_batches=config.eval_batches,
+                )
+            except Exception as e:  # a mechanism that cannot run here is reported, not hidden
+                rows.append({**row, "note": f"{type(e).__name__}: {e}"[:160]})
+                break
+            accs.append(r["accuracy"])
+            secs.append(r["seconds"])
+        else:
+            rows.append(
+                {
+                    **row,
+                    "accuracy": float(np.mean(accs)),
+                    "spread": float(np.std(accs)),
+                    "seconds": float(np.mean(secs)),
+                    "seeds": len(accs),
+                }
+            )
+        progress(f"quality {task_name} n={n} d={dim} {rec.name}")
     section = {"rows": rows, "seconds": time.time() - started, "config": {"steps": config.steps, "full": config.full}}
     section["targets"] = judge(rows)
     return section
@@ -217,8 +230,7 @@ class QualitySuite:
         self.config = config or QualityConfig()
 
     def cells(self) -> int:
-        n = len(self.config.mechanisms or (causal_mechanisms() if self.config.full else QUICK))
-        return n * len(self.config.tasks) * len(self.config.widths)
+        return len(plan(self.config))
 
     def run(self, context, progress) -> dict:
         return run_quality(self.config, progress)
