@@ -196,6 +196,14 @@ def snippet(rec) -> str:
                 "print(cache.length, cache.bytes_per_token, 'bytes per token')\n"
             )
         return code
+    if rec.kind == "task":
+        return (
+            "import attnkit as ak\n\n"
+            f"task = {get}.make(64, seed=0)  # sequences of 64 tokens, generated here\n"
+            "inputs, targets = task.batch(8, step=0)  # numpy (8, 64); targets -100 where nothing is scored\n"
+            "print(inputs.shape, task.vocab, (targets != -100).sum(), 'scored positions')\n"
+            "# `attnkit bench --suite quality` trains a small model per mechanism on it\n"
+        )
     if rec.kind == "pattern":
         pat = rec.make(N)
         n = getattr(pat, "fixed_length", None) or N

@@ -97,13 +97,14 @@ def explain(name, length, heads, kv_heads, dim, train, budget, backend):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option(
     "--suite",
-    type=click.Choice(["all", "static", "linear", "dynamic", "layers", "distributed"]),
+    type=click.Choice(["all", "static", "linear", "dynamic", "layers", "distributed", "quality"]),
     default="all",
     show_default=True,
     help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); dynamic: family-B selectors on "
     "real SmolLM2 q, k, v (4k, 16k); layers: attention layers (prefill, decode, cache bytes) beside x-transformers "
     "and nn.MultiheadAttention; distributed: context-parallel attention on 1, 2 and 4 local gloo processes (not in "
-    "all); all: every suite but distributed, sharing SDPA timings.",
+    "all); quality: small models trained on MQAR and MAD tasks per causal mechanism (not in all; --full: every "
+    "mechanism, 3 seeds); all: every suite but distributed and quality, sharing SDPA timings.",
 )
 @click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
 def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):
@@ -123,6 +124,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
     from .bench import dynamic as _dynamic
     from .bench import layers as _layers
     from .bench import linear as _linear
+    from .bench import quality as _quality
     from .bench import suite as _suite
     from .bench.report import print_table, write
     from .bench.static import FULL_SIZES, QUICK_SIZES, BenchConfig
@@ -154,6 +156,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
         "distributed": _distributed.DistributedConfig(
             n=size_list[-1] if sizes else (16384 if full else _distributed.DistributedConfig.n)
         ),
+        "quality": _quality.QualityConfig(full=full),
         "layers": _layers.LayersConfig(
             sizes=size_list if sizes else _layers.SIZES,
             peers=not no_peers,

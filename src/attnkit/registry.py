@@ -41,6 +41,7 @@ _FAMILIES = (
     "attnkit.layers",
     "attnkit.hf",
     "attnkit.analysis",
+    "attnkit.tasks",
 )
 _loaded = False
 

@@ -67,6 +67,7 @@ def test_the_calls_have_the_forms_of_their_kind():
         "analysis": ["tool = ak.registry.get("],
         "intervention": ["steer = ak.registry.get(", "attnkit.hf.applied(model, steer)"],
         "pruner": ["pruner = ak.registry.get(", "pruned_"],
+        "task": ["task = ak.registry.get(", ".make(64, seed=0)", "task.batch("],
     }
     for rec in registry.records():
         code = gallery.snippet(rec)

@@ -84,12 +84,15 @@ def _suites() -> dict[str, type]:
     from .layers import LayersSuite
     from .linear import LinearSuite
     from .models import ModelsSuite
+    from .quality import QualitySuite
     from .static import StaticSuite
 
-    return {s.name: s for s in (StaticSuite, LinearSuite, DynamicSuite, LayersSuite, DistributedSuite, ModelsSuite)}
+    suites = (StaticSuite, LinearSuite, DynamicSuite, LayersSuite, DistributedSuite, ModelsSuite, QualitySuite)
+    return {s.name: s for s in suites}
 
 
 SUITES: dict[str, type] = _suites()
+# quality trains models for minutes: it runs by ``--suite quality`` only, so the quick default stays short.
 BENCH_SUITES = ("static", "linear", "dynamic", "layers")  # what ``attnkit bench --suite all`` runs, in this order
 
 
