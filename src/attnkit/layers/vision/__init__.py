@@ -1,0 +1,33 @@
+"""Family I: vision token mixers over ``(B, H, W, C)`` (channel last, raster order), each registered with its
+paper and checked against its float64 reference in :mod:`attnkit.reference.vision`.
+
+* :class:`EfficientLocalAttention` (ELA), :class:`ULSAM`: convolutional attention gates.
+* :class:`ChannelGroupAttention` (DaViT), :class:`ReversedAttention` (DependencyViT),
+  :class:`AggregatedAttention` (TransNeXt): attention variants.
+* :class:`FocalModulation` (FocalNets): an attention-free mixer.
+* :class:`CausalClassTokenAttention` (iLLaMA): causal attention with a post-sequence class token; its
+  ``pool(x) -> (B, C)`` is the class-token readout.
+
+Every module also takes ``(B, N, C)`` when built with a ``grid`` of ``N`` cells (the factories do).
+"""
+
+from ._base import VisionMixer, grid_for
+from .davit import ChannelGroupAttention
+from .dependency import ReversedAttention
+from .ela import EfficientLocalAttention
+from .focal import FocalModulation
+from .illama import CausalClassTokenAttention
+from .transnext import AggregatedAttention
+from .ulsam import ULSAM
+
+__all__ = [
+    "ULSAM",
+    "AggregatedAttention",
+    "CausalClassTokenAttention",
+    "ChannelGroupAttention",
+    "EfficientLocalAttention",
+    "FocalModulation",
+    "ReversedAttention",
+    "VisionMixer",
+    "grid_for",
+]

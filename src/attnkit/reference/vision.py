@@ -1,0 +1,206 @@
+"""Float64 references of the family-I vision modules (:mod:`attnkit.layers.vision`), on explicit weights.
+
+Every function takes an image ``x`` of shape ``(B, H, W, C)`` (channel last, raster order) and returns the
+same shape (``illama`` also returns its class-token readout). They are written as loops over kernel offsets,
+windows and groups with dense softmaxes, so that they share no code with the layers: no ``conv``, ``unfold``,
+pooling or fused attention kernel is used. ``dtype`` is the dtype the computation runs in (float64 for the
+oracle, the input's dtype for the naive run of the 2x-naive rule).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _lin(x, w, b=None):
+    y = x @ w.transpose(0, 1)
+    return y if b is None else y + b
+
+
+def _conv1d_dw(x, w, b):
+    """Depthwise 1-D convolution along dim 1 of ``(B, L, C)``, zero padding ``k // 2`` (odd ``k``)."""
+    k = w.shape[1]
+    pad = k // 2
+    L = x.shape[1]
+    out = torch.zeros_like(x) + b
+    for j in range(k):
+        for t in range(L):
+            s = t + j - pad
+            if 0 <= s < L:
+                out[:, t] = out[:, t] + w[:, j] * x[:, s]
+    return out
+
+
+def _conv2d_dw(x, w):
+    """Depthwise 2-D convolution of ``(B, H, W, C)`` with ``w`` of shape ``(C, k, k)``, zero padding, no bias."""
+    B, H, W, C = x.shape
+    k = w.shape[1]
+    p = k // 2
+    out = torch.zeros_like(x)
+    for di in range(k):
+        for dj in range(k):
+            for r in range(H):
+                rr = r + di - p
+                if not 0 <= rr < H:
+                    continue
+                lo, hi = max(0, p - dj), min(W, W + p - dj)
+                if lo >= hi:
+                    continue
+                out[:, r, lo:hi] = out[:, r, lo:hi] + w[:, di, dj] * x[:, rr, lo + dj - p : hi + dj - p]
+    return out
+
+
+def _group_norm(x, groups, gamma, beta, eps):
+    """GroupNorm of ``(B, L, C)`` over (channels of a group x L), biased variance."""
+    B, L, C = x.shape
+    out = torch.empty_like(x)
+    cg = C // groups
+    for g in range(groups):
+        part = x[:, :, g * cg : (g + 1) * cg]
+        mu = part.mean(dim=(1, 2), keepdim=True)
+        var = ((part - mu) ** 2).mean(dim=(1, 2), keepdim=True)
+        out[:, :, g * cg : (g + 1) * cg] = (part - mu) / torch.sqrt(var + eps)
+    return out * gamma + beta
+
+
+def _softmax(s, dim):
+    s = s - s.amax(dim=dim, keepdim=True)
+    e = torch.exp(s)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def _heads(t, h):
+    B, N, C = t.shape
+    return t.reshape(B, N, h, C // h).transpose(1, 2)
+
+
+def _merge(t):
+    B, h, N, d = t.shape
+    return t.transpose(1, 2).reshape(B, N, h * d)
+
+
+def _cast(dtype, *ts):
+    return [None if t is None else t.to(dtype) for t in ts]
+
+
+def ela(x, conv_w, conv_b, gn_w, gn_b, *, groups, eps=1e-5, dtype=torch.float64):
+    """ELA: ``y = x * sigma(GN(conv(mean_W x)))[h] * sigma(GN(conv(mean_H x)))[w]`` (shared conv and GN)."""
+    x, conv_w, conv_b, gn_w, gn_b = _cast(dtype, x, conv_w, conv_b, gn_w, gn_b)
+    xh, xw = x.mean(2), x.mean(1)
+    ah = torch.sigmoid(_group_norm(_conv1d_dw(xh, conv_w, conv_b), groups, gn_w, gn_b, eps))
+    aw = torch.sigmoid(_group_norm(_conv1d_dw(xw, conv_w, conv_b), groups, gn_w, gn_b, eps))
+    return x * ah[:, :, None, :] * aw[:, None, :, :]
+
+
+def ulsam(x, dw_w, dw_b, pw_w, pw_b, *, groups, dtype=torch.float64):
+    """ULSAM: per channel group, ``m = softmax_space(pw(maxpool3(dw(x_g))))`` and ``y_g = x_g * m + x_g``."""
+    x, dw_w, dw_b, pw_w, pw_b = _cast(dtype, x, dw_w, dw_b, pw_w, pw_b)
+    B, H, W, C = x.shape
+    cg = C // groups
+    outs = []
+    for g in range(groups):
+        xg = x[..., g * cg : (g + 1) * cg]
+        d = xg * dw_w[g * cg : (g + 1) * cg] + dw_b[g * cg : (g + 1) * cg]
+        m = torch.full_like(d, -math.inf)
+        for r in range(H):
+            for c in range(W):
+                win = d[:, max(0, r - 1) : r + 2, max(0, c - 1) : c + 2].reshape(B, -1, cg)
+                m[:, r, c] = win.amax(dim=1)
+        logit = (m * pw_w[g]).sum(-1) + pw_b[g]  # (B, H, W)
+        att = _softmax(logit.reshape(B, H * W), -1).reshape(B, H, W, 1)
+        outs.append(xg * att + xg)
+    return torch.cat(outs, -1)
+
+
+def channel_group_attention(x, qkv_w, qkv_b, proj_w, proj_b, *, heads, dtype=torch.float64):
+    """DaViT channel group attention: per group of ``C / heads`` channels, ``A = softmax(Q^T K / sqrt(C_g))``
+    (a ``C_g x C_g`` map contracted over the tokens) and ``out[n, c] = sum_c' A[c, c'] V[n, c']``."""
+    x, qkv_w, qkv_b, proj_w, proj_b = _cast(dtype, x, qkv_w, qkv_b, proj_w, proj_b)
+    B, H, W, C = x.shape
+    t = x.reshape(B, H * W, C)
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))  # (B, h, N, Cg)
+    cg = C // heads
+    a = _softmax(q.transpose(-1, -2) @ k / math.sqrt(cg), -1)  # (B, h, Cg, Cg)
+    out = v @ a.transpose(-1, -2)
+    return _lin(_merge(out), proj_w, proj_b).reshape(B, H, W, C)
+
+
+def reversed_attention(x, qkv_w, qkv_b, msg_w, msg_b, proj_w, proj_b, *, heads, dtype=torch.float64):
+    """DependencyViT reversed attention: ``A = softmax over the queries i`` of ``q_i . k_j / sqrt(d)`` (each
+    column sums to 1), each sender gated by ``m_j = sigmoid(w . x_j + b)``: ``out_i = sum_j A_ij m_j v_j``."""
+    x, qkv_w, qkv_b, msg_w, msg_b, proj_w, proj_b = _cast(dtype, x, qkv_w, qkv_b, msg_w, msg_b, proj_w, proj_b)
+    B, H, W, C = x.shape
+    t = x.reshape(B, H * W, C)
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))
+    d = C // heads
+    a = _softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -2)
+    m = torch.sigmoid(_lin(t, msg_w, msg_b)).transpose(1, 2)  # (B, h, N)
+    out = a @ (m[..., None] * v)
+    return _lin(_merge(out), proj_w, proj_b).reshape(B, H, W, C)
+
+
+def focal_modulation(x, f_w, f_b, convs, h_w, h_b, proj_w, proj_b, *, dtype=torch.float64):
+    """FocalNets: ``q, z_0, g = f(x)``; ``z_l = GELU(dwconv_l(z_{l-1}))``; ``z_{L+1} = GELU(mean_HW z_L)``;
+    ``y = proj(q * h(sum_l g_l z_l))``."""
+    x, f_w, f_b, h_w, h_b, proj_w, proj_b = _cast(dtype, x, f_w, f_b, h_w, h_b, proj_w, proj_b)
+    convs = _cast(dtype, *convs)
+    C = x.shape[-1]
+    L = len(convs)
+    t = _lin(x, f_w, f_b)
+    q, ctx, gates = t[..., :C], t[..., C : 2 * C], t[..., 2 * C :]
+    agg = torch.zeros_like(ctx)
+    for lvl in range(L):
+        ctx = torch.nn.functional.gelu(_conv2d_dw(ctx, convs[lvl]))
+        agg = agg + ctx * gates[..., lvl : lvl + 1]
+    glob = torch.nn.functional.gelu(ctx.mean(dim=(1, 2), keepdim=True))
+    agg = agg + glob * gates[..., L : L + 1]
+    return _lin(q * _lin(agg, h_w, h_b), proj_w, proj_b)
+
+
+def illama(x, cls, qkv_w, qkv_b, proj_w, proj_b, *, heads, mix=1.0, dtype=torch.float64):
+    """iLLaMA's causal attention with a post-sequence class token: tokens ``[x_1 .. x_N, cls]``, causal softmax
+    (the class token, last, sees every image token); with ``mix < 1`` the soft mask
+    ``mix * causal + (1 - mix) * bidirectional``. Returns ``(image tokens (B, H, W, C), class token (B, C))``."""
+    x, cls, qkv_w, qkv_b, proj_w, proj_b = _cast(dtype, x, cls, qkv_w, qkv_b, proj_w, proj_b)
+    B, H, W, C = x.shape
+    t = torch.cat([x.reshape(B, H * W, C), cls.expand(B, 1, C)], 1)
+    n = t.shape[1]
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))
+    s = q @ k.transpose(-1, -2) / math.sqrt(C // heads)
+    allowed = torch.tensor([[j <= i for j in range(n)] for i in range(n)], device=x.device)
+    causal = _softmax(s.masked_fill(~allowed, -math.inf), -1) @ v
+    out = causal if mix == 1.0 else mix * causal + (1 - mix) * (_softmax(s, -1) @ v)
+    out = _lin(_merge(out), proj_w, proj_b)
+    return out[:, :-1].reshape(B, H, W, C), out[:, -1]
+
+
+def _adaptive_bins(n, p):
+    return [(math.floor(i * n / p), math.ceil((i + 1) * n / p)) for i in range(p)]
+
+
+def aggregated_attention(x, q_w, q_b, kv_w, kv_b, proj_w, proj_b, *, heads, kernel, pool, dtype=torch.float64):
+    """TransNeXt's aggregated attention: each query's keys are its ``kernel x kernel`` neighbourhood of fine
+    tokens (positions outside the image are absent) and the ``pool x pool`` average-pooled tokens, in one
+    softmax. Built as a dense ``N x (N + pool^2)`` mask over [fine tokens; pooled tokens]."""
+    x, q_w, q_b, kv_w, kv_b, proj_w, proj_b = _cast(dtype, x, q_w, q_b, kv_w, kv_b, proj_w, proj_b)
+    B, H, W, C = x.shape
+    N = H * W
+    pooled = []
+    for r0, r1 in _adaptive_bins(H, pool):
+        for c0, c1 in _adaptive_bins(W, pool):
+            pooled.append(x[:, r0:r1, c0:c1].mean(dim=(1, 2)))
+    pooled = torch.stack(pooled, 1)  # (B, P, C)
+    fine = x.reshape(B, N, C)
+    q = _heads(_lin(fine, q_w, q_b), heads)
+    k, v = (_heads(t, heads) for t in _lin(torch.cat([fine, pooled], 1), kv_w, kv_b).chunk(2, -1))
+    r = kernel // 2
+    allowed = torch.zeros(N, N + pool * pool, dtype=torch.bool, device=x.device)
+    for i in range(N):
+        for j in range(N):
+            allowed[i, j] = abs(i // W - j // W) <= r and abs(i % W - j % W) <= r
+    allowed[:, N:] = True
+    s = q @ k.transpose(-1, -2) / math.sqrt(C // heads)
+    out = _softmax(s.masked_fill(~allowed, -math.inf), -1) @ v
+    return _lin(_merge(out), proj_w, proj_b).reshape(B, H, W, C)
