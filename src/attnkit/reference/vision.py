@@ -204,3 +204,63 @@ def aggregated_attention(x, q_w, q_b, kv_w, kv_b, proj_w, proj_b, *, heads, kern
     s = q @ k.transpose(-1, -2) / math.sqrt(C // heads)
     out = _softmax(s.masked_fill(~allowed, -math.inf), -1) @ v
     return _lin(_merge(out), proj_w, proj_b).reshape(B, H, W, C)
+
+
+def coord_se(x, red_w, red_b, h_w, h_b, w_w, w_b, se1_w, se1_b, se2_w, se2_b, alpha, *, dtype=torch.float64):
+    """Coordinate attention fused with squeeze-excitation: ``y = a * CA(x) + (1 - a) * SE(x)``, ``a = sigmoid(alpha)``.
+
+    ``CA``: ``f = hardswish([mean_W x ; mean_H x] W_r)``, split into ``f^h, f^w``,
+    ``CA(x) = x * sigmoid(f^h W_h)[h] * sigmoid(f^w W_w)[w]``; ``SE(x) = x * sigmoid(relu(mean_HW x W_1) W_2)``."""
+    ts = _cast(dtype, x, red_w, red_b, h_w, h_b, w_w, w_b, se1_w, se1_b, se2_w, se2_b, alpha)
+    x, red_w, red_b, h_w, h_b, w_w, w_b, se1_w, se1_b, se2_w, se2_b, alpha = ts
+    H = x.shape[1]
+    z = torch.cat([x.mean(2), x.mean(1)], 1)  # (B, H + W, C)
+    r = _lin(z, red_w, red_b)
+    f = r * torch.clamp(r + 3, 0, 6) / 6  # hardswish
+    gh = torch.sigmoid(_lin(f[:, :H], h_w, h_b))
+    gw = torch.sigmoid(_lin(f[:, H:], w_w, w_b))
+    ca = x * gh[:, :, None, :] * gw[:, None, :, :]
+    s = torch.sigmoid(_lin(torch.relu(_lin(x.mean(dim=(1, 2)), se1_w, se1_b)), se2_w, se2_b))
+    se = x * s[:, None, None, :]
+    a = torch.sigmoid(alpha)
+    return a * ca + (1 - a) * se
+
+
+def _avg_pool_same(x, k):
+    """Average over the ``k x k`` window centred at each position of ``(B, H, W, C)``, counting only the
+    positions inside the image."""
+    B, H, W, C = x.shape
+    r = k // 2
+    out = torch.zeros_like(x)
+    for i in range(H):
+        for j in range(W):
+            out[:, i, j] = x[:, max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1].mean(dim=(1, 2))
+    return out
+
+
+def tap_attention(x, sel_w, sel_b, qkv_w, qkv_b, proj_w, proj_b, *, heads, kernels, dtype=torch.float64):
+    """TAP: ``x~ = sum_r w_r(x) avgpool_{k_r}(x)`` with ``w = softmax(x W_s)`` over the pooling sizes (``k = 1`` is
+    the token itself), then multi-head softmax attention on ``x~``. Returns ``(y, A)`` with ``A`` the
+    ``(B, h, N, N)`` attention probabilities."""
+    x, sel_w, sel_b, qkv_w, qkv_b, proj_w, proj_b = _cast(dtype, x, sel_w, sel_b, qkv_w, qkv_b, proj_w, proj_b)
+    B, H, W, C = x.shape
+    w = _softmax(_lin(x, sel_w, sel_b), -1)  # (B, H, W, R)
+    xt = sum(w[..., i : i + 1] * _avg_pool_same(x, k) for i, k in enumerate(kernels))
+    t = xt.reshape(B, H * W, C)
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))
+    a = _softmax(q @ k.transpose(-1, -2) / math.sqrt(C // heads), -1)
+    y = _lin(_merge(a @ v), proj_w, proj_b).reshape(B, H, W, C)
+    return y, a
+
+
+def attention_diversity_loss(a):
+    """ADL: the mean cosine similarity of the attention rows of different tokens, over batch and heads:
+    ``mean_{b,h} 1/(N(N-1)) sum_{i != j} cos(A_i, A_j)``, as a plain double loop."""
+    B, h, N, _ = a.shape
+    total = a.new_zeros(())
+    for i in range(N):
+        for j in range(N):
+            if i != j:
+                ai, aj = a[:, :, i], a[:, :, j]
+                total = total + ((ai * aj).sum(-1) / (ai.norm(dim=-1) * aj.norm(dim=-1))).mean()
+    return total / (N * (N - 1))
