@@ -62,8 +62,7 @@ register(
     "coord_se",
     family="I",
     kind="layer",
-    paper="Balanced Multi-Task Attention for Satellite Image Classification (EuroSAT); Coordinate Attention for "
-    "Efficient Mobile Network Design (Hou et al., 2021)",
+    paper="Balanced multi-task attention (CA + SE) for EuroSAT; Coordinate Attention (Hou et al., 2021)",
     exact=True,
     supports={"spatial", "backward", "trainable"},
     factory=lambda n, *, dim=64, heads=4: CoordSEAttention(dim, grid=grid_for(n)),

@@ -51,10 +51,8 @@ class ReversedAttention(VisionMixer):
         return self.proj(out).reshape(B, H, W, C)
 
     def _reference(self, x, dtype):
-        return reference.vision.reversed_attention(
-            x, self.qkv.weight, self.qkv.bias, self.msg.weight, self.msg.bias, self.proj.weight, self.proj.bias,
-            heads=self.heads, dtype=dtype,
-        )  # fmt: skip
+        w = (self.qkv.weight, self.qkv.bias, self.msg.weight, self.msg.bias, self.proj.weight, self.proj.bias)
+        return reference.vision.reversed_attention(x, *w, heads=self.heads, dtype=dtype)
 
 
 register(

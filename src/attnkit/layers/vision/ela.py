@@ -50,10 +50,8 @@ class EfficientLocalAttention(VisionMixer):
         return x * self._gate(x.mean(2))[:, :, None, :] * self._gate(x.mean(1))[:, None, :, :]
 
     def _reference(self, x, dtype):
-        return reference.vision.ela(
-            x, self.conv.weight[:, 0], self.conv.bias, self.norm.weight, self.norm.bias,
-            groups=self.groups, eps=self.norm.eps, dtype=dtype,
-        )  # fmt: skip
+        w = (self.conv.weight[:, 0], self.conv.bias, self.norm.weight, self.norm.bias)
+        return reference.vision.ela(x, *w, groups=self.groups, eps=self.norm.eps, dtype=dtype)
 
 
 register(

@@ -58,10 +58,8 @@ class FocalModulation(VisionMixer):
 
     def _reference(self, x, dtype):
         convs = [c.weight[:, 0] for c in self.convs]
-        return reference.vision.focal_modulation(
-            x, self.f.weight, self.f.bias, convs, self.h.weight, self.h.bias, self.proj.weight, self.proj.bias,
-            dtype=dtype,
-        )  # fmt: skip
+        w = (self.f.weight, self.f.bias, convs, self.h.weight, self.h.bias, self.proj.weight, self.proj.bias)
+        return reference.vision.focal_modulation(x, *w, dtype=dtype)
 
 
 register(

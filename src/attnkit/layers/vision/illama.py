@@ -65,10 +65,8 @@ class CausalClassTokenAttention(VisionMixer):
 
     def reference_tokens(self, x, *, dtype=torch.float64):
         """The float64 oracle's ``(image tokens (B, H, W, C), class token (B, C))``."""
-        return reference.vision.illama(
-            self._image(x), self.cls, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
-            heads=self.heads, mix=self.mix, dtype=dtype,
-        )  # fmt: skip
+        w = (self.cls, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        return reference.vision.illama(self._image(x), *w, heads=self.heads, mix=self.mix, dtype=dtype)
 
 
 register(

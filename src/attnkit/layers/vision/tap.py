@@ -84,10 +84,8 @@ class TAPAttention(VisionMixer):
 
     def reference_attention(self, x, *, dtype=torch.float64):
         """The float64 oracle's ``(y, A)``."""
-        return reference.vision.tap_attention(
-            self._image(x), self.select.weight, self.select.bias, self.qkv.weight, self.qkv.bias,
-            self.proj.weight, self.proj.bias, heads=self.heads, kernels=self.kernels, dtype=dtype,
-        )  # fmt: skip
+        w = (self.select.weight, self.select.bias, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        return reference.vision.tap_attention(self._image(x), *w, heads=self.heads, kernels=self.kernels, dtype=dtype)
 
 
 register(

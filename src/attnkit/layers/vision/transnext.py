@@ -53,6 +53,7 @@ class AggregatedAttention(VisionMixer):
         h, d, ks, N = self.heads, C // self.heads, self.kernel, H * W
         q = self.q(x).reshape(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
         k, v = self.kv(x).permute(0, 3, 1, 2).chunk(2, 1)  # (B, C, H, W)
+
         def unf(t):  # (B, C, H, W) -> (B, h, N, ks^2, d): each query's window
             return F.unfold(t, ks, padding=ks // 2).reshape(B, h, d, ks * ks, N).permute(0, 1, 4, 3, 2)
 
@@ -68,10 +69,9 @@ class AggregatedAttention(VisionMixer):
         return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
 
     def _reference(self, x, dtype):
-        return reference.vision.aggregated_attention(
-            x, self.q.weight, self.q.bias, self.kv.weight, self.kv.bias, self.proj.weight, self.proj.bias,
-            heads=self.heads, kernel=self.kernel, pool=self.pool_size, dtype=dtype,
-        )  # fmt: skip
+        w = (self.q.weight, self.q.bias, self.kv.weight, self.kv.bias, self.proj.weight, self.proj.bias)
+        opts = dict(heads=self.heads, kernel=self.kernel, pool=self.pool_size)
+        return reference.vision.aggregated_attention(x, *w, **opts, dtype=dtype)
 
 
 register(

@@ -46,18 +46,15 @@ class ULSAM(VisionMixer):
         return (tg * att + tg).reshape(B, C, H, W).permute(0, 2, 3, 1)
 
     def _reference(self, x, dtype):
-        return reference.vision.ulsam(
-            x, self.dw.weight.flatten(), self.dw.bias, self.pw.weight.reshape(self.groups, -1), self.pw.bias,
-            groups=self.groups, dtype=dtype,
-        )  # fmt: skip
+        w = (self.dw.weight.flatten(), self.dw.bias, self.pw.weight.reshape(self.groups, -1), self.pw.bias)
+        return reference.vision.ulsam(x, *w, groups=self.groups, dtype=dtype)
 
 
 register(
     "ulsam",
     family="I",
     kind="layer",
-    paper="ULSAM: Ultra-Lightweight Subspace Attention Module for Compact Convolutional Neural Networks "
-    "(Saini et al., 2020)",
+    paper="ULSAM: Ultra-Lightweight Subspace Attention Module for Compact CNNs (Saini et al., 2020)",
     exact=True,
     supports={"spatial", "backward", "trainable"},
     factory=lambda n, *, dim=64, heads=4: ULSAM(dim, groups=heads, grid=grid_for(n)),
