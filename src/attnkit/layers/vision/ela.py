@@ -26,10 +26,11 @@ class EfficientLocalAttention(VisionMixer):
         y_{hwc} = x_{hwc}\, a^h_{hc}\, a^w_{wc}
 
     ``conv_k`` is a depthwise 1-D convolution of odd size ``kernel`` (zero padding) and ``GN`` a GroupNorm of
-    ``groups`` groups; both are shared by the two directions, as in the authors' code. The paper's ELA-T/B/S/L
-    are ``kernel`` 5/7/5/7 with ``groups`` 32/16/16/16; the default here is ELA-B's ``kernel=7`` and
-    ``groups=min(16, dim)`` (it must divide ``dim``). The depthwise convolution is our choice for the 1-D conv
-    (the paper's ``groups`` of the conv equal the channels in ELA-T); no attention over tokens is computed.
+    ``groups`` groups; both are shared by the two directions. The paper's ELA-T/B/S/L differ in the kernel size
+    and the number of GroupNorm groups; the defaults here are ``kernel=7`` and ``groups=min(16, dim)`` (it must
+    divide ``dim``; the registry's factory uses ``groups=heads``). The depthwise (per-channel) 1-D convolution
+    and the sharing between directions are our choices where the abstract is silent; no attention over tokens
+    is computed, so the cost is ``O(N C k)``.
     """
 
     def __init__(self, dim: int, *, kernel: int = 7, groups: int | None = None, grid=None):

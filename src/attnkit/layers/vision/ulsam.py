@@ -26,7 +26,8 @@ class ULSAM(VisionMixer):
 
     with ``DW`` a depthwise 1x1 convolution (a per-channel scale and bias), a 3x3 max-pool of stride 1 and
     padding 1, ``PW_g`` a pointwise convolution of the group to one map, and the softmax over the ``H W``
-    positions. The outputs of the groups are concatenated (the paper's code concatenates without shuffling).
+    positions. The outputs of the groups are concatenated in their order (no channel shuffle). ``DW``'s bias
+    and ``PW``'s bias shift a map by a constant and so do not change the softmax: kept for the paper's form.
     """
 
     def __init__(self, dim: int, *, groups: int = 4, grid=None):
