@@ -264,3 +264,37 @@ def attention_diversity_loss(a):
                 ai, aj = a[:, :, i], a[:, :, j]
                 total = total + ((ai * aj).sum(-1) / (ai.norm(dim=-1) * aj.norm(dim=-1))).mean()
     return total / (N * (N - 1))
+
+
+def _conv2d_full(x, w):
+    """Dense 2-D convolution of ``(B, H, W, C_in)`` with ``w`` of shape ``(C_out, C_in, k, k)``, zero padding
+    ``k // 2``, no bias; a loop over the kernel offsets of shifted matrix products."""
+    B, H, W, _ = x.shape
+    k = w.shape[-1]
+    p = k // 2
+    out = x.new_zeros(B, H, W, w.shape[0])
+    for di in range(k):
+        for dj in range(k):
+            for r in range(H):
+                rr = r + di - p
+                if not 0 <= rr < H:
+                    continue
+                lo, hi = max(0, p - dj), min(W, W + p - dj)
+                if lo >= hi:
+                    continue
+                src = x[:, rr, lo + dj - p : hi + dj - p]  # (B, hi - lo, C_in)
+                out[:, r, lo:hi] = out[:, r, lo:hi] + src @ w[:, :, di, dj].transpose(0, 1)
+    return out
+
+
+def partial_attention(x, conv_w, qkv_w, qkv_b, proj_w, proj_b, *, heads, cp, dtype=torch.float64):
+    """PATNet partial attention: ``[conv(x[..., :cp]) ; MHSA(x[..., cp:])]`` (dense conv, no bias; softmax
+    attention over all tokens of the remaining channels with scale ``d^{-1/2}``)."""
+    x, conv_w, qkv_w, qkv_b, proj_w, proj_b = _cast(dtype, x, conv_w, qkv_w, qkv_b, proj_w, proj_b)
+    B, H, W, C = x.shape
+    yp = _conv2d_full(x[..., :cp], conv_w)
+    t = x[..., cp:].reshape(B, H * W, C - cp)
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))  # (B, h, N, d)
+    a = _softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    yr = _lin(_merge(a @ v), proj_w, proj_b).reshape(B, H, W, C - cp)
+    return torch.cat([yp, yr], -1)

@@ -73,6 +73,9 @@ def test_grid_for_and_the_constructors_name_their_arguments():
         (lambda: vision.AggregatedAttention(32, 4, pool=0), "pool"),
         (lambda: vision.CausalClassTokenAttention(32, 4, mix=1.5), "mix"),
         (lambda: vision.TAPAttention(32, 4, kernels=(2,)), "kernels"),
+        (lambda: vision.PartialAttention(32, 4, n_div=1), "n_div"),
+        (lambda: vision.PartialAttention(32, 4, kernel=2), "kernel"),
+        (lambda: vision.PartialAttention(32, 5), "heads"),
     ]:
         with pytest.raises(ak.ShapeError, match=arg):
             make()
@@ -131,3 +134,23 @@ def test_aggregated_attention_sees_the_whole_image_through_the_pool():
     x2 = x.clone()
     x2[:, -1, -1] += 1.0  # far outside the 3x3 window of (0, 0), inside a pooled cell
     assert err(layer(x2)[:, 0, 0], y[:, 0, 0]) > 1e-6
+
+
+def test_partial_attention_convolves_one_slice_and_attends_over_the_rest():
+    torch.manual_seed(6)
+    layer = vision.PartialAttention(32, 4)  # 8 convolved channels, 24 attended
+    assert layer.cp == 8
+    x = _img(1, 5, 6)
+    y = layer(x)
+    x2 = x.clone()
+    x2[..., 8:] += torch.randn_like(x2[..., 8:])  # the attended channels only
+    y2 = layer(x2)
+    assert err(y2[..., :8], y[..., :8]) < 1e-7 and err(y2[..., 8:], y[..., 8:]) > 1e-3
+    x3 = x.clone()
+    x3[:, -1, -1, :8] += 1.0  # a convolved channel, far outside the 3x3 window of (0, 0)
+    y3 = layer(x3)
+    assert err(y3[..., 8:], y[..., 8:]) < 1e-7
+    assert err(y3[:, 0, 0, :8], y[:, 0, 0, :8]) < 1e-7 and err(y3[:, -1, -1, :8], y[:, -1, -1, :8]) > 1e-4
+    x4 = x.clone()
+    x4[:, -1, -1, 8:] += 1.0  # attention reaches (0, 0) from the far corner
+    assert err(layer(x4)[:, 0, 0, 8:], y[:, 0, 0, 8:]) > 1e-6

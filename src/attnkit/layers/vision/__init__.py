@@ -6,6 +6,7 @@ paper and checked against its float64 reference in :mod:`attnkit.reference.visio
 * :class:`ChannelGroupAttention` (DaViT), :class:`ReversedAttention` (DependencyViT),
   :class:`AggregatedAttention` (TransNeXt): attention variants.
 * :class:`FocalModulation` (FocalNets): an attention-free mixer.
+* :class:`PartialAttention` (PATNet): a partial convolution on some channels, self-attention on the rest.
 * :class:`CausalClassTokenAttention` (iLLaMA): causal attention with a post-sequence class token; its
   ``pool(x) -> (B, C)`` is the class-token readout.
 * :class:`TAPAttention` (TAP): attention over token-aware pooled tokens; ``aux_loss()`` after a forward is
@@ -21,6 +22,7 @@ from .dependency import ReversedAttention
 from .ela import EfficientLocalAttention
 from .focal import FocalModulation
 from .illama import CausalClassTokenAttention
+from .patnet import PartialAttention
 from .tap import TAPAttention, attention_diversity_loss
 from .transnext import AggregatedAttention
 from .ulsam import ULSAM
@@ -33,6 +35,7 @@ __all__ = [
     "CoordSEAttention",
     "EfficientLocalAttention",
     "FocalModulation",
+    "PartialAttention",
     "ReversedAttention",
     "TAPAttention",
     "VisionMixer",
