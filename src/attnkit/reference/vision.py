@@ -298,3 +298,37 @@ def partial_attention(x, conv_w, qkv_w, qkv_b, proj_w, proj_b, *, heads, cp, dty
     a = _softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
     yr = _lin(_merge(a @ v), proj_w, proj_b).reshape(B, H, W, C - cp)
     return torch.cat([yp, yr], -1)
+
+
+
+def polyline_masked_attention(x, qkv_w, qkv_b, proj_w, proj_b, decay_w, dt_bias, A_log, *, heads, dtype=torch.float64):
+    """PPMA: ``0.5 softmax(S + M) + 0.5 softmax(S + M^T)`` times ``V``, ``M`` found by walking each polyline.
+
+    For every query cell ``(i, j)`` and key cell ``(k, l)``, ``M`` sums the horizontal log-decays of row ``i``
+    over the columns in ``(min(j, l), max(j, l)]`` and the vertical ones of column ``l`` over the rows in
+    ``(min(i, k), max(i, k)]``, one cell at a time."""
+    x, qkv_w, qkv_b, proj_w, proj_b, decay_w, dt_bias, A_log = _cast(
+        dtype, x, qkv_w, qkv_b, proj_w, proj_b, decay_w, dt_bias, A_log
+    )
+    B, H, W, C = x.shape
+    N, d = H * W, C // heads
+    xh = x.reshape(B, H, W, heads, d)
+    z = torch.stack([xh @ decay_w[0], xh @ decay_w[1]])  # (2, B, H, W, heads)
+    z = -torch.log1p(torch.exp(z + dt_bias)) * torch.exp(A_log)
+    a, b = z[0], z[1]
+    m = torch.zeros(B, heads, N, N, dtype=dtype)
+    for i in range(H):
+        for j in range(W):
+            for k in range(H):
+                for l in range(W):
+                    s = torch.zeros(B, heads, dtype=dtype)
+                    for c in range(min(j, l) + 1, max(j, l) + 1):  # along row i, Mamba2's (lo, hi]
+                        s = s + a[:, i, c]
+                    for r in range(min(i, k) + 1, max(i, k) + 1):  # then along column l
+                        s = s + b[:, r, l]
+                    m[:, :, i * W + j, k * W + l] = s
+    t = x.reshape(B, N, C)
+    q, k_, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))
+    sc = q @ k_.transpose(-1, -2) / math.sqrt(d)
+    att = 0.5 * _softmax(sc + m, -1) + 0.5 * _softmax(sc + m.transpose(-1, -2), -1)
+    return _lin(_merge(att @ v), proj_w, proj_b).reshape(B, H, W, C)

@@ -76,6 +76,7 @@ def test_grid_for_and_the_constructors_name_their_arguments():
         (lambda: vision.PartialAttention(32, 4, n_div=1), "n_div"),
         (lambda: vision.PartialAttention(32, 4, kernel=2), "kernel"),
         (lambda: vision.PartialAttention(32, 5), "heads"),
+        (lambda: vision.PolylineMaskedAttention(32, 5), "heads"),
     ]:
         with pytest.raises(ak.ShapeError, match=arg):
             make()
@@ -154,3 +155,33 @@ def test_partial_attention_convolves_one_slice_and_attends_over_the_rest():
     x4 = x.clone()
     x4[:, -1, -1, 8:] += 1.0  # attention reaches (0, 0) from the far corner
     assert err(layer(x4)[:, 0, 0, 8:], y[:, 0, 0, 8:]) > 1e-6
+
+
+def test_polyline_mask_multiplies_the_decays_along_the_row_then_the_column():
+    torch.manual_seed(7)
+    a, b = -torch.rand(2, 3, 4, dtype=torch.float64), -torch.rand(2, 3, 4, dtype=torch.float64)
+    m = vision.polyline_log_mask(a, b)
+    assert m.shape == (2, 12, 12) and (m.diagonal(dim1=-2, dim2=-1) == 0).all() and (m <= 0).all()
+    # query (0, 0) to key (2, 3): row 0 over columns 1..3, then column 3 over rows 1..2
+    assert err(m[:, 0, 11], a[:, 0, 1:].sum(-1) + b[:, 1:, 3].sum(-1)) < 1e-12
+    # and back from (2, 3) to (0, 0): row 2 over columns 1..3, then column 0 over rows 1..2
+    assert err(m[:, 11, 0], a[:, 2, 1:].sum(-1) + b[:, 1:, 0].sum(-1)) < 1e-12
+    # a zero-decay mask is plain multi-head attention, bit for bit in the logits
+    layer = vision.PolylineMaskedAttention(32, 4).double()
+    x = torch.randn(2, 3, 4, 32, dtype=torch.float64)
+    with torch.no_grad():
+        layer.A_log.fill_(-1e4)  # e^A = 0: every decay is exp(0) = 1
+        y = layer(x)
+        q, k, v = layer.qkv(x.reshape(2, 12, 32)).reshape(2, 12, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        plain = layer.proj(plain.transpose(1, 2).reshape(2, 12, 32)).reshape(2, 3, 4, 32)
+    assert err(y, plain) < 1e-12
+    # strong decays make far cells matter less: the corner's influence on (0, 0) falls as A grows
+    def reach(A):
+        with torch.no_grad():
+            layer.A_log.fill_(A)
+            layer.dt_bias.fill_(1.0)
+        x2 = x.clone().requires_grad_(True)
+        layer(x2)[:, 0, 0].sum().backward()
+        return x2.grad[:, -1, -1].abs().sum().item()
+    assert reach(2.0) < 0.1 * reach(-3.0)

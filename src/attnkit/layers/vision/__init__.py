@@ -7,6 +7,7 @@ paper and checked against its float64 reference in :mod:`attnkit.reference.visio
   :class:`AggregatedAttention` (TransNeXt): attention variants.
 * :class:`FocalModulation` (FocalNets): an attention-free mixer.
 * :class:`PartialAttention` (PATNet): a partial convolution on some channels, self-attention on the rest.
+* :class:`PolylineMaskedAttention` (PPMA): attention logits plus a structured decay mask along row-then-column paths.
 * :class:`CausalClassTokenAttention` (iLLaMA): causal attention with a post-sequence class token; its
   ``pool(x) -> (B, C)`` is the class-token readout.
 * :class:`TAPAttention` (TAP): attention over token-aware pooled tokens; ``aux_loss()`` after a forward is
@@ -23,6 +24,7 @@ from .ela import EfficientLocalAttention
 from .focal import FocalModulation
 from .illama import CausalClassTokenAttention
 from .patnet import PartialAttention
+from .polyline import PolylineMaskedAttention, polyline_log_mask
 from .tap import TAPAttention, attention_diversity_loss
 from .transnext import AggregatedAttention
 from .ulsam import ULSAM
@@ -36,9 +38,11 @@ __all__ = [
     "EfficientLocalAttention",
     "FocalModulation",
     "PartialAttention",
+    "PolylineMaskedAttention",
     "ReversedAttention",
     "TAPAttention",
     "VisionMixer",
     "attention_diversity_loss",
     "grid_for",
+    "polyline_log_mask",
 ]
