@@ -11,6 +11,7 @@
   :class:`SparseQueryAttention`, :class:`BAMAttention`, :class:`MinimalAttention`, :class:`RCMHA`,
   :class:`DifferentialAttention`, and the attentive probes :class:`EfficientProbe`, :class:`AttentiveProbe`
   (with the :class:`MeanProbe` baseline).
+* Family I, the vision modules over ``(B, H, W, C)``: :mod:`attnkit.layers.vision`.
 """
 
 from .attention import Attention
@@ -28,6 +29,7 @@ from .sqa import VARIANTS as SQA_VARIANTS
 from .sqa import SparseQueryAttention
 from .tpla import TensorParallelLatentAttention
 from .transformer import SwiGLU, Transformer, TransformerBlock
+from . import vision  # noqa: E402  (family I registers its records)
 
 __all__ = [
     "RCMHA",
@@ -57,4 +59,5 @@ __all__ = [
     "Transformer",
     "TransformerBlock",
     "lambda_init_fn",
+    "vision",
 ]

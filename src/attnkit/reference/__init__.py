@@ -23,7 +23,7 @@ from .linear import (
     local_linear_attention,
     rat_attention,
 )
-from . import differential, heads, kv_policies, mla, probe
+from . import differential, heads, kv_policies, mla, probe, vision
 from .layers import attention_layer, rope
 from .softmax import attention
 from .sparse import selected_attention
@@ -42,6 +42,7 @@ __all__ = [
     "mla",
     "probe",
     "rat_attention",
+    "vision",
     "rope",
     "selected_attention",
 ]
