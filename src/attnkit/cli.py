@@ -103,8 +103,9 @@ def explain(name, length, heads, kv_heads, dim, train, budget, backend):
     help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); dynamic: family-B selectors on "
     "real SmolLM2 q, k, v (4k, 16k); layers: attention layers (prefill, decode, cache bytes) beside x-transformers "
     "and nn.MultiheadAttention; distributed: context-parallel attention on 1, 2 and 4 local gloo processes (not in "
-    "all); quality: small models trained on MQAR and MAD tasks per causal mechanism (not in all; --full: every "
-    "mechanism, 3 seeds); all: every suite but distributed and quality, sharing SDPA timings.",
+    "all); quality: small models trained on MQAR and MAD tasks per causal mechanism and on digits "
+    "per 2-D mechanism (not in all; --full: every mechanism, 3 seeds); all: every suite but distributed and "
+    "quality, sharing SDPA timings.",
 )
 @click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
 def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):

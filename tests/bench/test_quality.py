@@ -30,6 +30,26 @@ def test_every_causal_mechanism_gets_an_mqar_and_a_mad_row():
     assert {"causal", "sliding_window", "linear_elu"} <= {rec.name for *_, rec in quality.plan(quality.QualityConfig())}
 
 
+def test_every_2d_mechanism_gets_a_digits_row_beside_dense():
+    spatial = {r.name for r in quality.spatial_mechanisms()}
+    expected = {r.name for r in registry.records() if r.kind in ("pattern", "layer") and "spatial" in r.supports}
+    assert spatial == expected and {"neighborhood_2d", "transnext_aggregated", "ppma_polyline"} <= spatial
+    full = quality.plan(quality.QualityConfig(full=True))
+    assert {rec.name for t, *_, rec in full if t == "digits"} == spatial | {"dense"}
+    quick = {rec.name for t, *_, rec in quality.plan(quality.QualityConfig()) if t == "digits"}
+    assert quick == set(quality.QUICK_2D) and quick <= spatial | {"dense"}
+
+
+def test_an_image_model_learns_digits_with_each_kind_of_mixer():
+    """80 steps on the digits: dense, a registered pattern and a family-I layer each train (the loss falls below
+    the uniform ln 10 = 2.30, accuracy above chance's 0.10) and score every held-out image."""
+    task = registry.get("digits").make(64, seed=0)
+    for name in ("dense", "neighborhood_2d", "ela"):
+        got = quality.train(quality._by_name(name), task, dim=16, steps=80, batch=32, lr=1e-2, seed=0)
+        assert got["loss"] < 2.2, (name, got)
+        assert 0.18 < got["accuracy"] <= 1, (name, got)
+
+
 def test_a_run_gives_every_cell_a_number_or_a_reason():
     names = (quality.DENSE,)  # one mechanism: the run is seconds per cell on a loaded 2-core machine
     config = quality.QualityConfig(mechanisms=names, **TINY)

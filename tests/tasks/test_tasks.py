@@ -7,15 +7,16 @@ from attnkit import registry
 from attnkit.tasks import IGNORE, mad, mqar
 
 TASKS = registry.names(family="J")
+TOKEN_TASKS = [n for n in TASKS if "spatial" not in registry.get(n).supports]
 
 
 def test_every_task_record_is_a_task_of_family_j():
-    assert set(TASKS) >= {"mqar", "in_context_recall", "noisy_recall", "selective_copying"}
+    assert set(TASKS) >= {"mqar", "in_context_recall", "noisy_recall", "selective_copying", "digits"}
     for name in TASKS:
         assert registry.get(name).kind == "task"
 
 
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", TOKEN_TASKS)
 def test_batches_have_their_shape_and_are_seeded(name):
     task = registry.get(name).make(64, seed=3)
     x, y = task.batch(5, step=2)
@@ -73,3 +74,27 @@ def test_impossible_settings_are_refused():
         mad.selective_copying(8, copies=8)
     with pytest.raises(ValueError, match="noise"):
         mad.in_context_recall(64, noise=0.7)
+
+
+def test_digits_are_scikit_learns_images_with_a_held_out_fifth():
+    from sklearn.datasets import load_digits
+
+    task = registry.get("digits").make(64, seed=1)
+    assert task.grid == (8, 8) and task.n == 64 and task.classes == 10
+    assert len(task.train_labels) + len(task.test_labels) == 1797 and len(task.test_labels) == 359
+    x, y = task.batch(6, step=2)
+    assert x.shape == (6, 8, 8, 1) and x.dtype == np.float32 and y.dtype == np.int64
+    assert 0 <= x.min() and x.max() <= 1 and set(y) <= set(range(10))
+    assert (task.batch(6, step=2)[0] == x).all() and not (task.batch(6, step=3)[0] == x).all()
+    # every image is one of the bundled ones, and no training image is a test image
+    raw = load_digits()
+    flat = {tuple((im / 16.0).astype(np.float32).reshape(-1)): t for im, t in zip(raw.images, raw.target, strict=True)}
+    assert all(flat[tuple(im.reshape(-1))] == t for im, t in zip(task.test_images, task.test_labels, strict=True))
+    test = {tuple(im.reshape(-1)) for im in task.test_images}
+    assert len(test & {tuple(im.reshape(-1)) for im in task.train_images}) < 5  # a few duplicates exist in the set
+    pooled = registry.get("digits").make(16, seed=1)
+    assert pooled.grid == (4, 4) and np.allclose(
+        pooled.test_images[0], task.test_images[0].reshape(4, 2, 4, 2).mean((1, 3))
+    )
+    with pytest.raises(ValueError, match="n must be"):
+        registry.get("digits").make(32)
