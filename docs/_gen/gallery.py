@@ -196,6 +196,14 @@ def snippet(rec) -> str:
                 "print(cache.length, cache.bytes_per_token, 'bytes per token')\n"
             )
         return code
+    if rec.kind == "task" and "spatial" in rec.supports:
+        return (
+            "import attnkit as ak\n\n"
+            f"task = {get}.make(64, seed=0)  # 8 x 8 images, a fifth held out\n"
+            "images, labels = task.batch(8, step=0)  # numpy (8, 8, 8, 1) in [0, 1], (8,) class indices\n"
+            "print(images.shape, task.classes, 'classes,', len(task.test_labels), 'held-out images')\n"
+            "# `attnkit bench --suite quality` trains a small ViT per 2-D mechanism on it\n"
+        )
     if rec.kind == "task":
         return (
             "import attnkit as ak\n\n"
