@@ -34,22 +34,9 @@ def _conv1d_dw(x, w, b):
 
 
 def _conv2d_dw(x, w):
-    """Depthwise 2-D convolution of ``(B, H, W, C)`` with ``w`` of shape ``(C, k, k)``, zero padding, no bias."""
-    B, H, W, C = x.shape
-    k = w.shape[1]
-    p = k // 2
-    out = torch.zeros_like(x)
-    for di in range(k):
-        for dj in range(k):
-            for r in range(H):
-                rr = r + di - p
-                if not 0 <= rr < H:
-                    continue
-                lo, hi = max(0, p - dj), min(W, W + p - dj)
-                if lo >= hi:
-                    continue
-                out[:, r, lo:hi] = out[:, r, lo:hi] + w[:, di, dj] * x[:, rr, lo + dj - p : hi + dj - p]
-    return out
+    """Depthwise 2-D convolution of ``(B, H, W, C)`` with ``w`` of shape ``(C, k, k)``, zero padding, no bias:
+    :func:`_conv2d_full` with the diagonal weight ``W[o, i] = w[o] if o == i else 0``."""
+    return _conv2d_full(x, torch.diag_embed(w.permute(1, 2, 0)).permute(2, 3, 0, 1))
 
 
 def _group_norm(x, groups, gamma, beta, eps):
