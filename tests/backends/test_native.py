@@ -29,8 +29,12 @@ def native_forward(monkeypatch):
 
     class _Counting:
         def forward(self, *args):
-            calls.append(args[12])  # max_keys: the chunk width it ran with
+            calls.append(("forward", args[12]))  # max_keys: the chunk width it ran with
             return ext.forward(*args)
+
+        def backward(self, *args):
+            calls.append(("backward", args[15]))
+            return ext.backward(*args)
 
     monkeypatch.setattr(native, "module", lambda: _Counting())
     return calls
@@ -65,15 +69,15 @@ def test_native_matches_the_oracle(bq, bk, D, Dv, layout_heads, native_forward):
 
 def test_native_chunks_merge_across_a_long_row(native_forward, monkeypatch):
     """Rows of more keys than one chunk (the online-softmax rescale between chunks), bf16 in and out."""
-    import attnkit.backends.tiled as tiled
+    from attnkit.backends.tiled import _native
 
-    monkeypatch.setattr(tiled, "_NATIVE_KEYS", 32)
+    monkeypatch.setattr(_native, "KEYS", 32)
     q, k, v = rand_qkv(1, 2, 1, 256, 256, 16, dtype=torch.bfloat16, seed=4)
     blocks = torch.ones(1, 1, 16, 16, dtype=torch.bool)
     layout = BlockLayout.from_blocks(blocks, 256, 256, 16, causal=True)
     run = lambda q, k, v: tiled_attention(q, k, v, layout)[0]  # noqa: E731
     out = check_against_oracle(run, q, k, v, mask=layout.dense_mask())
-    assert out.dtype == torch.bfloat16 and native_forward == [32]  # one forward (the backward recomputes in torch)
+    assert out.dtype == torch.bfloat16 and native_forward == [("forward", 32), ("backward", 32)]
 
 
 def test_native_rejects_a_layout_that_points_outside(monkeypatch):

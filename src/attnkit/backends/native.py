@@ -42,7 +42,7 @@ import torch
 from .._cache import cache_root
 from ..errors import UnsupportedError, bad
 
-_SOURCE = Path(__file__).with_name("_native") / "tiled_forward.cpp"
+_SOURCE = Path(__file__).with_name("_native") / "tiled.cpp"
 _MODES = ("auto", "native", "torch")
 _state: dict = {}
 _lock = threading.Lock()  # one build per process, whichever thread asks first

@@ -49,54 +49,28 @@ import torch
 from ...errors import DTypeError, ShapeError, UnsupportedError, bad
 from ...shapes import check_finite, validate
 from ...layout import BlockLayout
-from .. import native
+from . import _native
 from ._backward import backward
-from ._common import _fold, _grouping, _prepare, _select_terms, _units, _work
+from ._common import _fold, _grouping, _prepare, _work
 from ._fused import _run_fused
 from ._normalize import _elementwise
 from ._plan import _fused_plan, _plan
 from ._unfused import _softmax
-
-_NATIVE_KEYS = 256  # keys per chunk of the native forward (its K, V and score buffers stay in L2)
 
 
 def forward(
     q, k, v, layout: BlockLayout, scale: float, score=None, key_padding_mask=None, q_offset: int = 0, normalizer=None
 ):
     """Tiled attention forward; ``(out, lse)`` in the compute dtype (float32 for bf16/fp16 inputs)."""
+    if (ext := _native.extension(q, score, normalizer)) is not None:
+        return _native.forward(ext, q, k, v, layout, scale, key_padding_mask)
     B, Hq, Nq, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
-    bq, bk = layout.block_q, layout.block_k
-    nqb = layout.num_q_blocks
+    bq, nqb = layout.block_q, layout.num_q_blocks
     cd, qp, kp, vp, kpm = _prepare(q, k, v, layout, key_padding_mask)
     G = _grouping(layout, B, Hq, Hkv)
     units = Hq // G
     fused = score is None and normalizer is None and layout.select is None
-    if score is None and normalizer is None and cd == torch.float32 and (ext := native.module()) is not None:
-        table = torch.tensor(list(_units(B, Hq, Hkv, G, layout)), dtype=torch.long).view(-1, 4)
-        args = (layout.kv_ids.long(), layout.mask_ids.long(), layout.tile_masks.bool())
-        try:
-            out, lse = ext.forward(
-                qp,
-                kp,
-                vp,
-                *(t.contiguous() for t in args),
-                kpm,
-                table,
-                G,
-                bq,
-                bk,
-                scale,
-                _NATIVE_KEYS,
-                _select_terms(layout.select),
-                layout.q_offset,
-                layout.kv_len,
-            )
-        except (ValueError, TypeError) as e:
-            # The C++ bounds and shape checks are a second line behind BlockLayout.check: the same error class.
-            cls = DTypeError if isinstance(e, TypeError) else ShapeError
-            raise cls(f"layout (the native kernel's check): {str(e).splitlines()[0]}") from None
-        return out[:, :, :Nq], lse[:, :, :Nq]
     # The fused runs write only the rows they reach (a row with no tile keeps 0 and -inf).
     out_f = (torch.zeros if fused else torch.empty)(B, units, nqb, G * bq, Dv, dtype=cd)
     lse_f = torch.full((B, units, nqb, G * bq), float("-inf"), dtype=cd)
@@ -131,7 +105,11 @@ class _TiledFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.args)
+        layout, scale, score, kpm, _, normalizer = ctx.args
+        if (ext := _native.extension(q, score, normalizer)) is not None:
+            dq, dk, dv = _native.backward(ext, dout, q, k, v, out, lse, layout, scale, kpm)
+        else:
+            dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
 
