@@ -146,8 +146,7 @@ def causal_cross_mechanisms() -> list:
     return [
         r
         for r in registry.records()
-        if "causal" in r.supports
-        and ((r.kind == "pattern" and "cross" in r.supports) or r.kind == "function")
+        if "causal" in r.supports and ((r.kind == "pattern" and "cross" in r.supports) or r.kind == "function")
     ]
 
 

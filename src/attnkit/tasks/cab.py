@@ -114,7 +114,9 @@ def cross_lookup(
     queries = max(1, n // 2) if queries is None else queries
     _check("cross_lookup", n=n, queries=queries, keys=keys, values=values)
     if n > keys or queries > n:
-        raise ValueError(f"cross_lookup: need n <= keys (distinct keys) and queries <= n, got {n=}, {queries=}, {keys=}")
+        raise ValueError(
+            f"cross_lookup: need n <= keys (distinct keys) and queries <= n, got {n=}, {queries=}, {keys=}"
+        )
 
     def make(rng, size):
         rows = np.arange(size)[:, None]
@@ -143,7 +145,9 @@ def streaming_lookup(n: int = 16, *, seed: int = 0, keys: int | None = None, val
         j = np.floor(rng.random((size, n)) * (np.arange(n) + 1)).astype(np.int64)  # uniform in 0..i
         return k * values + v, k[rows, j], v[rows, j]
 
-    return CrossTask("streaming_lookup", n, n, keys * values, keys, values, True, seed, make, {"keys": keys, "values": values})
+    return CrossTask(
+        "streaming_lookup", n, n, keys * values, keys, values, True, seed, make, {"keys": keys, "values": values}
+    )
 
 
 for _name, _fn, _supports, _summary in (
