@@ -207,8 +207,8 @@ def snippet(rec) -> str:
     if rec.kind == "task" and "cross" in rec.supports:
         return (
             "import attnkit as ak\n\n"
-            f"task = {get}.make(32, seed=0)  # a source of 32 tokens and a target that cross-attends it\n"
-            "source, inputs, targets = task.batch(8, step=0)  # numpy (8, 32), (8, n_target), (8, n_target)\n"
+            f"task = {get}.make(64, seed=0)  # a source of 64 tokens and a target that cross-attends it\n"
+            "source, inputs, targets = task.batch(8, step=0)  # numpy (8, 64), (8, n_target), (8, n_target)\n"
             "print(source.shape, inputs.shape, task.classes, 'answers; causal:', task.causal)\n"
             "# `attnkit bench --suite quality` trains a small cross-attention model per mechanism on it\n"
         )
