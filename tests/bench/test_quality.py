@@ -197,3 +197,24 @@ def test_the_targets_judge_cabs_result():
     assert [t["met"] for t in quality.judge(good)] == [True, True, True, True]
     bad = [row("cross_lookup", "dense", 0.6), row("cross_lookup", "sliding_window_symmetric", 0.5)]
     assert [t["met"] for t in quality.judge(bad)] == [False, False]
+
+
+def test_a_run_over_the_cab_tasks_gives_each_setting_its_rows():
+    tasks = (("bidirectional_recall", 8, {"pairs": 2}), ("cross_lookup", 8, {}), ("streaming_lookup", 8, {}))
+    config = quality.QualityConfig(
+        mechanisms=("dense", "causal", "linear_elu"), widths=(16,), steps=1, batch=2, eval_batches=1, tasks=tasks
+    )
+    section = quality.run_quality(config, lambda _: None)
+    got = [(r["task"], r["mechanism"]) for r in section["rows"]]
+    assert got == [
+        ("bidirectional_recall", "dense"),
+        ("cross_lookup", "dense"),
+        ("streaming_lookup", "causal"),
+        ("streaming_lookup", "linear_elu"),
+    ]
+    assert all("accuracy" in r for r in section["rows"]), section["rows"]
+    assert [t["target"] for t in section["targets"]] == [
+        "dense >= 95% on CAB's bidirectional_recall",
+        "dense >= 95% on CAB's cross_lookup",
+        "causal >= 95% on CAB's streaming_lookup",
+    ]
