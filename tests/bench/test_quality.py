@@ -1,8 +1,10 @@
 """The trained-quality suite: its rows come from the registry, and a tiny dense model learns MQAR."""
 
+import pytest
 import torch
 
 from attnkit import registry
+from attnkit.errors import ShapeError
 from attnkit.bench import quality
 from attnkit.bench.suite import BENCH_SUITES, SUITES
 
@@ -218,3 +220,8 @@ def test_a_run_over_the_cab_tasks_gives_each_setting_its_rows():
         "dense >= 95% on CAB's cross_lookup",
         "causal >= 95% on CAB's streaming_lookup",
     ]
+
+
+def test_an_unknown_mechanism_name_is_refused_by_name():
+    with pytest.raises(ShapeError, match="nope"):
+        quality.plan(quality.QualityConfig(mechanisms=("dense", "nope"), tasks=quality.CAB_TASKS))

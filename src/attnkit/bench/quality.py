@@ -23,8 +23,8 @@ from the registry which mechanisms can run it (no hand-kept list). Non-causal se
 target queries cross-attend the embedded source through :class:`~attnkit.layers.Attention` (``context=``).
 Their dense baselines are ``dense`` (non-causal) and the ``causal`` pattern (causal cross).
 
-Quick (default): one mechanism per family (:data:`QUICK`, :data:`QUICK_2D`), one seed. ``--full``: every causal
-and every 2-D mechanism, three seeds, mean and spread.
+Quick (default): one mechanism per family (:data:`QUICK`, :data:`QUICK_2D`, :data:`QUICK_CAB`), one seed.
+``--full``: every mechanism of each setting (causal, 2-D, CAB's), three seeds, mean and spread.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _recs_for(task_name: str, config) -> list:
     kind = setting(task_name)
     if config.mechanisms:
         able = {r.name for r in mechanisms_for(kind)}
-        return [_by_name(n) for n in config.mechanisms if n in able]
+        return [r for r in map(_by_name, config.mechanisms) if r.name in able]  # an unknown name is an error
     if config.full:
         return mechanisms_for(kind)
     quick = {"image": QUICK_2D, "causal": QUICK, **QUICK_CAB}[kind]
