@@ -204,6 +204,14 @@ def snippet(rec) -> str:
             "print(images.shape, task.classes, 'classes,', len(task.test_labels), 'held-out images')\n"
             "# `attnkit bench --suite quality` trains a small ViT per 2-D mechanism on it\n"
         )
+    if rec.kind == "task" and "cross" in rec.supports:
+        return (
+            "import attnkit as ak\n\n"
+            f"task = {get}.make(64, seed=0)  # a source of 64 tokens and a target that cross-attends it\n"
+            "source, inputs, targets = task.batch(8, step=0)  # numpy (8, 64), (8, n_target), (8, n_target)\n"
+            "print(source.shape, inputs.shape, task.classes, 'answers; causal:', task.causal)\n"
+            "# `attnkit bench --suite quality` trains a small cross-attention model per mechanism on it\n"
+        )
     if rec.kind == "task":
         return (
             "import attnkit as ak\n\n"

@@ -65,6 +65,7 @@ SUPPORT_KEYS = (
     "padding",
     "trainable",
     "grid",
+    "noncausal",  # a task scored with non-causal attention (CAB's NS and NC settings; attnkit.tasks.cab)
 )
 
 #: Tags that change how the benchmark treats a record. ``slow``: the quick run takes it at its shortest

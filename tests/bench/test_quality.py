@@ -1,6 +1,10 @@
 """The trained-quality suite: its rows come from the registry, and a tiny dense model learns MQAR."""
 
+import pytest
+import torch
+
 from attnkit import registry
+from attnkit.errors import ShapeError
 from attnkit.bench import quality
 from attnkit.bench.suite import BENCH_SUITES, SUITES
 
@@ -87,3 +91,137 @@ def test_the_targets_judge_zoologys_result():
     assert [t["met"] for t in quality.judge(rows)] == [True, True, True]
     rows = [row("causal", 0.9), row("sliding_window", 0.9), row("linear_elu", 0.6), row("linear_elu", 0.3, 64)]
     assert [t["met"] for t in quality.judge(rows)] == [False, False, False]
+
+
+# -- CAB's four settings ---------------------------------------------------------------------------------------
+
+CAB = {"bidirectional_recall": "noncausal", "cross_lookup": "cross", "streaming_lookup": "causal_cross"}
+
+
+def test_each_cab_setting_takes_its_mechanisms_from_the_registry():
+    assert {t: quality.setting(t) for t in CAB} == CAB and quality.setting("mqar") == "causal"
+    assert quality.setting("digits") == "image"
+    recs = [r for r in registry.records() if r.kind in ("pattern", "selector", "function")]
+    line = [r for r in recs if not {"spatial", "grid"} & r.supports]
+    expected = {
+        "noncausal": {"dense"}
+        | {r.name for r in line if r.kind == "selector" and "cross" in r.supports}
+        | {r.name for r in line if r.kind != "selector" and "causal" not in r.supports},
+        "cross": {"dense"}
+        | {r.name for r in recs if "cross" in r.supports and (r.kind == "selector" or "causal" not in r.supports)},
+        "causal_cross": {
+            r.name
+            for r in recs
+            if "causal" in r.supports and (r.kind == "function" or (r.kind == "pattern" and "cross" in r.supports))
+        },
+    }
+    for s, names in expected.items():
+        assert {r.name for r in quality.mechanisms_for(s)} == names, s
+    # dense, a linear mechanism and a window in every setting; no causal mechanism in a non-causal one
+    assert {"dense", "linear_elu_bidirectional", "sliding_window_symmetric", "agent_attention", "moba"} <= expected[
+        "cross"
+    ]
+    assert {"causal", "linear_elu", "sliding_window", "retnet"} <= expected["causal_cross"]
+    assert "minference_vertical_slash" not in expected["noncausal"]  # a causal-only selector
+    assert not {"causal", "sliding_window", "linear_elu"} & (expected["noncausal"] | expected["cross"])
+    full = quality.plan(quality.QualityConfig(full=True))
+    for task, s in CAB.items():
+        assert {rec.name for t, *_, rec in full if t == task} == expected[s], task
+        quick = {rec.name for t, *_, rec in quality.plan(quality.QualityConfig()) if t == task}
+        assert quick == set(quality.QUICK_CAB[s]) and quick <= expected[s], task
+    # a mechanism list keeps, per task, only the mechanisms that can run it
+    picked = quality.plan(quality.QualityConfig(mechanisms=("dense", "causal"), tasks=quality.CAB_TASKS, widths=(16,)))
+    assert [(t, rec.name) for t, *_, rec in picked] == [
+        ("bidirectional_recall", "dense"),
+        ("cross_lookup", "dense"),
+        ("streaming_lookup", "causal"),
+    ]
+
+
+def _perturbed_after(src, i, vocab, seed):
+    out = src.clone()
+    g = torch.Generator().manual_seed(seed)
+    out[:, i + 1 :] = torch.randint(0, vocab, out[:, i + 1 :].shape, generator=g)
+    return out
+
+
+def test_causal_cross_models_never_read_a_later_source_token():
+    """CAB's causal check on the cross model: target ``i``'s output is unchanged when the source after ``i`` is
+    redrawn, for every causal-cross mechanism; the non-causal dense cross model does change (the check can fail)."""
+    task = registry.get("streaming_lookup").make(16, seed=0)
+    src, x, _ = (torch.from_numpy(a) for a in task.batch(2))
+    torch.manual_seed(0)
+    for rec in [*quality.causal_cross_mechanisms(), quality.DENSE_2D]:
+        model = quality.build_cross(rec, task, dim=16).eval()
+        with torch.no_grad():
+            full = model(src, x)
+            for i in (0, 5, 14):
+                cut = model(_perturbed_after(src, i, task.source_vocab, i), x)
+                same = torch.allclose(cut[:, : i + 1], full[:, : i + 1], atol=1e-5)
+                assert same == (rec is not quality.DENSE_2D), (rec.name, i)
+
+
+def test_non_causal_self_models_read_both_sides():
+    task = registry.get("bidirectional_recall").make(16, seed=0, pairs=4)
+    x = torch.from_numpy(task.batch(2)[0])
+    torch.manual_seed(0)
+    for name, causal in (("dense", False), ("linear_elu_bidirectional", False), ("causal", True)):
+        rec = quality._by_name(name)
+        model = quality.build(rec, task.vocab, task.n, 16, causal=rec.name == "causal").eval()
+        with torch.no_grad():
+            cut = model(_perturbed_after(x, 7, task.vocab, 1))[:, :8]
+            assert torch.allclose(cut, model(x)[:, :8], atol=1e-5) == causal, name
+
+
+def test_tiny_trainings_beat_chance_in_each_cab_setting():
+    """A few hundred steps of dense attention: each CAB task is learned well above chance (1 / values = 0.25),
+    while causal attention on the non-causal self task stays below what reading both sides gives."""
+    cases = (
+        ("cross_lookup", 8, {"queries": 4, "keys": 8, "values": 4}, "dense", 100),
+        ("streaming_lookup", 8, {"keys": 8, "values": 4}, "causal", 100),
+        ("bidirectional_recall", 12, {"pairs": 3, "keys": 4, "values": 4}, "dense", 250),
+    )
+    for name, n, opts, mech, steps in cases:
+        task = registry.get(name).make(n, seed=0, **opts)
+        got = quality.train(quality._by_name(mech), task, dim=32, steps=steps, batch=32, lr=3e-3, seed=0)
+        assert got["accuracy"] > 0.6, (name, got)
+    task = registry.get("bidirectional_recall").make(12, seed=0, pairs=3, keys=4, values=4)
+    got = quality.train(registry.get("causal"), task, dim=32, steps=250, batch=32, lr=3e-3, seed=0)
+    assert got["accuracy"] < 0.7, got  # at most half the records precede their query: 0.5 + 0.5 / 4 = 0.625
+
+
+def test_the_targets_judge_cabs_result():
+    def row(task, mech, acc):
+        return {"task": task, "n": 16, "mechanism": mech, "dim": 32, "state": 256, "accuracy": acc}
+
+    good = [row("cross_lookup", "dense", 0.99), row("cross_lookup", "sliding_window_symmetric", 0.2)]
+    good += [row("streaming_lookup", "causal", 1.0), row("streaming_lookup", "sliding_window", 0.5)]
+    assert [t["met"] for t in quality.judge(good)] == [True, True, True, True]
+    bad = [row("cross_lookup", "dense", 0.6), row("cross_lookup", "sliding_window_symmetric", 0.5)]
+    assert [t["met"] for t in quality.judge(bad)] == [False, False]
+
+
+def test_a_run_over_the_cab_tasks_gives_each_setting_its_rows():
+    tasks = (("bidirectional_recall", 8, {"pairs": 2}), ("cross_lookup", 8, {}), ("streaming_lookup", 8, {}))
+    config = quality.QualityConfig(
+        mechanisms=("dense", "causal", "linear_elu"), widths=(16,), steps=1, batch=2, eval_batches=1, tasks=tasks
+    )
+    section = quality.run_quality(config, lambda _: None)
+    got = [(r["task"], r["mechanism"]) for r in section["rows"]]
+    assert got == [
+        ("bidirectional_recall", "dense"),
+        ("cross_lookup", "dense"),
+        ("streaming_lookup", "causal"),
+        ("streaming_lookup", "linear_elu"),
+    ]
+    assert all("accuracy" in r for r in section["rows"]), section["rows"]
+    assert [t["target"] for t in section["targets"]] == [
+        "dense >= 95% on CAB's bidirectional_recall",
+        "dense >= 95% on CAB's cross_lookup",
+        "causal >= 95% on CAB's streaming_lookup",
+    ]
+
+
+def test_an_unknown_mechanism_name_is_refused_by_name():
+    with pytest.raises(ShapeError, match="nope"):
+        quality.plan(quality.QualityConfig(mechanisms=("dense", "nope"), tasks=quality.CAB_TASKS))
