@@ -1,10 +1,12 @@
-"""The native (C++) forward of the ``tiled`` kernel, built on first use and cached on disk.
+"""The native (C++) kernel of the ``tiled`` backend, forward and backward, built on first use and cached on disk.
 
-``_native/tiled_forward.cpp`` computes the plain-softmax forward of a :class:`~attnkit.layout.BlockLayout` in
-one C++ loop: per (batch, head unit, query block) it copies the key and value rows of its tiles into a
-per-thread buffer, chunk by chunk, and runs ``S = (scale Q) K^T`` and ``O += exp(S - m) V`` as two BLAS calls
-with the online softmax between them. Against the torch-op forward it removes the gathers into large tensors,
-the Python between ops and the padding of irregular rows (measured in ``BENCHMARKS.md``).
+``_native/tiled.cpp`` computes plain softmax over a :class:`~attnkit.layout.BlockLayout` in one C++ loop per
+direction: per (batch, head unit, query block) it copies the key and value rows of its tiles into a per-thread
+buffer, chunk by chunk, and runs the products as BLAS calls with the online softmax between them (forward), or
+recomputes ``P`` from the saved lse and runs FlashAttention-2's five products (backward, whose dK and dV rows are
+owned by one range of query blocks per (batch, kv head), so no two threads add to one row). Against the torch-op
+paths it removes the gathers into large tensors, the Python between ops, the padding of irregular rows and the
+backward's ``index_add_`` scatter (measured in ``BENCHMARKS.md``).
 
 It is built with torch's extension builder (a C++ compiler and ``ninja`` are needed; both come with the set-up)
 into ``$ATTNKIT_CACHE/native/<tag>`` (``~/.cache/attnkit`` by default), keyed by the source, the torch version
@@ -23,9 +25,11 @@ It links against what ``libtorch_cpu`` exports: MKL's ``sgemm_`` and ``MKL_Set_N
 products run on that worker alone), as in the pinned ``torch==2.13.0`` CPU build. A torch built on another BLAS
 fails to load it, which ``auto`` reports and survives.
 
-It serves float32 (and bf16/fp16, which the kernel computes in float32) plain softmax, with or without a
-token-grain selection (:class:`~attnkit.layout.TokenSelect`); score mods, other normalisers and float64 run the
-torch-op forward, which is also what the backward always uses.
+It serves plain softmax, with or without a token-grain selection (:class:`~attnkit.layout.TokenSelect`), in
+float32 and in bf16: bf16 operands into float32 products (MKL's ``gemm_bf16bf16f32``, also exported by
+``libtorch_cpu``), the softmax, its statistics and every accumulator in float32, ``P`` and ``dS`` rounded to bf16
+once for their products, as torch's CPU flash attention does. float16 is widened to float32 first. Score mods,
+other normalisers and float64 run the torch-op paths.
 """
 
 from __future__ import annotations

@@ -68,14 +68,18 @@ inline void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const bf16*
   gemm_bf16bf16f32_(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
-inline bool nonfinite(float x) { return !std::isfinite(x); }
-inline bool nonfinite(bf16 x) { return (x & 0x7f80u) == 0x7f80u; }
-inline bool nonfinite_bits(const float* x) {
-  uint32_t u;
-  std::memcpy(&u, x, 4);
-  return (u & 0x7f800000u) == 0x7f800000u;
+// Whether any of the n values holds a NaN or inf (a branch-free reduction over the exponent bits, vectorised).
+inline bool any_nonfinite(const float* x, int64_t n) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+  uint32_t all = 0;
+  for (int64_t i = 0; i < n; ++i) all |= ((bits[i] & 0x7f800000u) == 0x7f800000u);
+  return all != 0;
 }
-inline bool nonfinite_bits(const bf16* x) { return nonfinite(*x); }
+inline bool any_nonfinite(const bf16* x, int64_t n) {
+  uint32_t all = 0;
+  for (int64_t i = 0; i < n; ++i) all |= ((x[i] & 0x7f80u) == 0x7f80u);
+  return all != 0;
+}
 
 // float32 -> bf16, round to nearest even (NaN stays NaN).
 inline bf16 to_bf16(float f) {
@@ -274,6 +278,18 @@ void load_rows(const U* src, int64_t b, int64_t h0, int64_t r, const Problem<T>&
                 sizeof(U) * p.bq * width);
 }
 
+// The scale of S = scale Q K^T: folded into the copy of Q in float32 (MKL's sgemm is markedly slower on these
+// small products with alpha != 1), applied by the product in bf16 (where a scaled copy would round Q again).
+template <typename T>
+constexpr bool kScaledQ = std::is_same_v<T, float>;
+
+template <typename T>
+void load_q(const Problem<T>& p, int64_t b, int64_t h0, int64_t r, Scratch<T>& w) {
+  load_rows(p.q, b, h0, r, p, p.D, w.q.data());
+  if constexpr (kScaledQ<T>)
+    for (int64_t i = 0; i < p.G * p.bq * p.D; ++i) w.q[i] *= p.scale;
+}
+
 // Gathers the chunk's K and V rows (slots [s0, s0 + n)) and computes its masked logits S (M x L).
 template <typename T>
 void chunk_scores(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t lh, int64_t hk, int64_t r, int64_t s0,
@@ -289,17 +305,13 @@ void chunk_scores(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t lh, int
     std::memcpy(w.v.data() + t * bk * Dv, vb + key0 * Dv, sizeof(T) * len * Dv);
   });
   float* S = w.s.data();
-  gemm(false, true, static_cast<int>(M), L, static_cast<int>(D), p.scale, w.q.data(), static_cast<int>(D),
+  gemm(false, true, static_cast<int>(M), L, static_cast<int>(D), kScaledQ<T> ? 1.f : p.scale, w.q.data(), static_cast<int>(D),
        w.k.data(), static_cast<int>(D), 0.f, S, L);
   // A non-finite key can give a logit of -inf, which would read as masked: its column becomes NaN before the
   // masks, so a row that may see it is marked bad (row_max) and a row that may not is masked as usual.
-  for (int c = 0; c < L; ++c) {
-    const T* key = w.k.data() + c * D;
-    bool any = false;
-    for (int64_t d = 0; d < D; ++d) any |= nonfinite_bits(key + d);
-    if (any)
+  for (int c = 0; c < L; ++c)
+    if (any_nonfinite(w.k.data() + c * D, D))
       for (int64_t i = 0; i < M; ++i) S[i * L + c] = kNaN;
-  }
   for (int64_t t = 0; t < n; ++t) {
     const int64_t mid = mids[s0 + t], J = ids[s0 + t];
     if (mid < 0 && !p.select.any()) continue;  // a full tile
@@ -335,12 +347,8 @@ void forward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, Sc
   const int64_t bq = p.bq, D = p.D, Dv = p.Dv, M = p.G * bq;
   const int64_t cap = std::max<int64_t>(1, p.max_keys / p.bk);
 
-  load_rows(p.q, b, h0, r, p, D, w.q.data());
-  for (int64_t i = 0; i < M; ++i) {
-    w.bad[i] = 0;
-    for (int64_t d = 0; d < D; ++d)
-      if (nonfinite(w.q[i * D + d])) w.bad[i] = 1;
-  }
+  load_q(p, b, h0, r, w);
+  for (int64_t i = 0; i < M; ++i) w.bad[i] = any_nonfinite(w.q.data() + i * D, D);
   std::fill(w.m.begin(), w.m.begin() + M, kNegInf);
   std::fill(w.l.begin(), w.l.begin() + M, 0.f);
   std::fill(w.o.begin(), w.o.begin() + M * Dv, 0.f);
@@ -396,7 +404,7 @@ void backward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, S
   const int64_t bq = p.bq, bk = p.bk, D = p.D, Dv = p.Dv, M = p.G * bq;
   const int64_t cap = std::max<int64_t>(1, p.max_keys / bk);
   const int64_t* ids = p.kv_ids + (lh * p.nqb + r) * p.S;
-  load_rows(p.q, b, h0, r, p, D, w.q.data());
+  load_q(p, b, h0, r, w);
   load_rows(p.dout, b, h0, r, p, Dv, w.dout.data());
   load_rows(p.lse_in, b, h0, r, p, 1, w.m.data());
   load_rows(p.delta, b, h0, r, p, 1, w.l.data());
@@ -419,7 +427,8 @@ void backward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, S
     for_runs(ids, s0, n, bk, [&](int64_t t, int64_t key0, int64_t len) {
       const int rows = static_cast<int>(len);
       gemm(true, false, rows, iDv, iM, 1.f, Pt + t * bk, L, w.dout.data(), iDv, 1.f, dv + key0 * Dv, iDv);
-      gemm(true, false, rows, iD, iM, p.scale, dSt + t * bk, L, w.q.data(), iD, 1.f, dk + key0 * D, iD);
+      gemm(true, false, rows, iD, iM, kScaledQ<T> ? 1.f : p.scale, dSt + t * bk, L, w.q.data(), iD, 1.f,
+           dk + key0 * D, iD);
     });
     gemm(false, false, iM, iD, L, p.scale, dSt, L, w.k.data(), iD, 1.f, dq, iD);
   }

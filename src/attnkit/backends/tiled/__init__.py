@@ -18,12 +18,13 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
 * The backward recomputes ``P = exp(S - lse)`` per chunk (FlashAttention-2 style): ``dV += P^T dO``,
   ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; key-side
   gradients are scattered with ``index_add_``.
-* Plain softmax (no score mod, no normaliser) in float32 (bf16/fp16 are computed in float32) runs through the
-  native C++ forward (:mod:`attnkit.backends.native`) when it is built: one loop over (batch, head unit, query
-  block) that copies its tiles' K and V rows into a per-thread buffer, 256 keys at a time, and runs the two
-  products as BLAS calls with the online softmax between them, the tile masks and a token-grain selection
-  (:class:`~attnkit.layout.TokenSelect`) applied to the scores in between; the longest rows are taken first.
-  ``ATTNKIT_TILED_KERNEL=torch`` (or a failed build, which warns) runs the torch-op forward below.
+* Plain softmax (no score mod, no normaliser) in float32 or bf16 (fp16 widened to float32) runs through the
+  native C++ kernel (:mod:`attnkit.backends.native`, :mod:`._native`) when it is built, forward and backward: one
+  loop over (batch, head unit, query block) that copies its tiles' K and V rows into a per-thread buffer, 256 keys
+  at a time, and runs the products as BLAS calls (bf16 operands into float32 in bf16) with the online softmax, the
+  tile masks and a token-grain selection (:class:`~attnkit.layout.TokenSelect`) applied to the scores in between;
+  the longest rows are taken first. ``ATTNKIT_TILED_KERNEL=torch`` (or a failed build, which warns) runs the
+  torch-op paths below.
 * The torch-op forward of plain softmax without a token-grain refinement runs through PyTorch's fused CPU
   flash-attention op, which returns ``lse`` with the output. Its plan (:func:`._plan._fused_plan`) cuts every row
   into its unmasked *bulk* and its masked *tail* (the causal diagonal): bulks are sorted by width and packed
@@ -31,13 +32,13 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
   irregular rows of a dynamic selection run in few large calls; tails of the same shape run as one batch per
   unit; the two merge by their lse. Rows with masked tiles inside (neighbourhoods) run whole under their mask.
   The unfused path (``bmm``, ``exp``, ``bmm``) serves the rest and the backward.
-* bf16/fp16 inputs are computed in float32 tile by tile and the output is rounded once.
+* On the torch-op paths bf16/fp16 inputs are computed in float32 tile by tile and the output is rounded once.
 * A query with no visible key gives ``out = 0`` and ``lse = -inf``.
 
 One module per job: :mod:`._plan` cuts a layout's rows into the unfused path's chunks and the fused op's calls
 (cached on the layout); :mod:`._fused` runs those calls; :mod:`._unfused` computes the logits of a chunk's
 segments and their softmax; :mod:`._normalize` the non-softmax normalisers; :mod:`._backward` the gradients;
-:mod:`._common` holds what they share (padding, the grouping of heads into units, the tile gathers, the lse merge
+:mod:`._native` calls the C++ kernel; :mod:`._common` holds what they share (padding, the grouping of heads into units, the tile gathers, the lse merge
 and ``_Unit``, the values one unit of work hands to each of its chunks). This module chooses the forward
 (native, fused or unfused) and holds the autograd function.
 """
