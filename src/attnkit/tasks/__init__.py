@@ -8,8 +8,8 @@ reach 100%. An image task (``digits``, whose record supports ``"spatial"``) make
 a small model per mechanism on each (``attnkit.bench.quality``).
 """
 
-from . import digits, mad, mqar
+from . import digits, mad, mqar, shapes
 from .base import IGNORE, TokenTask
 from .digits import ImageTask
 
-__all__ = ["IGNORE", "ImageTask", "TokenTask", "digits", "mad", "mqar"]
+__all__ = ["IGNORE", "ImageTask", "TokenTask", "digits", "mad", "mqar", "shapes"]
