@@ -8,7 +8,7 @@ causal attention (the ``causal`` pattern) trained in the same run on the same ba
 width) is :data:`MQAR_SWEEP`; ``state`` in its rows is the recurrent state a linear mechanism carries per layer
 (``heads * head_dim^2`` floats), the x-axis of Zoology's accuracy-against-state-size plot.
 
-Image tasks (records that support ``"spatial"``: scikit-learn's bundled ``digits``) train a small ViT instead:
+Image tasks (records that support ``"spatial"``: scikit-learn's bundled ``digits`` and the generated ``shapes``) train a small ViT instead:
 one token per pixel, a 3 x 3 convolutional stem plus a learned position, two pre-norm blocks whose token mixer is
 each 2-D mechanism (every record of kind pattern or layer with ``"spatial"``: the neighbourhoods, halo, MaxViT,
 radial and the family-I vision modules), mean pooling and a linear classifier, beside non-causal dense
@@ -38,8 +38,20 @@ DENSE = "causal"
 _MECHANISM_KINDS = ("pattern", "selector", "function", "layer")
 #: (task record, n, options) of the MQAR sweep: Zoology's easy setting first, then longer and more pairs.
 MQAR_SWEEP = (("mqar", 64, {"pairs": 4}), ("mqar", 128, {"pairs": 8}), ("mqar", 256, {"pairs": 16}))
-MAD_TASKS = (("in_context_recall", 64, {}), ("noisy_recall", 64, {}), ("selective_copying", 64, {}))
-VISION_TASKS = (("digits", 64, {}),)
+#: MAD's six tasks (``attnkit.tasks.mad``), 64 tokens each.
+MAD_TASKS = tuple(
+    (name, 64, {})
+    for name in (
+        "in_context_recall",
+        "noisy_recall",
+        "selective_copying",
+        "fuzzy_recall",
+        "compression",
+        "memorisation",
+    )
+)
+#: The image tasks: the 8 x 8 digits and the generated 12 x 12 shapes (144 tokens: every 2-D mechanism's grid).
+VISION_TASKS = (("digits", 64, {}), ("shapes", 144, {}))
 #: Image rows in the quick run: dense, a family-A neighbourhood and two family-I modules.
 QUICK_2D = ("dense", "neighborhood_2d", "transnext_aggregated", "focal_modulation")
 
@@ -313,10 +325,11 @@ def markdown(section: dict) -> list[str]:
 
 
 class QualitySuite:
-    """Small models trained per mechanism (MQAR and MAD per causal one, digits per 2-D one) beside dense."""
+    """Small models trained per mechanism (MQAR and MAD per causal one, digits and shapes per 2-D one) beside
+    dense."""
 
     name = "quality"
-    title = "trained quality (MQAR, MAD, digits)"
+    title = "trained quality (MQAR, MAD, digits, shapes)"
 
     def __init__(self, config: QualityConfig | None = None):
         self.config = config or QualityConfig()
