@@ -8,12 +8,13 @@ causal attention (the ``causal`` pattern) trained in the same run on the same ba
 width) is :data:`MQAR_SWEEP`; ``state`` in its rows is the recurrent state a linear mechanism carries per layer
 (``heads * head_dim^2`` floats), the x-axis of Zoology's accuracy-against-state-size plot.
 
-Image tasks (records that support ``"spatial"``: scikit-learn's bundled ``digits`` and the generated ``shapes``) train a small ViT instead:
-one token per pixel, a 3 x 3 convolutional stem plus a learned position, two pre-norm blocks whose token mixer is
-each 2-D mechanism (every record of kind pattern or layer with ``"spatial"``: the neighbourhoods, halo, MaxViT,
-radial and the family-I vision modules), mean pooling and a linear classifier, beside non-causal dense
-attention (``dense``) on the same batches. Only the cross-entropy is trained (TAP's diversity loss and iLLaMA's
-class-token readout are not used, so every mixer is read out the same way).
+Image tasks (records that support ``"spatial"``: scikit-learn's bundled ``digits``, the generated 12 x 12
+``shapes``) train a small ViT instead: one token per pixel, a 3 x 3 convolutional stem plus a learned position,
+two pre-norm blocks whose token mixer is each 2-D mechanism (every record of kind pattern or layer with
+``"spatial"``: the neighbourhoods, halo, MaxViT, radial and the family-I vision modules), mean pooling and a
+linear classifier, beside non-causal dense attention (``dense``) on the same batches. Only the cross-entropy is
+trained (TAP's diversity loss and iLLaMA's class-token readout are not used, so every mixer is read out the same
+way).
 
 Quick (default): one mechanism per family (:data:`QUICK`, :data:`QUICK_2D`), one seed. ``--full``: every causal
 and every 2-D mechanism, three seeds, mean and spread.
