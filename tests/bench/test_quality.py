@@ -67,6 +67,15 @@ def test_the_image_model_runs_every_2d_mechanism_on_the_shapes_grid():
     assert refused == {"neighborhood_3d_causal"}
 
 
+def test_the_quick_run_trains_shapes_fewer_steps_and_says_so():
+    quick, full = quality.QualityConfig(), quality.QualityConfig(full=True)
+    assert quick.steps_for("shapes") == quality.QUICK_STEPS["shapes"] < quick.steps == quick.steps_for("mqar")
+    assert full.steps_for("shapes") == full.steps and quality.QualityConfig(steps=5).steps_for("shapes") == 5
+    row = {"task": "shapes", "n": 144, "mechanism": "dense", "dim": 32, "state": None, "accuracy": 0.9}
+    lines = quality.markdown({"rows": [{**row, "steps": 300, "seconds": 1.0}], "seconds": 1.0, "targets": []})
+    assert any(line.endswith("| 300 steps |") for line in lines)
+
+
 def test_an_image_model_learns_digits_with_each_kind_of_mixer():
     """80 steps on the digits: dense, a registered pattern and a family-I layer each train (the loss falls below
     the uniform ln 10 = 2.30, accuracy above chance's 0.10) and score every held-out image."""
