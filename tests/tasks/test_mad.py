@@ -69,6 +69,18 @@ def test_fuzzy_recall_answers_are_the_earlier_value_spans():
     assert (y[y != IGNORE] >= kt).all()  # only value tokens are answers
 
 
+def test_fuzzy_recall_redraws_repeated_key_spans_until_they_are_distinct():
+    """15 copies of one key span, and the 15 spans of 3 key tokens are all that can be drawn: the row still has
+    15 distinct keys, each followed by its value."""
+    values = [(3 + i % 4,) for i in range(15)]
+    order = list(range(15)) * 3
+    rng = np.random.default_rng(0)
+    seq, _ = mad._fuzzy_row(rng, 200, [(0,)] * 15, values, order, key_span=3, key_tokens=3)
+    runs = np.split(np.array(seq), np.nonzero(np.diff(np.array(seq) < 3))[0] + 1)
+    keys = [tuple(r) for r in runs[0:30:2]]
+    assert len(set(keys)) == 15 and keys[0] == (0,) and all(r[0] < 3 for r in runs[0:30:2])
+
+
 def test_compression_reproduces_the_sequence_after_its_token():
     task = mad.compression(64, seed=0)
     x, y = task.test_batch(16)

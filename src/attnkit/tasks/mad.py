@@ -98,20 +98,29 @@ def _check_counts(task: str, **counts):
             raise ValueError(f"{task}: " + bad(arg, f"an int >= {lo}", repr(value)))
 
 
-def _span(rng, tokens: int, longest: int, offset: int) -> tuple:
-    """A span of 1..``longest`` distinct tokens from ``offset .. offset + tokens - 1`` (MAD's permutations)."""
-    return tuple(int(t) + offset for t in rng.choice(tokens, int(rng.integers(1, longest + 1)), replace=False))
+def _spans(rng, shape: tuple, tokens: int, longest: int, offset: int) -> list:
+    """Spans (an array of ``shape`` of them, as nested lists of tuples) of 1..``longest`` distinct tokens from
+    ``offset .. offset + tokens - 1`` (MAD's permutations), the length uniform."""
+    lengths = rng.integers(1, longest + 1, shape)
+    picks = np.argsort(rng.random((*shape, tokens)), axis=-1)[..., :longest] + offset
+    return [
+        [tuple(p[:length]) for p, length in zip(row, lens, strict=True)]
+        for row, lens in zip(picks.tolist(), lengths.tolist(), strict=True)
+    ]
 
 
-def _fuzzy_row(rng, n, keys, key_tokens, value_tokens, key_span, value_span):
-    spans: dict = {}
-    while len(spans) < keys:  # ``keys`` distinct key spans, each with its value span, for this sequence
-        k = _span(rng, key_tokens, key_span, 0)
-        spans.setdefault(k, _span(rng, value_tokens, value_span, key_tokens))
+def _fuzzy_row(rng, n, key_spans, value_spans, order, key_span, key_tokens):
+    spans = dict(zip(key_spans, value_spans, strict=True))
+    while len(spans) < len(key_spans):  # a repeated key span (rare): draw more until ``keys`` are distinct
+        for k in _spans(rng, (1, len(key_spans)), key_tokens, key_span, 0)[0]:
+            if len(spans) < len(key_spans):
+                spans.setdefault(k, value_spans[len(spans)])
     pairs = list(spans.items())
     seq, tgt, seen = [], [], set()
-    while len(seq) <= n:
-        k, v = pairs[rng.integers(keys)]
+    for i in order:
+        if len(seq) > n:
+            break
+        k, v = pairs[i]
         known = k in seen
         seq += [*k, *v]
         # at a key's last token its value's first token is known only if the key cannot go on (full length);
@@ -171,7 +180,13 @@ def fuzzy_recall(
         raise ValueError("fuzzy_recall: " + bad("keys", f"at most {possible} distinct key spans", keys))
 
     def make(rng, size):
-        rows = [_fuzzy_row(rng, n, keys, key_tokens, value_tokens, key_span, value_span) for _ in range(size)]
+        key_spans = _spans(rng, (size, keys), key_tokens, key_span, 0)
+        value_spans = _spans(rng, (size, keys), value_tokens, value_span, key_tokens)
+        orders = rng.integers(0, keys, (size, n // 2 + 1)).tolist()  # enough pairs: each has at least 2 tokens
+        rows = [
+            _fuzzy_row(rng, n, ks, vs, order, key_span, key_tokens)
+            for ks, vs, order in zip(key_spans, value_spans, orders, strict=True)
+        ]
         return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
 
     settings = dict(keys=keys, key_tokens=key_tokens, value_tokens=value_tokens, key_span=key_span)
