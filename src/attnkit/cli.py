@@ -103,7 +103,7 @@ def explain(name, length, heads, kv_heads, dim, train, budget, backend):
     help="static: family-A patterns; linear: family-C mechanisms (N up to 64k); dynamic: family-B selectors on "
     "real SmolLM2 q, k, v (4k, 16k); layers: attention layers (prefill, decode, cache bytes) beside x-transformers "
     "and nn.MultiheadAttention; distributed: context-parallel attention on 1, 2 and 4 local gloo processes (not in "
-    "all); quality: small models trained on MQAR and MAD tasks per causal mechanism and on digits "
+    "all); quality: small models trained on MQAR and MAD tasks per causal mechanism and on digits and shapes "
     "per 2-D mechanism (not in all; --full: every mechanism, 3 seeds); all: every suite but distributed and "
     "quality, sharing SDPA timings.",
 )

@@ -29,19 +29,55 @@ def test_every_causal_mechanism_gets_an_mqar_and_a_mad_row():
     names = {r.name for r in quality.causal_mechanisms()}
     cells = quality.plan(quality.QualityConfig(full=True))
     assert quality.QualitySuite(quality.QualityConfig(full=True)).cells() == len(cells)
-    for task in ("mqar", "in_context_recall", "noisy_recall", "selective_copying"):
+    mad = ("in_context_recall", "noisy_recall", "selective_copying", "fuzzy_recall", "compression", "memorisation")
+    for task in ("mqar", *mad):
         assert {rec.name for t, *_, rec in cells if t == task} == names, task
     assert {"causal", "sliding_window", "linear_elu"} <= {rec.name for *_, rec in quality.plan(quality.QualityConfig())}
 
 
-def test_every_2d_mechanism_gets_a_digits_row_beside_dense():
+def test_every_2d_mechanism_gets_a_digits_and_a_shapes_row_beside_dense():
     spatial = {r.name for r in quality.spatial_mechanisms()}
     expected = {r.name for r in registry.records() if r.kind in ("pattern", "layer") and "spatial" in r.supports}
     assert spatial == expected and {"neighborhood_2d", "transnext_aggregated", "ppma_polyline"} <= spatial
     full = quality.plan(quality.QualityConfig(full=True))
-    assert {rec.name for t, *_, rec in full if t == "digits"} == spatial | {"dense"}
-    quick = {rec.name for t, *_, rec in quality.plan(quality.QualityConfig()) if t == "digits"}
-    assert quick == set(quality.QUICK_2D) and quick <= spatial | {"dense"}
+    for task in ("digits", "shapes"):
+        assert {rec.name for t, *_, rec in full if t == task} == spatial | {"dense"}, task
+        quick = {rec.name for t, *_, rec in quality.plan(quality.QualityConfig()) if t == task}
+        assert quick == set(quality.QUICK_2D) and quick <= spatial | {"dense"}, task
+
+
+def test_the_image_model_runs_every_2d_mechanism_on_the_shapes_grid():
+    """12 x 12 shapes (144 tokens): every 2-D mechanism builds its grid there (MaxViT and halo need a side
+    divisible by 4, the dilated neighbourhood at least 10); only the 3-D (video) neighbourhood, whose grid is a
+    cube, refuses 144 tokens (radial reads them as 16 frames of 9)."""
+    import torch
+
+    task = registry.get("shapes").make(144, seed=0, train=8, test=8)
+    images = torch.from_numpy(task.batch(2)[0])
+    refused = set()
+    for rec in [quality.DENSE_2D, *quality.spatial_mechanisms()]:
+        try:
+            model = quality.build_image(rec, task.n, task.classes, dim=16)
+        except ValueError:
+            refused.add(rec.name)
+            continue
+        with torch.no_grad():
+            try:
+                out = model(images)
+            except ValueError:
+                refused.add(rec.name)
+                continue
+        assert out.shape == (2, 6) and torch.isfinite(out).all(), rec.name
+    assert refused == {"neighborhood_3d_causal"}
+
+
+def test_the_quick_run_trains_shapes_fewer_steps_and_says_so():
+    quick, full = quality.QualityConfig(), quality.QualityConfig(full=True)
+    assert quick.steps_for("shapes") == quality.QUICK_STEPS["shapes"] < quick.steps == quick.steps_for("mqar")
+    assert full.steps_for("shapes") == full.steps and quality.QualityConfig(steps=5).steps_for("shapes") == 5
+    row = {"task": "shapes", "n": 144, "mechanism": "dense", "dim": 32, "state": None, "accuracy": 0.9}
+    lines = quality.markdown({"rows": [{**row, "steps": 300, "seconds": 1.0}], "seconds": 1.0, "targets": []})
+    assert any(line.endswith("| 300 steps |") for line in lines)
 
 
 def test_an_image_model_learns_digits_with_each_kind_of_mixer():

@@ -8,12 +8,13 @@ causal attention (the ``causal`` pattern) trained in the same run on the same ba
 width) is :data:`MQAR_SWEEP`; ``state`` in its rows is the recurrent state a linear mechanism carries per layer
 (``heads * head_dim^2`` floats), the x-axis of Zoology's accuracy-against-state-size plot.
 
-Image tasks (records that support ``"spatial"``: scikit-learn's bundled ``digits``) train a small ViT instead:
-one token per pixel, a 3 x 3 convolutional stem plus a learned position, two pre-norm blocks whose token mixer is
-each 2-D mechanism (every record of kind pattern or layer with ``"spatial"``: the neighbourhoods, halo, MaxViT,
-radial and the family-I vision modules), mean pooling and a linear classifier, beside non-causal dense
-attention (``dense``) on the same batches. Only the cross-entropy is trained (TAP's diversity loss and iLLaMA's
-class-token readout are not used, so every mixer is read out the same way).
+Image tasks (records that support ``"spatial"``: scikit-learn's bundled ``digits``, the generated 12 x 12
+``shapes``) train a small ViT instead: one token per pixel, a 3 x 3 convolutional stem plus a learned position,
+two pre-norm blocks whose token mixer is each 2-D mechanism (every record of kind pattern or layer with
+``"spatial"``: the neighbourhoods, halo, MaxViT, radial and the family-I vision modules), mean pooling and a
+linear classifier, beside non-causal dense attention (``dense``) on the same batches. Only the cross-entropy is
+trained (TAP's diversity loss and iLLaMA's class-token readout are not used, so every mixer is read out the same
+way).
 
 CAB's four settings (Zhang et al., 2022; ``attnkit.tasks.cab``): a task record's ``supports`` says which it is
 (``"causal"``: causal self, the token tasks above; ``"noncausal"``: non-causal self; ``"noncausal"`` and
@@ -48,8 +49,24 @@ DENSE = "causal"
 _MECHANISM_KINDS = ("pattern", "selector", "function", "layer")
 #: (task record, n, options) of the MQAR sweep: Zoology's easy setting first, then longer and more pairs.
 MQAR_SWEEP = (("mqar", 64, {"pairs": 4}), ("mqar", 128, {"pairs": 8}), ("mqar", 256, {"pairs": 16}))
-MAD_TASKS = (("in_context_recall", 64, {}), ("noisy_recall", 64, {}), ("selective_copying", 64, {}))
-VISION_TASKS = (("digits", 64, {}),)
+#: MAD's six tasks (``attnkit.tasks.mad``), 64 tokens each.
+MAD_TASKS = tuple(
+    (name, 64, {})
+    for name in (
+        "in_context_recall",
+        "noisy_recall",
+        "selective_copying",
+        "fuzzy_recall",
+        "compression",
+        "memorisation",
+    )
+)
+#: The image tasks: the 8 x 8 digits and the generated 12 x 12 shapes (144 tokens: every 2-D mechanism's grid).
+VISION_TASKS = (("digits", 64, {}), ("shapes", 144, {}))
+#: Training steps of the quick run that differ per task, so that each model trains in about a minute on one core:
+#: a shapes model reads 144 tokens (2.25x digits' 64, and its attention 5x), so it trains fewer steps. ``--full``
+#: trains every task ``QualityConfig.steps``.
+QUICK_STEPS = {"shapes": 300}
 #: CAB's non-causal self, non-causal cross and causal cross settings (causal self: the MQAR and MAD tasks).
 CAB_TASKS = (("bidirectional_recall", 32, {}), ("cross_lookup", 16, {}), ("streaming_lookup", 16, {}))
 #: The quick run's mechanisms per CAB setting: dense, a sliding window and a linear attention in each.
@@ -85,11 +102,19 @@ class QualityConfig:
     seeds: tuple = (0,)
     eval_batches: int = 4  # held-out batches of 64 sequences
     tasks: tuple = field(default_factory=lambda: MQAR_SWEEP[:1] + MAD_TASKS + VISION_TASKS + CAB_TASKS)
+    task_steps: dict = field(default_factory=lambda: dict(QUICK_STEPS))  # per task: at most this many steps
 
     def __post_init__(self):
         if self.full:
-            self.seeds, self.widths = (0, 1, 2), (32, 64, 128)
-            self.tasks = MQAR_SWEEP + MAD_TASKS + VISION_TASKS + CAB_TASKS
+            self.seeds, self.tasks, self.widths = (
+                (0, 1, 2),
+                MQAR_SWEEP + MAD_TASKS + VISION_TASKS + CAB_TASKS,
+                (32, 64, 128),
+            )
+            self.task_steps = {}
+
+    def steps_for(self, task_name: str) -> int:
+        return min(self.steps, self.task_steps.get(task_name, self.steps))
 
 
 def causal_mechanisms() -> list:
@@ -351,6 +376,9 @@ def run_quality(config: QualityConfig, progress) -> dict:
     for task_name, n, opts, dim, rec in plan(config):
         state = None if _is_image(task_name) else state_size(dim)
         row = {"task": task_name, "n": n, **opts, "mechanism": rec.name, "dim": dim, "state": state}
+        steps = config.steps_for(task_name)
+        if steps != config.steps:
+            row["steps"] = steps
         if "backward" not in rec.supports:
             rows.append({**row, "note": "no backward: cannot be trained"})
             progress(f"quality {task_name} n={n} d={dim} {rec.name} (no backward)")
@@ -363,7 +391,7 @@ def run_quality(config: QualityConfig, progress) -> dict:
                     rec,
                     task,
                     dim=dim,
-                    steps=config.steps,
+                    steps=steps,
                     batch=config.batch,
                     lr=config.lr,
                     seed=seed,
@@ -385,7 +413,11 @@ def run_quality(config: QualityConfig, progress) -> dict:
                 }
             )
         progress(f"quality {task_name} n={n} d={dim} {rec.name}")
-    section = {"rows": rows, "seconds": time.time() - started, "config": {"steps": config.steps, "full": config.full}}
+    section = {
+        "rows": rows,
+        "seconds": time.time() - started,
+        "config": {"steps": config.steps, "task_steps": config.task_steps, "full": config.full},
+    }
     section["targets"] = judge(rows)
     return section
 
@@ -467,9 +499,10 @@ def markdown(section: dict) -> list[str]:
         a = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
         s = f"{r['spread']:.3f}" if "spread" in r else "-"
         t = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+        note = r.get("note") or (f"{r['steps']} steps" if "steps" in r else "")
         lines.append(
             f"| {r['task']} | {r['n']} | {r['mechanism']} | {r['dim']} | {r['state'] or '-'} | {a} | {s} | {t} | "
-            f"{r.get('note', '')} |"
+            f"{note} |"
         )
     lines += ["", f"wall time {section['seconds']:.0f} s", ""]
     lines += [f"- {'met' if t['met'] else 'NOT met'}: {t['target']} ({t['value']})" for t in section["targets"]]
@@ -477,11 +510,11 @@ def markdown(section: dict) -> list[str]:
 
 
 class QualitySuite:
-    """Small models trained per mechanism (MQAR and MAD per causal one, digits per 2-D one, CAB's lookups per
-    mechanism of each setting) beside dense."""
+    """Small models trained per mechanism (MQAR and MAD per causal one, digits and shapes per 2-D one, CAB's
+    lookups per mechanism of each setting) beside dense."""
 
     name = "quality"
-    title = "trained quality (MQAR, MAD, digits, CAB's four settings)"
+    title = "trained quality (MQAR, MAD, digits, shapes, CAB's four settings)"
 
     def __init__(self, config: QualityConfig | None = None):
         self.config = config or QualityConfig()

@@ -37,10 +37,11 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
 
 One module per job: :mod:`._plan` cuts a layout's rows into the unfused path's chunks and the fused op's calls
 (cached on the layout); :mod:`._fused` runs those calls; :mod:`._unfused` computes the logits of a chunk's
-segments and their softmax; :mod:`._normalize` the non-softmax normalisers; :mod:`._backward` the gradients;
-:mod:`._native` calls the C++ kernel; :mod:`._common` holds what they share (padding, the grouping of heads into units, the tile gathers, the lse merge
-and ``_Unit``, the values one unit of work hands to each of its chunks). This module chooses the forward
-(native, fused or unfused) and holds the autograd function.
+segments and their softmax; :mod:`._normalize` the non-softmax normalisers; :mod:`._backward` the torch-op
+gradients; :mod:`._native` calls the C++ kernel; :mod:`._common` holds what they share (padding, the grouping of
+heads into units, the tile gathers, the lse merge and ``_Unit``, the values one unit of work hands to each of its
+chunks). This module chooses the path (native, fused or unfused) in each direction and holds the autograd
+function.
 """
 
 from __future__ import annotations
