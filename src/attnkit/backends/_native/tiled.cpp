@@ -12,8 +12,8 @@
 //   P_c = exp(S_c - lse);   dV_c += P_c^T dO;   dS_c = P_c * (dO V_c^T - delta);
 //   dQ_r += scale dS_c K_c;   dK_c += scale dS_c^T Q_r
 //
-// The K and V rows of a chunk are copied into a per-thread buffer of at most `max_keys` keys (a run of consecutive
-// key blocks is one copy), so every product is one BLAS call on cache-resident operands and no tensor the size of
+// The K and V rows of a chunk (at most `max_keys` keys) are read in place when its tiles are one run of consecutive
+// key blocks, else copied into a per-thread buffer (a run at a time), so every product is one BLAS call on cache-resident operands and no tensor the size of
 // the selection is ever made. In bf16 the products take bf16 operands (Q, K, V, dO as given; P and dS rounded to
 // bf16 once, as torch's CPU flash attention does) into float32 results (MKL's gemm_bf16bf16f32); the softmax, its
 // statistics and every accumulator stay float32. Work items are taken from a shared counter, longest rows first,
@@ -226,6 +226,7 @@ struct Problem {
 template <typename T>
 struct Scratch {
   std::vector<T> q, k, v, dout;
+  const T *kc = nullptr, *vc = nullptr;  // the chunk's K and V rows: the inputs themselves, or the copies in k, v
   std::vector<float> s, dp, o, m, l;  // o: the forward's accumulator, or the backward's dQ
   std::vector<bf16> p16, ds16;        // P and dS rounded for the bf16 products
   std::vector<char> bad;              // (M,): a non-finite q or logit reached the row; its output becomes NaN
@@ -300,17 +301,26 @@ void chunk_scores(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t lh, int
   const int L = static_cast<int>(n * bk);
   const T* kb = p.k + (b * p.Hkv + hk) * p.nk * D;
   const T* vb = p.v + (b * p.Hkv + hk) * p.nk * Dv;
-  for_runs(ids, s0, n, bk, [&](int64_t t, int64_t key0, int64_t len) {
-    std::memcpy(w.k.data() + t * bk * D, kb + key0 * D, sizeof(T) * len * D);
-    std::memcpy(w.v.data() + t * bk * Dv, vb + key0 * Dv, sizeof(T) * len * Dv);
-  });
+  // One run of consecutive key blocks (a window, a neighbourhood's interior) is read in place; a scattered
+  // selection is copied, a run at a time.
+  bool one_run = true;
+  for (int64_t t = 1; t < n && one_run; ++t) one_run = ids[s0 + t] == ids[s0 + t - 1] + 1;
+  if (one_run) {
+    w.kc = kb + ids[s0] * bk * D, w.vc = vb + ids[s0] * bk * Dv;
+  } else {
+    for_runs(ids, s0, n, bk, [&](int64_t t, int64_t key0, int64_t len) {
+      std::memcpy(w.k.data() + t * bk * D, kb + key0 * D, sizeof(T) * len * D);
+      std::memcpy(w.v.data() + t * bk * Dv, vb + key0 * Dv, sizeof(T) * len * Dv);
+    });
+    w.kc = w.k.data(), w.vc = w.v.data();
+  }
   float* S = w.s.data();
   gemm(false, true, static_cast<int>(M), L, static_cast<int>(D), kScaledQ<T> ? 1.f : p.scale, w.q.data(), static_cast<int>(D),
-       w.k.data(), static_cast<int>(D), 0.f, S, L);
+       w.kc, static_cast<int>(D), 0.f, S, L);
   // A non-finite key can give a logit of -inf, which would read as masked: its column becomes NaN before the
   // masks, so a row that may see it is marked bad (row_max) and a row that may not is masked as usual.
   for (int c = 0; c < L; ++c)
-    if (any_nonfinite(w.k.data() + c * D, D))
+    if (any_nonfinite(w.kc + c * D, D))
       for (int64_t i = 0; i < M; ++i) S[i * L + c] = kNaN;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t mid = mids[s0 + t], J = ids[s0 + t];
@@ -376,7 +386,7 @@ void forward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, Sc
       w.m[i] = mx;
     }
     gemm(false, false, static_cast<int>(M), static_cast<int>(Dv), L, 1.f, as_operand<T>(S, M * L, w.p16), L,
-         w.v.data(), static_cast<int>(Dv), 1.f, w.o.data(), static_cast<int>(Dv));
+         w.vc, static_cast<int>(Dv), 1.f, w.o.data(), static_cast<int>(Dv));
   }
 
   for (int64_t g = 0; g < p.G; ++g)
@@ -420,7 +430,7 @@ void backward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, S
     chunk_scores(p, w, b, lh, hk, r, s0, n);
     float *P = w.s.data(), *dS = w.dp.data();
     for (int64_t i = 0; i < M; ++i) exp_shift_sum(P + i * L, L, w.m[i]);
-    gemm(false, true, iM, L, iDv, 1.f, w.dout.data(), iDv, w.v.data(), iDv, 0.f, dS, L);  // dP = dO V^T
+    gemm(false, true, iM, L, iDv, 1.f, w.dout.data(), iDv, w.vc, iDv, 0.f, dS, L);  // dP = dO V^T
     for (int64_t i = 0; i < M; ++i) softmax_grad(P + i * L, dS + i * L, L, w.l[i]);
     const T* Pt = as_operand<T>(P, M * L, w.p16);
     const T* dSt = as_operand<T>(dS, M * L, w.ds16);
@@ -430,7 +440,7 @@ void backward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, S
       gemm(true, false, rows, iD, iM, kScaledQ<T> ? 1.f : p.scale, dSt + t * bk, L, w.q.data(), iD, 1.f,
            dk + key0 * D, iD);
     });
-    gemm(false, false, iM, iD, L, p.scale, dSt, L, w.k.data(), iD, 1.f, dq, iD);
+    gemm(false, false, iM, iD, L, p.scale, dSt, L, w.kc, iD, 1.f, dq, iD);
   }
   for (int64_t g = 0; g < p.G; ++g)
     std::memcpy(p.dq + ((b * p.Hq + h0 + g) * p.nq + r * bq) * D, dq + g * bq * D, sizeof(float) * bq * D);
