@@ -361,7 +361,22 @@ def _top_indices(scores, k):
     return sorted(range(len(vals)), key=lambda j: -vals[j])[:k]
 
 
-def glca_attention(x, qkv_w, qkv_b, proj_w, proj_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b, *, heads, top, pair=False, dtype=torch.float64):
+def glca_attention(
+    x,
+    qkv_w,
+    qkv_b,
+    proj_w,
+    proj_b,
+    g_qkv_w,
+    g_qkv_b,
+    g_proj_w,
+    g_proj_b,
+    *,
+    heads,
+    top,
+    pair=False,
+    dtype=torch.float64,
+):
     """DCAL: self-attention (over the keys of the image and, with ``pair``, also of the distractor image
     ``(b + 1) mod B``) plus, at the ``top`` tokens of largest one-layer rollout score, global-local
     cross-attention with its own weights: ``y = proj(SA) + [i in S] g_proj(softmax(q^g_i K^g / sqrt d) V^g)``.
@@ -438,7 +453,9 @@ def relation_bias(boxes, pos_w, pos_b, *, embed_dim, temperature=10000.0, scale=
     return out
 
 
-def relation_attention(x, qkv_w, qkv_b, proj_w, proj_b, pos_w, pos_b, *, heads, embed_dim, boxes=None, dtype=torch.float64):
+def relation_attention(
+    x, qkv_w, qkv_b, proj_w, proj_b, pos_w, pos_b, *, heads, embed_dim, boxes=None, dtype=torch.float64
+):
     """Multi-head softmax attention with Relation-DETR's pairwise geometry bias added to the logits:
     ``softmax(Q K^T / sqrt d + relation_bias(boxes))``; ``boxes`` default to the cells of the image's grid."""
     x, qkv_w, qkv_b, proj_w, proj_b = _cast(dtype, x, qkv_w, qkv_b, proj_w, proj_b)
@@ -456,7 +473,23 @@ def _unit(t):
     return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def tcpa_attention(x, cls, keys_c, prompts_c, keys_i, prompts_i, qkv_w, qkv_b, proj_w, proj_b, *, heads, topk_c, topk_i, dtype=torch.float64):
+def tcpa_attention(
+    x,
+    cls,
+    keys_c,
+    prompts_c,
+    keys_i,
+    prompts_i,
+    qkv_w,
+    qkv_b,
+    proj_w,
+    proj_b,
+    *,
+    heads,
+    topk_c,
+    topk_i,
+    dtype=torch.float64,
+):
     """TCPA: tokens ``[cls, x_1 .. x_N]`` attend to every token and to the prompts matched to them: the class
     token to its ``topk_c`` CLS prompts of largest cosine similarity between the class token and the CLS-prompt
     keys, each image token to its ``topk_i`` image prompts likewise; prompts enter only as keys and values.

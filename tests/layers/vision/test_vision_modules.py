@@ -331,9 +331,10 @@ def test_tcpa_cls_prompts_reach_the_class_token_only_and_the_matching_loss():
     assert err(layer(x), y) > 1e-4
     # a prompt no token chose changes nothing
     layer(x)
-    sim = torch.nn.functional.normalize(x.reshape(2, 12, 32), dim=-1) @ torch.nn.functional.normalize(
-        layer.keys_i, dim=-1
-    ).t()
+    sim = (
+        torch.nn.functional.normalize(x.reshape(2, 12, 32), dim=-1)
+        @ torch.nn.functional.normalize(layer.keys_i, dim=-1).t()
+    )
     unused = set(range(8)) - set(sim.topk(2, -1).indices.flatten().tolist())
     if unused:
         before = layer(x)

@@ -86,7 +86,9 @@ class TokenCoordinatedPromptAttention(VisionMixer):
         chosen = torch.zeros(B, N + 1, Pc + Pi, dtype=torch.bool, device=x.device)
         chosen[:, 0, :Pc].scatter_(-1, top_c.indices, True)
         chosen[:, 1:, Pc:].scatter_(-1, top_i.indices, True)
-        s = torch.cat([q @ k.transpose(-1, -2), (q @ kp.transpose(-1, -2)).masked_fill(~chosen[:, None], float("-inf"))], -1)
+        s = torch.cat(
+            [q @ k.transpose(-1, -2), (q @ kp.transpose(-1, -2)).masked_fill(~chosen[:, None], float("-inf"))], -1
+        )
         p = (s * d**-0.5).softmax(-1)
         out = p[..., : N + 1] @ v + p[..., N + 1 :] @ vp
         self._loss = (1 - top_c.values).mean() + (1 - top_i.values).mean()
