@@ -77,6 +77,30 @@ class ALiBi(ScoreMod):
         return score - slope * (q_idx - kv_idx).abs().to(score.dtype)
 
 
+class TensorBias(ScoreMod):
+    """An additive bias given as a tensor ``bias`` of shape ``(heads, Nq, Nk)``: ``s + bias[h, i, j]``.
+
+    The bias may carry autograd history (a learned bias such as Relation-DETR's pairwise geometry bias,
+    :class:`attnkit.layers.vision.RelationGeometryAttention`): on ``sdpa`` it becomes the float mask and its
+    gradient flows; the ``tiled`` kernel's hand-written backward gives no gradient to it. ``i`` is the absolute
+    query position, so ``Nq`` counts from 0 (``q_offset + Nq`` rows are needed for a decode)."""
+
+    additive = True
+
+    def __init__(self, bias: torch.Tensor):
+        if not isinstance(bias, torch.Tensor) or bias.dim() != 3 or not bias.is_floating_point():
+            got = type(bias).__name__ if not isinstance(bias, torch.Tensor) else f"{bias.dtype} {tuple(bias.shape)}"
+            raise ShapeError(bad("bias", "a floating-point tensor (heads, Nq, Nk)", got))
+        self.bias = bias
+        self.num_heads = bias.shape[0]
+
+    def __repr__(self):
+        return f"TensorBias(heads={self.bias.shape[0]}, Nq={self.bias.shape[1]}, Nk={self.bias.shape[2]})"
+
+    def score_mod(self, score, b, h, q_idx, kv_idx):
+        return score + self.bias.to(score.dtype)[h, q_idx, kv_idx]
+
+
 def _alibi_slopes(n: int) -> list[float]:
     def pow2(k):
         start = 2 ** (-8 / k)

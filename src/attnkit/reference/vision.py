@@ -318,3 +318,208 @@ def polyline_masked_attention(x, qkv_w, qkv_b, proj_w, proj_b, decay_w, dt_bias,
     sc = q @ k_.transpose(-1, -2) / math.sqrt(d)
     att = 0.5 * _softmax(sc + m, -1) + 0.5 * _softmax(sc + m.transpose(-1, -2), -1)
     return _lin(_merge(att @ v), proj_w, proj_b).reshape(B, H, W, C)
+
+
+def dual_branch_attention(x, qkv_w, qkv_b, proj_w, proj_b, mix, *, heads, window, compress, shift, dtype=torch.float64):
+    """UltraGen's dual-branch attention: ``(1 - a_h) z_local + a_h z_global``, ``a_h = sigmoid(mix_h)``.
+
+    ``z_local``: softmax attention under a dense mask that lets cell ``(r, c)`` see cell ``(r', c')`` when
+    ``(r + shift) // window == (r' + shift) // window`` and the same for the columns. ``z_global``: the
+    ``compress x compress`` bin means (border bins average the cells they hold) attend to each other densely,
+    and each cell reads the output of its bin ``(r // compress, c // compress)``."""
+    x, qkv_w, qkv_b, proj_w, proj_b, mix = _cast(dtype, x, qkv_w, qkv_b, proj_w, proj_b, mix)
+    B, H, W, C = x.shape
+    N, d, f = H * W, C // heads, compress
+    t = x.reshape(B, N, C)
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))
+    allowed = torch.zeros(N, N, dtype=torch.bool, device=x.device)
+    for i in range(N):
+        for j in range(N):
+            ri, ci, rj, cj = i // W, i % W, j // W, j % W
+            same_row = (ri + shift) // window == (rj + shift) // window
+            same_col = (ci + shift) // window == (cj + shift) // window
+            allowed[i, j] = same_row and same_col
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    zl = _softmax(s.masked_fill(~allowed, -math.inf), -1) @ v
+    Ph, Pw = -(-H // f), -(-W // f)
+    bins = []
+    for a in range(Ph):
+        for b in range(Pw):
+            bins.append(x[:, a * f : min((a + 1) * f, H), b * f : min((b + 1) * f, W)].mean(dim=(1, 2)))
+    pooled = torch.stack(bins, 1)  # (B, P, C)
+    qg, kg, vg = (_heads(p, heads) for p in _lin(pooled, qkv_w, qkv_b).chunk(3, -1))
+    zbar = _softmax(qg @ kg.transpose(-1, -2) / math.sqrt(d), -1) @ vg  # (B, h, P, d)
+    zg = torch.stack([zbar[:, :, (i // W) // f * Pw + (i % W) // f] for i in range(N)], 2)
+    a = torch.sigmoid(mix)[:, None, None]
+    out = (1 - a) * zl + a * zg
+    return _lin(_merge(out), proj_w, proj_b).reshape(B, H, W, C)
+
+
+def _top_indices(scores, k):
+    """The ``k`` indices of the largest entries of a 1-D tensor, by a plain sort."""
+    vals = scores.detach().tolist()
+    return sorted(range(len(vals)), key=lambda j: -vals[j])[:k]
+
+
+def glca_attention(
+    x,
+    qkv_w,
+    qkv_b,
+    proj_w,
+    proj_b,
+    g_qkv_w,
+    g_qkv_b,
+    g_proj_w,
+    g_proj_b,
+    *,
+    heads,
+    top,
+    pair=False,
+    dtype=torch.float64,
+):
+    """DCAL: self-attention (over the keys of the image and, with ``pair``, also of the distractor image
+    ``(b + 1) mod B``) plus, at the ``top`` tokens of largest one-layer rollout score, global-local
+    cross-attention with its own weights: ``y = proj(SA) + [i in S] g_proj(softmax(q^g_i K^g / sqrt d) V^g)``.
+
+    The score of key ``j`` is ``mean_i R_ij`` with ``R = 0.5 mean_h A + 0.5 I`` and ``A`` the softmax over the
+    image's own keys."""
+    ts = _cast(dtype, x, qkv_w, qkv_b, proj_w, proj_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b)
+    x, qkv_w, qkv_b, proj_w, proj_b, g_qkv_w, g_qkv_b, g_proj_w, g_proj_b = ts
+    B, H, W, C = x.shape
+    N, d = H * W, C // heads
+    t = x.reshape(B, N, C)
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))
+    qg, kg, vg = (_heads(p, heads) for p in _lin(t, g_qkv_w, g_qkv_b).chunk(3, -1))
+    outs = []
+    for b in range(B):
+        s_own = q[b] @ k[b].transpose(-1, -2) / math.sqrt(d)  # (h, N, N)
+        a_own = _softmax(s_own, -1)
+        if pair:
+            o = (b + 1) % B
+            kk, vv = torch.cat([k[b], k[o]], 1), torch.cat([v[b], v[o]], 1)
+            sa = _softmax(q[b] @ kk.transpose(-1, -2) / math.sqrt(d), -1) @ vv
+        else:
+            sa = a_own @ v[b]
+        y = _lin(_merge(sa[None]), proj_w, proj_b)[0]  # (N, C)
+        rollout = 0.5 * a_own.mean(0) + 0.5 * torch.eye(N, dtype=dtype, device=x.device)
+        score = rollout.mean(0)  # attention each token receives, averaged over the queries
+        extra = torch.zeros_like(y)
+        for i in _top_indices(score, top):
+            gi = _softmax(qg[b, :, i : i + 1] @ kg[b].transpose(-1, -2) / math.sqrt(d), -1) @ vg[b]  # (h, 1, d)
+            extra[i] = _lin(gi.reshape(1, C), g_proj_w, g_proj_b)[0]
+        outs.append(y + extra)
+    return torch.stack(outs).reshape(B, H, W, C)
+
+
+def grid_boxes(H, W, *, dtype=torch.float64, device=None):
+    """The ``(H W, 4)`` boxes ``(cx, cy, w, h)`` of the cells of an ``H x W`` grid on the unit square, raster order."""
+    rows = []
+    for r in range(H):
+        for c in range(W):
+            rows.append([(c + 0.5) / W, (r + 0.5) / H, 1.0 / W, 1.0 / H])
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def relation_bias(boxes, pos_w, pos_b, *, embed_dim, temperature=10000.0, scale=100.0, eps=1e-5, dtype=torch.float64):
+    """Relation-DETR's position relation bias ``(heads, N, N)`` from boxes ``(N, 4)`` as ``(cx, cy, w, h)``.
+
+    For every pair (query box ``i``, key box ``j``), the four log-scaled relations
+    ``log(|x_i - x_j| / w_i + 1), log(|y_i - y_j| / h_i + 1), log(w_i / w_j), log(h_i / h_j)`` (with ``eps`` added
+    to the sizes) are each encoded with ``embed_dim`` sinusoids (``sin`` at even, ``cos`` at odd features,
+    frequency ``temperature^(-2 floor(k/2) / embed_dim)``, times ``scale``), concatenated and projected per head
+    with a ReLU: ``relu(pos_w e_ij + pos_b)``. A loop over the pairs and the four relations."""
+    boxes, pos_w, pos_b = _cast(dtype, boxes, pos_w, pos_b)
+    N = boxes.shape[0]
+    heads = pos_w.shape[0]
+    out = torch.zeros(heads, N, N, dtype=dtype, device=boxes.device)
+    kk = torch.arange(embed_dim, device=boxes.device)
+    freq = torch.tensor(temperature, dtype=dtype, device=boxes.device) ** (2 * (kk // 2) / embed_dim).to(dtype)
+    even = kk % 2 == 0
+    for i in range(N):
+        xi, yi, wi, hi = boxes[i]
+        for j in range(N):
+            xj, yj, wj, hj = boxes[j]
+            rel = [
+                torch.log((xi - xj).abs() / (wi + eps) + 1.0),
+                torch.log((yi - yj).abs() / (hi + eps) + 1.0),
+                torch.log((wi + eps) / (wj + eps)),
+                torch.log((hi + eps) / (hj + eps)),
+            ]
+            feats = []
+            for e in rel:
+                arg = e * scale / freq
+                feats.append(torch.where(even, torch.sin(arg), torch.cos(arg)))
+            out[:, i, j] = torch.relu(pos_w @ torch.cat(feats) + pos_b)
+    return out
+
+
+def relation_attention(
+    x, qkv_w, qkv_b, proj_w, proj_b, pos_w, pos_b, *, heads, embed_dim, boxes=None, dtype=torch.float64
+):
+    """Multi-head softmax attention with Relation-DETR's pairwise geometry bias added to the logits:
+    ``softmax(Q K^T / sqrt d + relation_bias(boxes))``; ``boxes`` default to the cells of the image's grid."""
+    x, qkv_w, qkv_b, proj_w, proj_b = _cast(dtype, x, qkv_w, qkv_b, proj_w, proj_b)
+    B, H, W, C = x.shape
+    if boxes is None:
+        boxes = grid_boxes(H, W, dtype=dtype, device=x.device)
+    bias = relation_bias(boxes, pos_w, pos_b, embed_dim=embed_dim, dtype=dtype)
+    t = x.reshape(B, H * W, C)
+    q, k, v = (_heads(p, heads) for p in _lin(t, qkv_w, qkv_b).chunk(3, -1))
+    a = _softmax(q @ k.transpose(-1, -2) / math.sqrt(C // heads) + bias, -1)
+    return _lin(_merge(a @ v), proj_w, proj_b).reshape(B, H, W, C)
+
+
+def _unit(t):
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def tcpa_attention(
+    x,
+    cls,
+    keys_c,
+    prompts_c,
+    keys_i,
+    prompts_i,
+    qkv_w,
+    qkv_b,
+    proj_w,
+    proj_b,
+    *,
+    heads,
+    topk_c,
+    topk_i,
+    dtype=torch.float64,
+):
+    """TCPA: tokens ``[cls, x_1 .. x_N]`` attend to every token and to the prompts matched to them: the class
+    token to its ``topk_c`` CLS prompts of largest cosine similarity between the class token and the CLS-prompt
+    keys, each image token to its ``topk_i`` image prompts likewise; prompts enter only as keys and values.
+    Returns ``(image tokens (B, H, W, C), class token (B, C), matching loss)`` with the matching loss
+    ``mean(1 - cos)`` over the CLS choices plus the same over the image-token choices."""
+    ts = _cast(dtype, x, cls, keys_c, prompts_c, keys_i, prompts_i, qkv_w, qkv_b, proj_w, proj_b)
+    x, cls, keys_c, prompts_c, keys_i, prompts_i, qkv_w, qkv_b, proj_w, proj_b = ts
+    B, H, W, C = x.shape
+    N, d = H * W, C // heads
+    Pc, Pi = prompts_c.shape[0], prompts_i.shape[0]
+    t = torch.cat([cls.reshape(1, 1, C).expand(B, 1, C), x.reshape(B, N, C)], 1)  # (B, N + 1, C)
+    q = _heads(_lin(t, qkv_w, qkv_b)[..., :C], heads)
+    keys_in = torch.cat([t, torch.cat([prompts_c, prompts_i])[None].expand(B, Pc + Pi, C)], 1)
+    _, k, v = (_heads(p, heads) for p in _lin(keys_in, qkv_w, qkv_b).chunk(3, -1))
+    allowed = torch.zeros(B, N + 1, N + 1 + Pc + Pi, dtype=torch.bool, device=x.device)
+    allowed[:, :, : N + 1] = True
+    loss_c, loss_i = [], []
+    uc, ui = _unit(keys_c), _unit(keys_i)
+    for b in range(B):
+        sim = torch.stack([(_unit(t[b, 0]) * uc[p]).sum() for p in range(Pc)])
+        for p in _top_indices(sim, topk_c):
+            allowed[b, 0, N + 1 + p] = True
+            loss_c.append(1 - sim[p])
+        for n in range(1, N + 1):
+            sim = torch.stack([(_unit(t[b, n]) * ui[p]).sum() for p in range(Pi)])
+            for p in _top_indices(sim, topk_i):
+                allowed[b, n, N + 1 + Pc + p] = True
+                loss_i.append(1 - sim[p])
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    a = _softmax(s.masked_fill(~allowed[:, None], -math.inf), -1)
+    out = _lin(_merge(a @ v), proj_w, proj_b)
+    loss = torch.stack(loss_c).mean() + torch.stack(loss_i).mean()
+    return out[:, 1:].reshape(B, H, W, C), out[:, 0], loss
