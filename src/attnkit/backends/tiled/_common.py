@@ -48,11 +48,17 @@ def _prepare(q, k, v, layout: BlockLayout, key_padding_mask):
     """Inputs padded to whole blocks in the compute dtype, and the padded key mask (or None)."""
     cd = _compute_dtype(q.dtype)
     nq, nk = layout.num_q_blocks * layout.block_q, layout.num_kv_blocks * layout.block_k
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = torch.zeros(q.shape[0], nk, dtype=torch.bool)
-        kpm[:, : k.shape[2]] = key_padding_mask
+    kpm = _pad_keys_mask(key_padding_mask, q.shape[0], nk)
     return cd, _pad_seq(q, nq, cd), _pad_seq(k, nk, cd), _pad_seq(v, nk, cd), kpm
+
+
+def _pad_keys_mask(key_padding_mask, batch: int, nk: int):
+    """The key padding mask widened to ``nk`` keys (the padding keys are not real), or None."""
+    if key_padding_mask is None:
+        return None
+    kpm = torch.zeros(batch, nk, dtype=torch.bool)
+    kpm[:, : key_padding_mask.shape[1]] = key_padding_mask
+    return kpm
 
 
 def _grouping(layout: BlockLayout, B: int, Hq: int, Hkv: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from ...errors import DTypeError, ShapeError
 from ...layout import BlockLayout
 from .. import native
-from ._common import _grouping, _pad_seq, _select_terms, _units
+from ._common import _grouping, _pad_keys_mask, _pad_seq, _select_terms, _units
 
 KEYS = 256  # keys per chunk (the K, V and score buffers of one worker stay in L2)
 
@@ -43,10 +43,7 @@ def _inputs(q, k, v, layout: BlockLayout, key_padding_mask):
     """q, k, v padded to whole blocks in the kernel's dtype, the padded key mask and the layout's tensors."""
     dt = _dtype(q.dtype)
     nq, nk = layout.num_q_blocks * layout.block_q, layout.num_kv_blocks * layout.block_k
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = torch.zeros(q.shape[0], nk, dtype=torch.bool)
-        kpm[:, : k.shape[2]] = key_padding_mask
+    kpm = _pad_keys_mask(key_padding_mask, q.shape[0], nk)
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     G = _grouping(layout, B, Hq, Hkv)
     table = torch.tensor(list(_units(B, Hq, Hkv, G, layout)), dtype=torch.long).view(-1, 4)
