@@ -28,7 +28,6 @@ from .sparse import Selection, Selector
 from .sparse._core import visible_pairs
 
 _SPARSE_BELOW = 0.5  # auto prefers the tiled kernel when fewer than this fraction of pairs interact
-_SHORT_QUERIES = 16  # decode steps and short chunks: a q_len x kv_len mask is cheap, SDPA wins
 _EXACT_DENSITY_MAX = 4096  # above this, a token-grain selection's density is estimated from its tiles
 
 
@@ -183,11 +182,11 @@ def _choose(req: Request, backend: str) -> tuple[str, dict]:
         why = f"the selection runs on '{choice}'"
     else:
         dense_fast = req.pattern is None or req.dense_causal
-        short = reasons["sdpa"] is None and d.q_len <= _SHORT_QUERIES and not req.needs_grad
+        short = reasons["decode"] is None
         density = None if dense_fast or short else _density(req)
         if short:
-            choice = "sdpa"
-            why = f"{d.q_len} queries (decode): the {d.q_len} x {d.kv_len} mask is cheap, no layout to build"
+            choice = "decode"
+            why = f"{d.q_len} queries (decode): their {d.q_len} x {d.kv_len} rows are cheap, no layout to build"
         elif reasons["tiled"] is None and req.return_lse and not short:
             # SDPA returns no log-sum-exp: a second pass over every pair recomputes it (5.6x the tiled kernel's
             # time for causal attention at 2k on 2 cores); the tiled kernel keeps it as it goes.

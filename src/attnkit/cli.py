@@ -107,13 +107,20 @@ def explain(name, length, heads, kv_heads, dim, train, budget, backend):
     "per 2-D mechanism (not in all; --full: every mechanism, 3 seeds); all: every suite but distributed and "
     "quality, sharing SDPA timings.",
 )
-@click.option("--mechanism", "mechanisms", multiple=True, help="Only these family-C names (repeatable).")
-def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms):
+@click.option(
+    "--mechanism",
+    "mechanisms",
+    multiple=True,
+    help="Only these mechanisms (repeatable): family-C names in the linear suite, any name in quality.",
+)
+@click.option("--task", "tasks", multiple=True, help="quality: only these task records (repeatable), e.g. mqar.")
+def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite, mechanisms, tasks):
     """Benchmark every registered static pattern, linear mechanism and dynamic selector against dense SDPA, the
     matmul rate and the peers.
 
-    The quick default (static N = 1k, 4k, 16k; linear N = 1k to 64k; dynamic selectors on SmolLM2 at 4k and 16k)
-    takes about 20 minutes on 2 cores (about 6 more the first time, to capture the SmolLM2 tensors).
+    The quick default (every target cell; the other static patterns at 1k, the other linear mechanisms and the
+    dynamic selectors at 4k on SmolLM2 tensors, one budget; a decode step per pattern at 4k and 32k keys) takes
+    under 5 minutes on 2 cores (about 3 more the first time, to capture the SmolLM2 tensors); --full runs the rest.
     """
     import sys
 
@@ -157,7 +164,7 @@ def bench(full, sizes, patterns, out, no_peers, no_backward, flex, dtype, suite,
         "distributed": _distributed.DistributedConfig(
             n=size_list[-1] if sizes else (16384 if full else _distributed.DistributedConfig.n)
         ),
-        "quality": _quality.QualityConfig(full=full),
+        "quality": _quality.QualityConfig(full=full, mechanisms=mechs, only_tasks=tuple(tasks) or None),
         "layers": _layers.LayersConfig(
             sizes=size_list if sizes else _layers.SIZES,
             peers=not no_peers,

@@ -201,3 +201,56 @@ def test_sparse_prefill_with_a_dynamic_selector(smollm2, text_ids):
             _logits(model, ids[:, 64:96], past_key_values=cache)
     assert (full - dense).abs().max() < 1e-3
     assert (sparse - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_observed_mass_equals_the_explicit_paths_mass(causal):
+    """The mass H2O and SnapKV read, from logits alone, equals the explicit per-head path's (index positions,
+    invalid keys, a pattern per query head, queries that are the last of the keys)."""
+    from attnkit.hf._integration import masked_attention, observed_mass
+    from attnkit.patterns import PerHead, SlidingWindow
+
+    g = torch.Generator().manual_seed(0)
+    B, G, Qo, T, D = 2, 3, 7, 40, 8
+    q, k, v = torch.randn(B, G, Qo, D, generator=g), torch.randn(B, T, D, generator=g), torch.randn(B, T, D)
+    valid = torch.rand(B, T, generator=g) > 0.2
+    pat = PerHead([SlidingWindow(5 + h, 0) for h in range(2 * G)])
+    pos = torch.arange(T)[None].expand(B, T)
+    for p in (None, pat):
+        got = observed_mass(q, k, valid, 0.3, T - Qo, causal=causal, pat=p, group=1)
+        heads = torch.arange(G, 2 * G)
+        _, want = masked_attention(q, k, v, pos[:, T - Qo :], pos, valid, 0.3, causal, p, heads, observe=Qo)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scorer", [akhf.H2O(), akhf.SnapKV(window=8)], ids=["h2o", "snapkv"])
+def test_chunked_prefill_equals_one_prefill_and_snapkv_never_takes_the_explicit_path(
+    smollm2, text_ids, scorer, monkeypatch
+):
+    """Three chunks with room for everything against one prefill: the logits agree, and H2O's accumulated
+    scores too. SnapKV observes 8 of each chunk's 32 queries, so every chunk runs the fast kernels (per KV head
+    after the first, the cache's keys in index order) with a logits-only pass for the mass: the explicit
+    per-head path is never called. H2O observes every query and keeps the explicit path (one pass for both)."""
+    from attnkit.hf import _integration
+
+    model, _ = smollm2
+    ids = text_ids[:, :96]
+    pol = akhf.KVCompress(scorer, budget=10_000, phase="both")
+    with akhf.applied(model, pol) as h:
+        cache = h.new_cache()
+        whole = model(ids, past_key_values=cache, use_cache=True).logits
+        whole_scores = [x.clone() for x in cache.layers[3].score]
+    calls = []
+    explicit = _integration.masked_attention
+    monkeypatch.setattr(_integration, "masked_attention", lambda *a, **k: calls.append(1) or explicit(*a, **k))
+    with akhf.applied(model, pol) as h:
+        cache = h.new_cache()
+        chunks = [model(ids[:, s : s + 32], past_key_values=cache, use_cache=True).logits for s in range(0, 96, 32)]
+        scores = cache.layers[3].score
+    torch.testing.assert_close(torch.cat(chunks, 1), whole, atol=2e-4, rtol=1e-4)
+    if isinstance(scorer, akhf.H2O):
+        assert calls
+        for a, b in zip(scores, whole_scores, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    else:
+        assert not calls

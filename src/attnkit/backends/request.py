@@ -69,3 +69,15 @@ class Request:
 
 def needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+
+def softmax_kernel_why_not(req: Request, who: str) -> str | None:
+    """Why a kernel with the softmax built in and scores modified only by an additive bias (``sdpa``, ``decode``)
+    cannot run ``req``, or None."""
+    if req.selection is not None:
+        return "a dynamic selection runs on the kernels that read it: 'tiled' (blocks) or 'gather' (token indices)"
+    if req.normalizer is not None:
+        return f"normalizer {req.normalizer!r} replaces the softmax, which {who} has built in; use 'tiled'"
+    if req.score is not None and not req.score.additive:
+        return f"score {req.score!r} is not an additive bias; {who} cannot apply it (use 'tiled' or 'flex')"
+    return None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import layout_cache
 from ..errors import memory_budget
 from ..layout_cache import Key
-from .request import Request
+from .request import Request, softmax_kernel_why_not
 
 
 def mask_bytes(B, Hq, Nq, Nk, pattern, key_padding_mask, score) -> int:
@@ -38,12 +38,9 @@ def carries_nonfinite(req: Request) -> bool:
 def why_not(req: Request, budget: int | None = None) -> str | None:
     """Why this backend cannot run the request, or None."""
     budget = memory_budget() if budget is None else budget
-    if req.selection is not None:
-        return "a dynamic selection runs on the kernels that read it: 'tiled' (blocks) or 'gather' (token indices)"
-    if req.normalizer is not None:
-        return f"normalizer {req.normalizer!r} replaces the softmax, which SDPA has built in; use 'tiled'"
-    if req.score is not None and not req.score.additive:
-        return f"score {req.score!r} is not an additive bias; SDPA cannot apply it (use 'tiled' or 'flex')"
+    why = softmax_kernel_why_not(req, "SDPA")
+    if why:
+        return why
     d = req.dims
     need = mask_bytes(d.batch, d.q_heads, d.q_len, d.kv_len, req.pattern, None, req.score)
     if need > budget:

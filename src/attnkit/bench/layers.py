@@ -8,9 +8,11 @@ of the prefill, and the cache bytes per token. Layers:
 * x-transformers' ``Attention(causal=True, flash=True)`` (its fastest CPU path, PyTorch's SDPA) and
   ``torch.nn.MultiheadAttention`` (``is_causal`` with the causal mask, its fast path), on the same shapes;
 * every registered family-D layer (MLA naive and absorbed, the head variants, the attentive probes, whose
-  output is class logits and which have no decode), made by its record with the same width and heads. The
-  quick run takes them at the shortest length only, except MLA (its decode target is at the longest);
-  ``full`` takes every length.
+  output is class logits and which have no decode), made by its record with the same width and heads.
+
+The quick run takes the family-D layers and ``nn.MultiheadAttention`` at the shortest length only, except what a
+target reads at the longest: x-transformers (the window's target) and MLA's decode step (its prefill is not
+timed there); ``full`` takes everything at every length.
 
 A peer is timed only after its output agrees with attnkit's dense layer given the same weights (copied in).
 """
@@ -85,10 +87,21 @@ def _copy_into_mha(ours: Attention, mha: _TorchMHA) -> None:
 _TARGETED = ("mla", "mla_absorb")  # family-D layers a target judges at the longest length
 
 
+_QUICK_LONG_PEERS = ("x-transformers Attention",)  # the window target's peer at the longest length
+
+
 def _runs_at(cfg: LayersConfig, name: str, kind: str, N: int) -> bool:
-    if kind != "family_d" or cfg.full or name in _TARGETED:
+    """Quick: every layer at the shortest length; beyond it what a target reads: the window, its peer and the MLA
+    pair (attnkit's dense layer at 16k, a ratio beside the target, costs 9 s: prefill, memory and decode)."""
+    if cfg.full or N == min(cfg.sizes) or name == "attnkit window 256":
         return True
-    return N == min(cfg.sizes)
+    return name in (_QUICK_LONG_PEERS if kind == "peer" else _TARGETED)
+
+
+def _decode_only(cfg: LayersConfig, name: str, N: int) -> bool:
+    """Quick, beyond the shortest length: the MLA pair is judged on its decode step only, so its prefill (the
+    absorbed form's takes 6 s at 16k: it attends in the 128-wide latent with every query) is not timed."""
+    return not cfg.full and N > min(cfg.sizes) and name in _TARGETED
 
 
 def _layers(cfg: LayersConfig):
@@ -165,10 +178,11 @@ def run_layers(cfg: LayersConfig, progress=None) -> dict:
                     row["note"] = f"disagrees with attnkit's dense layer (max relative error {rel:.1e}); not timed"
                     rows.append(row)
                     continue
-            with torch.no_grad():
-                row["fwd_ms"] = 1e3 * measure(lambda layer=layer, x=x: layer(x), min_time=0.3, max_runs=5)["median"]
-                peak = peak_memory(lambda layer=layer, x=x: layer(x))
-            row["peak_mib"] = None if peak is None else peak / 2**20
+            if not _decode_only(cfg, name, N):
+                with torch.no_grad():
+                    row["fwd_ms"] = 1e3 * measure(lambda layer=layer, x=x: layer(x), min_time=0.3, max_runs=5)["median"]
+                    peak = peak_memory(lambda layer=layer, x=x: layer(x))
+                row["peak_mib"] = None if peak is None else peak / 2**20
             if N in cfg.backward_sizes or cfg.full:
                 xg = x.detach().requires_grad_(True)
 

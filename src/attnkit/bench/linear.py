@@ -41,21 +41,27 @@ class LinearConfig:
 
 def _plan(name: str, cfg: LinearConfig) -> list[tuple[str, int, bool]]:
     """(mode, N, with backward) cells for one mechanism. Quick mode: the headline mechanism over every length
-    and form, the others at 4k and 16k in their fast form; --full: everything."""
+    and form (its targets: the slope to 64k, the crossover, the 16k speed-up), the others at 4k in their fast
+    form; --full: everything."""
     sizes = cfg.sizes
     if name == "local_linear":  # the exact O(N^2 D^2) form: a reference-speed mechanism
         return [("-", n, n <= 1024 and cfg.backward) for n in sizes if n <= (4096 if cfg.full else 1024)]
     if name in ("sigmoid_attention", "softplus_attention"):
         return [("tiled", n, n <= 1024 and cfg.backward) for n in sizes if n <= (16384 if cfg.full else 4096)]
     if registry.get(name).make(8).fn is not L.linear_attention:
-        keep = sizes if cfg.full else [n for n in sizes if 4096 <= n <= 16384]
+        keep = sizes if cfg.full else [n for n in sizes if n == 4096]
         return [("-", n, n == 4096 and cfg.backward) for n in keep]
     if name == "linear_elu" or cfg.full:
         cells = [("chunk", n, cfg.backward and n <= 16384) for n in sizes]
         cells += [("recurrent", n, cfg.backward and n <= 1024) for n in sizes if n <= 4096]
         cells += [("parallel", n, cfg.backward and n <= 1024) for n in sizes if n <= 4096]
         return cells
-    return [("chunk", n, n == 4096 and cfg.backward) for n in sizes if 4096 <= n <= 16384]
+    return [("chunk", n, n == 4096 and cfg.backward) for n in sizes if n == 4096]
+
+
+def _module_sizes(cfg: LinearConfig) -> list:
+    """Where the family-C modules and their peer run: 4k and 16k (quick: 4k)."""
+    return [n for n in cfg.sizes if (4096 <= n <= 16384 if cfg.full else n == 4096)]
 
 
 def _inputs(cfg, N, seed, dtype):
@@ -73,7 +79,7 @@ def cells(cfg: LinearConfig) -> int:
     recs = [r for r in registry.records("C", kind="function") if cfg.mechanisms is None or r.name in cfg.mechanisms]
     n = sum(len(_plan(r.name, cfg)) for r in recs)
     mods = [r for r in registry.records("C", kind="module") if cfg.mechanisms is None or r.name in cfg.mechanisms]
-    n += len(mods) * len([x for x in cfg.sizes if 4096 <= x <= 16384])
+    n += len(mods) * len(_module_sizes(cfg))
     small = [x for x in cfg.sizes if x <= cfg.sdpa_max_n]
     return n + (2 * len(small) + 2 if cfg.peers else 0)
 
@@ -138,7 +144,7 @@ def _module_rows(rec, cfg, dtype, baselines, progress) -> list:
     rows = []
     dim = cfg.heads * cfg.head_dim
     layer = type(rec.make(64))(dim, cfg.heads).to(dtype)
-    for N in [n for n in cfg.sizes if 4096 <= n <= 16384]:
+    for N in _module_sizes(cfg):
         if progress:
             progress(f"{rec.name} N={N}")
         x = torch.randn(cfg.batch, N, dim, generator=torch.Generator().manual_seed(N)).to(dtype)
@@ -267,7 +273,7 @@ def _agent_peer(cfg, checks, progress) -> list:
     dim, H = cfg.heads * cfg.head_dim, cfg.heads
     theirs = AgentSelfAttention(dim, num_agent_tokens=64, dim_head=cfg.head_dim, heads=H, talking_heads=False)
     ours = L.AgentAttention(dim, H, 64, kernel_size=0)
-    for N in [n for n in cfg.sizes if 4096 <= n <= 16384]:
+    for N in _module_sizes(cfg):
         if progress:
             progress(f"peer agent-attention-pytorch N={N}")
         x = torch.randn(cfg.batch, N, dim)

@@ -90,7 +90,12 @@ def header(res: dict) -> list[str]:
         f"Machine: {m['platform']}, {m['threads']} threads, torch {m['torch']}, "
         f"tiled forward: {m.get('tiled_forward', 'torch')}. "
         f"Matrix product (2048², {res['dtype']}): **{res['matmul_gflops']:.0f} GFLOP/s**, measured in this run. "
-        f"Suites: {', '.join(res['suites'])}. Run took {res['seconds']:.0f} s.",
+        f"Suites: {', '.join(res['suites'])}. Run took {res['seconds']:.0f} s"
+        + (
+            " (" + ", ".join(f"{k} {v:.0f} s" for k, v in res["suite_seconds"].items()) + ")."
+            if res.get("suite_seconds")
+            else "."
+        ),
         "",
     ]
     if res.get("baselines"):

@@ -20,12 +20,18 @@ import torch.nn.functional as F
 from .. import api, registry
 from ..backends.tiled import pattern_layout
 from ..shapes import Dims, all_finite, check_finite
+from . import decode as _decode
 from . import peers as _peers
 from .report import _fmt, rich_table, target_lines, time_plots
 from .timing import matmul_rate, measure, peak_memory
 
 QUICK_SIZES = (1024, 4096, 16384)
 FULL_SIZES = (1024, 4096, 16384, 32768)
+#: The quick run's lengths per pattern: the target cells (the 256-key window at 4k and 16k: its speed-up, its
+#: memory slope; the 2-D neighbourhood at 64 x 64 beside NATTEN) and every other pattern at 1k, a cell each.
+#: ``--full`` or an explicit ``--sizes`` runs every length.
+QUICK_PLAN = {"sliding_window": (4096, 16384), "neighborhood_2d": (4096,)}
+QUICK_OTHER = (1024,)
 
 
 @dataclass
@@ -44,12 +50,20 @@ class BenchConfig:
     natten_max_n: int = 1024
     peers: bool = True
     backward: bool = True
+    decode: bool = True  # one decode step per pattern at 4k and 32k keys (bench.decode)
     full: bool = False
     notes: list = field(default_factory=list)
 
 
 _TARGET_FLEX = {("sliding_window", 16384), ("neighborhood_2d", 4096)}
 _TARGET_RAW_FLEX = {("sliding_window", 16384)}
+
+
+def sizes_for(name: str, cfg: BenchConfig) -> tuple:
+    """The lengths ``name`` runs at: :data:`QUICK_PLAN` in the quick default, else ``cfg.sizes``."""
+    if cfg.full or tuple(cfg.sizes) != QUICK_SIZES:
+        return tuple(cfg.sizes)
+    return QUICK_PLAN.get(name, QUICK_OTHER)
 
 
 def _pairs_dense(N: int, causal: bool) -> int:
@@ -81,7 +95,8 @@ class _Baselines:
                     F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal).sum().backward()
 
                 res["fwdbwd"] = measure(fb, min_runs=2, max_runs=3)
-                res["peak"] = peak_memory(fb)
+                # one more fwd + bwd (5.5 s at 16k) for a number no target reads: the quick run measures it to 4k
+                res["peak"] = peak_memory(fb) if self.cfg.full or N <= 4096 else None
             self.cache[key] = res
         return self.cache[key]
 
@@ -135,7 +150,7 @@ def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = N
     base = baselines if baselines is not None else _Baselines(cfg, dtype)
     rows, checks, skipped = [], [], []
     for rec in recs:
-        for n in cfg.sizes:
+        for n in sizes_for(rec.name, cfg):
             pat = rec.make(n)
             N = pat.fixed_length or n
             H = pat.num_heads or cfg.heads
@@ -157,6 +172,7 @@ def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = N
             for r in cell:
                 r["cell_seconds"] = time.perf_counter() - t_cell
             rows += cell
+    decode = _decode.run_decode(cfg, dtype, progress) if cfg.decode else []
     return {
         "config": asdict(cfg),
         "matmul_gflops": rate / 1e9,
@@ -164,7 +180,8 @@ def run_static(cfg: BenchConfig, progress=None, baselines: _Baselines | None = N
         "rows": rows,
         "checks": checks,
         "skipped": skipped,
-        "targets": targets(rows),
+        "decode": decode,
+        "targets": targets(rows) + _decode.targets(decode),
         "seconds": time.time() - started,
     }
 
@@ -429,7 +446,8 @@ def markdown(section: dict) -> list[str]:
         lines += [
             f"- {s['pattern']} at N={s['N']} (density {s['density']:.3f}): {s['why']}" for s in section["skipped"]
         ]
-    lines += ["", "Plots: `plots/*.png` (time against N, log-log).", ""]
+    lines += [""] + _decode.markdown(section.get("decode", []))
+    lines += ["Plots: `plots/*.png` (time against N, log-log).", ""]
     return lines
 
 
@@ -444,9 +462,8 @@ class StaticSuite:
 
     def cells(self) -> int:
         cfg = self.config
-        return len([r for r in registry.records("A") if cfg.patterns is None or r.name in cfg.patterns]) * len(
-            cfg.sizes
-        )
+        recs = [r for r in registry.records("A") if cfg.patterns is None or r.name in cfg.patterns]
+        return sum(len(sizes_for(r.name, cfg)) for r in recs) + (_decode.cells(cfg) if cfg.decode else 0)
 
     def run(self, context, progress) -> dict:
         return run_static(

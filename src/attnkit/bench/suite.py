@@ -112,7 +112,11 @@ def run_suites(names, configs: dict[str, Any], progress=None, dtype: str | None 
     ctx = Context(dtype=dtype, baselines=_Baselines(base_cfg, getattr(torch, dtype)))
     rate = ctx.matmul_rate()
     say = progress or (lambda *_: None)
-    sections = {s.name: s.run(ctx, say) for s in make(names, configs)}
+    sections, seconds = {}, {}
+    for suite in make(names, configs):
+        t0 = time.time()
+        sections[suite.name] = suite.run(ctx, say)
+        seconds[suite.name] = time.time() - t0
     return {
         "machine": ctx.machine,
         "dtype": dtype,
@@ -121,4 +125,5 @@ def run_suites(names, configs: dict[str, Any], progress=None, dtype: str | None 
         "suites": sections,
         "baselines": baseline_summary(ctx.baselines),
         "seconds": time.time() - started,
+        "suite_seconds": seconds,
     }

@@ -286,6 +286,12 @@ class PerHead(Pattern):
         return self._n
 
     def mask_mod(self, b, h, q_idx, kv_idx):
+        axis = _head_axis(h, q_idx, kv_idx)
+        if axis is not None:
+            # heads along one axis of their own (an explicit path's (B, G, Q, T) grid): each head's pattern on its
+            # slice, one evaluation in all instead of one per pattern over the whole grid
+            parts = [h.narrow(axis, i, 1) for i in range(h.shape[axis])]
+            return torch.cat([self.patterns[int(x)].mask_mod(b, x, q_idx, kv_idx) for x in parts], axis)
         out = self.patterns[-1].mask_mod(b, h, q_idx, kv_idx)
         for i in range(len(self.patterns) - 2, -1, -1):
             out = torch.where(h == i, self.patterns[i].mask_mod(b, h, q_idx, kv_idx), out)
@@ -293,6 +299,23 @@ class PerHead(Pattern):
 
     def _eval(self, h, q, kv):
         return self.patterns[h]._eval(0, q, kv)
+
+
+def _head_axis(h, q_idx, kv_idx) -> int | None:
+    """The axis along which ``h`` alone varies (``q_idx`` and ``kv_idx`` have size 1 there and no more axes than
+    ``h``), or None: a scalar head, as FlexAttention's vmap passes, or heads mixed into the query or key axes."""
+    if not isinstance(h, torch.Tensor) or h.numel() == 1:
+        return None
+    big = [i for i, n in enumerate(h.shape) if n > 1]
+    if len(big) != 1:
+        return None
+    for t in (q_idx, kv_idx):
+        if not isinstance(t, torch.Tensor):
+            continue
+        at = big[0] - (h.dim() - t.dim())  # broadcasting aligns from the right
+        if t.dim() > h.dim() or (at >= 0 and t.shape[at] != 1):
+            return None
+    return big[0]
 
 
 @dataclass(frozen=True)

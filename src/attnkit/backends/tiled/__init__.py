@@ -16,8 +16,9 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
 * Grouped-query attention folds the ``Hq / Hkv`` query heads of one key/value head into the rows of one
   product, so K and V tiles are read once per group.
 * The backward recomputes ``P = exp(S - lse)`` per chunk (FlashAttention-2 style): ``dV += P^T dO``,
-  ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; key-side
-  gradients are scattered with ``index_add_``.
+  ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; the torch-op
+  backward scatters the key-side gradients with ``index_add_``, the native one owns each (batch, KV head)'s
+  ``dK``, ``dV`` rows per range of query blocks and sums the ranges once.
 * Plain softmax (no score mod, no normaliser) in float32 or bf16 (fp16 widened to float32) runs through the
   native C++ kernel (:mod:`attnkit.backends.native`, :mod:`._native`) when it is built, forward and backward: one
   loop over (batch, head unit, query block) that copies its tiles' K and V rows into a per-thread buffer, 256 keys
