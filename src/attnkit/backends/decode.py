@@ -102,15 +102,21 @@ def _rows(t: torch.Tensor, kv_head: torch.Tensor, idx: torch.Tensor) -> torch.Te
     return t.view(B * Hk * N, D).index_select(0, (base + idx[None]).flatten()).view(B, len(kv_head), -1, D)
 
 
+def _plan(req: Request):
+    """``(visible, keys, heads)``: the step's rows of the pattern, the keys any query reads (:func:`_read`) and,
+    where each head reads few keys of its own, their per-head gather (:func:`_per_head`; else None)."""
+    visible = _visible(req)
+    keys = _read(visible, req.dims.kv_len)
+    union = keys.stop - keys.start if isinstance(keys, slice) else len(keys)
+    return visible, keys, None if visible is None else _per_head(visible, union)
+
+
 def run(req: Request):
     """``(out, lse or None)``; the caller has checked :func:`why_not`."""
     q, k, v, d = req.q, req.k, req.v, req.dims
     B, Hq, Nq, Hk, g = d.batch, d.q_heads, d.q_len, d.kv_heads, d.group
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    visible = _visible(req)
-    keys = _read(visible, d.kv_len)
-    union = keys.stop - keys.start if isinstance(keys, slice) else len(keys)
-    heads = None if visible is None else _per_head(visible, union)
+    visible, keys, heads = _plan(req)
     # Every op here costs a few microseconds of dispatch, about what SDPA's whole 4k step costs: one query of a
     # head-independent pattern reads exactly its visible keys, so it needs no mask, and without a mask or an lse
     # to return one softmax call replaces the log-sum-exp and the exponential.
@@ -126,8 +132,8 @@ def run(req: Request):
         if isinstance(keys, slice):
             kr, vr, pos = k[:, :, keys], v[:, :, keys], None
         else:
-            kr, vr, pos = _rows(k, torch.arange(Hk, device=q.device), keys.expand(Hk, -1)), None, keys
-            vr = _rows(v, torch.arange(Hk, device=q.device), keys.expand(Hk, -1))
+            every, idx = torch.arange(Hk, device=q.device), keys.expand(Hk, -1)
+            kr, vr, pos = _rows(k, every, idx), _rows(v, every, idx), keys
         s = torch.matmul(q.reshape(B, Hk, g * Nq, -1), kr.transpose(-1, -2)).view(B, Hq, Nq, -1)
         mask = None if visible is None or one_row else visible[..., keys][None]  # (1, G, Nq, n)
         if pos is None and (req.score is not None or req.key_padding_mask is not None):
@@ -162,8 +168,6 @@ def run(req: Request):
 
 def describe(req: Request) -> dict:
     """``keys_read``: the keys the step's products run over (per head for a per-head gather), ``of`` the cache."""
-    visible = _visible(req)
-    keys = _read(visible, req.dims.kv_len)
+    _, keys, heads = _plan(req)
     read = keys.stop - keys.start if isinstance(keys, slice) else len(keys)
-    heads = None if visible is None else _per_head(visible, read)
     return {"keys_read": read if heads is None else heads[0].shape[1], "of": req.dims.kv_len}

@@ -86,9 +86,10 @@ VISION_TASKS = (("digits", 64, {}), ("shapes", 144, {}))
 #: a recall model (:class:`RecallModel`, 8-12 ms a step at 64 tokens) trains more, since the step at which it
 #: leaves the ln(pairs) plateau varies (dense at width 32, lr 3e-3: 0.738 after 800 steps, 1.000 after 3,000).
 #: ``--full`` trains shapes the full :data:`STEPS` too.
-QUICK_STEPS = {"shapes": 300, "mqar": 2000}
-FULL_STEPS = {"mqar": 2000}
 STEPS = 800
+RECALL_STEPS = 2000
+QUICK_STEPS = {"shapes": 300, "mqar": RECALL_STEPS}
+FULL_STEPS = {"mqar": RECALL_STEPS}
 #: CAB's non-causal self, non-causal cross and causal cross settings (causal self: the MQAR and MAD tasks).
 CAB_TASKS = (("bidirectional_recall", 32, {}), ("cross_lookup", 16, {}), ("streaming_lookup", 16, {}))
 #: The quick run's mechanisms per CAB setting: dense, a sliding window and a linear attention in each.
@@ -137,9 +138,9 @@ class QualityConfig:
             )
             self.task_steps = dict(FULL_STEPS)
         if self.only_tasks:
-            for name in self.only_tasks:
-                if registry.get(name).kind != "task":
-                    raise ValueError(f"only_tasks: expected task records, got {name!r} (a {registry.get(name).kind})")
+            for rec in map(registry.get, self.only_tasks):
+                if rec.kind != "task":
+                    raise ValueError(f"only_tasks: expected task records, got {rec.name!r} (a {rec.kind})")
             self.tasks = tuple(t for t in self.tasks if t[0] in self.only_tasks)
 
     def steps_for(self, task_name: str) -> int:

@@ -283,6 +283,7 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     lay = cache.layers[layer]
     policy = b.policy
     Hq, Q = q.shape[1], q.shape[2]
+    G = Hq // lay.kv_heads  # query heads per KV head
     pat = policy.pattern(layer, Hq, lay.kv_heads, lay.seen_real, Q)
     scorer = policy.scorer_at(layer)
     observe = policy.observes_at(layer, Q) if scorer is not None else 0
@@ -301,7 +302,6 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
         full = Causal() if pat is None else Causal() & pat
         out = _attention(q, torch.stack(lay.k, 1), torch.stack(lay.v, 1), pattern=full if causal else pat, scale=scale)
         if observe:
-            G = Hq // lay.kv_heads
             for h in range(lay.kv_heads):
                 qh = q[:, h * G : (h + 1) * G, Q - observe :]
                 mass = observed_mass(qh, lay.k[h], lay.valid[h], scale, Q - observe, causal=causal, pat=pat, group=h)
@@ -310,7 +310,6 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
         # a later chunk with no pattern: in each head's cache the step's keys are the last Q entries, in order,
         # after every cached one, so causality by position is causality by index (q_offset = T_h - Q) and the
         # fast kernels run per KV head with the cache's validity as key padding
-        G = Hq // lay.kv_heads
         outs = []
         for h in range(lay.kv_heads):
             qh, T = q[:, h * G : (h + 1) * G], lay.k[h].shape[1]
@@ -331,7 +330,6 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     if direct is not None:  # a scorer that estimates from the step's queries and the cached keys, not from mass
         if cache.inv_freq is None:
             raise UnsupportedError(bad("model", f"plain rotary embeddings (scorer {scorer.name})", "none found"))
-        G = Hq // lay.kv_heads
         for h in range(lay.kv_heads):
             q_rope = lay.rope[h][:, -Q:].long()
             lay.score[h] = direct(
@@ -339,6 +337,15 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
             )
     lay.evict(policy.keep(layer, lay, Q), policy.merge_at(layer))
     return out
+
+
+def _allowed(ok, qp, kp, causal: bool, pat: Pattern | None, heads):
+    """Which (query, key) pairs are visible: valid keys, ``kp <= qp`` under ``causal``, and ``pat`` at ``heads``."""
+    if causal:
+        ok = ok & (kp <= qp)
+    if pat is not None:
+        ok = ok & pat.mask_mod(torch.zeros((), dtype=torch.long), heads, qp, kp)
+    return ok
 
 
 def observed_mass(q, k, valid, scale, q_offset: int, *, causal: bool, pat: Pattern | None = None, group: int = 0):
@@ -361,12 +368,7 @@ def observed_mass(q, k, valid, scale, q_offset: int, *, causal: bool, pat: Patte
         qi = torch.arange(q_offset + s, q_offset + e, device=q.device)[None, None, :, None]
         kj = torch.arange(end, device=q.device)[None, None, None, :]
         logits = torch.matmul(q[:, :, s:e].float(), kf[:, :end].transpose(1, 2)[:, None]) * scale
-        allowed = valid[:, None, None, :end]
-        if causal:
-            allowed = allowed & (kj <= qi)
-        if pat is not None:
-            allowed = allowed & pat.mask_mod(torch.zeros((), dtype=torch.long), heads, qi, kj)
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = logits.masked_fill(~_allowed(valid[:, None, None, :end], qi, kj, causal, pat, heads), float("-inf"))
         lse = torch.logsumexp(logits, -1, keepdim=True)
         p = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min))  # a query with no key adds 0
         mass[:, :end] += p.sum(dim=(1, 2))
@@ -398,12 +400,7 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
         e = min(Q, s + step)
         qp = qpos[:, None, s:e, None].long()
         logits = torch.matmul(q[:, :, s:e].float(), kt) * scale
-        allowed = ok
-        if causal:
-            allowed = allowed & (kp <= qp)
-        if pat is not None:
-            allowed = allowed & pat.mask_mod(torch.zeros((), dtype=torch.long), hh, qp, kp)
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = logits.masked_fill(~_allowed(ok, qp, kp, causal, pat, hh), float("-inf"))
         top = logits.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         p = torch.exp(logits - top)
