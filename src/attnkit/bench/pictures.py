@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import registry
+from ..patterns.base import InOrder
 
 
 def draw_all(folder: Path, n: int = 64) -> list[Path]:
@@ -20,12 +21,17 @@ def draw_all(folder: Path, n: int = 64) -> list[Path]:
         pat = rec.make(n)
         heads = pat.num_heads
         masks = pat.dense_mask(pat.fixed_length or n, pat.fixed_length or n, heads=heads)
-        shown = masks[: min(len(masks), 4)]
+        shown = list(masks[: min(len(masks), 4)])
+        titles = [f"head {i}" if heads else rec.name for i in range(len(shown))]
+        if heads is None and pat.token_order() is not None:
+            # what the tiled kernel runs: the same pairs renumbered tile by tile, so they gather near the diagonal
+            shown.append(InOrder(pat).dense_mask(pat.fixed_length, pat.fixed_length)[0])
+            titles = ["row-major order", "tile order (the tiled kernel's)"]
         fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
         for i, m in enumerate(shown):
             ax = axes[0][i]
             ax.imshow(m.numpy(), cmap="Greys", interpolation="nearest")
-            ax.set_title(f"head {i}" if heads else f"{rec.name}", fontsize=8)
+            ax.set_title(titles[i], fontsize=8)
             ax.set_xlabel("key", fontsize=7)
             ax.set_ylabel("query", fontsize=7)
             ax.tick_params(labelsize=6)
@@ -39,7 +45,9 @@ def draw_all(folder: Path, n: int = 64) -> list[Path]:
         "# Pattern pictures",
         "",
         "Drawn by `attnkit pictures` from each registry record's `factory(64)`: black = "
-        "the query (row) attends to the key (column).",
+        "the query (row) attends to the key (column). A 2-D or 3-D pattern is drawn twice: its tokens in row-major "
+        "order, and renumbered tile by tile (`Pattern.token_order`), the order the tiled kernel runs it in when "
+        "that touches fewer tiles.",
         "",
     ]
     for rec in registry.records(kind="pattern"):

@@ -45,6 +45,13 @@ class Pattern:
         """Sequence length the pattern is defined on (spatial patterns), else ``None``."""
         return None
 
+    def token_order(self) -> torch.Tensor | None:
+        """A permutation of the ``fixed_length`` tokens under which the pattern's pairs fall in fewer tiles, or
+        ``None`` (the given order is the right one). The ``tiled`` backend runs a whole spatial sequence in this
+        order when that computes fewer pairs (:class:`InOrder`); grid patterns give their tiles in their own
+        dimensions this way (:func:`~attnkit.patterns._grid.tile_order`)."""
+        return None
+
     def check(self, q_len: int, kv_len: int, q_offset: int = 0, heads: int | None = None) -> None:
         """Raise :class:`PatternError` when the pattern cannot apply to these sizes."""
         n = self.fixed_length
@@ -316,6 +323,32 @@ def _head_axis(h, q_idx, kv_idx) -> int | None:
         if t.dim() > h.dim() or (at >= 0 and t.shape[at] != 1):
             return None
     return big[0]
+
+
+@dataclass(frozen=True)
+class InOrder(Pattern):
+    """``base`` on its tokens renumbered by ``base.token_order()``: query ``i`` and key ``j`` here are tokens
+    ``order[i]`` and ``order[j]`` of ``base``, so ``out[:, :, order] = attention(q[:, :, order], ...)`` holds with
+    the same keys per query. Only the numbering changes: its tiles are what a 2-D or 3-D tile of ``base`` is.
+    Equal (and hashed) as its ``base``'s wrapper, so its layouts are cached like any pattern's."""
+
+    base: Pattern
+
+    def __post_init__(self):
+        order = self.base.token_order()
+        n = self.base.fixed_length
+        if order is None or n is None or tuple(order.shape) != (n,):
+            raise PatternError(bad("base", "a spatial pattern with a token_order() of its length", repr(self.base)))
+        object.__setattr__(self, "order", order)
+        object.__setattr__(self, "num_heads", self.base.num_heads)
+
+    @property
+    def fixed_length(self):
+        return self.base.fixed_length
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        order = self.order.to(device=q_idx.device, dtype=q_idx.dtype)
+        return self.base.mask_mod(b, h, order[q_idx], order[kv_idx])
 
 
 @dataclass(frozen=True)

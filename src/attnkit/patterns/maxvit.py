@@ -71,8 +71,11 @@ class GridAxis(GridPattern):
         object.__setattr__(self, "grid", g)
 
     def mask_mod(self, b, h, q_idx, kv_idx):
-        cells = [n // g for n, g in zip(self.shape, self.grid, strict=True)]
+        cells = self._lattice()
         return every_dim(q_idx, kv_idx, self.shape, lambda i, xq, xk: xq % cells[i] == xk % cells[i])
+
+    def _lattice(self):
+        return tuple(n // g for n, g in zip(self.shape, self.grid, strict=True))
 
 
 register(

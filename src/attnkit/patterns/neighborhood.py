@@ -86,6 +86,9 @@ class Neighborhood(GridPattern):
     def mask_mod(self, b, h, q_idx, kv_idx):
         return every_dim(q_idx, kv_idx, self.shape, self._rule)
 
+    def _lattice(self):
+        return self.dilation
+
     def _rule(self, i, xq_full, xk_full):
         n, k, d, s = self.shape[i], self.kernel_size[i], self.dilation[i], self.stride[i]
         gq, gk = xq_full % d, xk_full % d
