@@ -178,7 +178,9 @@ class Softplus(Normalizer):
     comes from the paper's invariance-entropy argument and keeps the weights from flattening as the context
     grows. ``length_scale=False`` gives plain softplus attention. A row with a single visible key gets weight
     1 whatever its scale. The paper's second stage (a sharpening re-weighting at inference) is not part of
-    this normaliser.
+    this normaliser. The weights are not shifted by the row's maximum (they need no max to be finite), so in
+    float32 a row whose every :math:`\log(n_i) s_{ij}` lies below about -87 (a strong negative bias such as
+    ALiBi's on far keys) has weights that underflow to 0: its output is 0, in every float32 computation alike.
     """
 
     length_scale: bool = True

@@ -13,31 +13,12 @@ import torch
 
 from attnkit import reference
 from attnkit.backends import native
+from attnkit.backends.tiled import _native
 from attnkit.backends.tiled import forward as tiled_forward
 from attnkit.backends.tiled import tiled_attention
 from attnkit.errors import ShapeError, UnsupportedError
 from attnkit.layout import BlockLayout
 from tests.helpers import check_against_oracle, err, rand_qkv
-
-
-@pytest.fixture
-def native_forward(monkeypatch):
-    """Force the native forward and count its calls (so a test cannot pass on the torch-op forward)."""
-    monkeypatch.setenv("ATTNKIT_TILED_KERNEL", "native")
-    ext = native.module()
-    calls = []
-
-    class _Counting:
-        def forward(self, *args):
-            calls.append(("forward", args[12]))  # max_keys: the chunk width it ran with
-            return ext.forward(*args)
-
-        def backward(self, *args):
-            calls.append(("backward", args[15]))
-            return ext.backward(*args)
-
-    monkeypatch.setattr(native, "module", lambda: _Counting())
-    return calls
 
 
 def _blocks(batch, heads, nqb, nkb, density, seed):
@@ -69,8 +50,6 @@ def test_native_matches_the_oracle(bq, bk, D, Dv, layout_heads, native_forward):
 
 def test_native_chunks_merge_across_a_long_row(native_forward, monkeypatch):
     """Rows of more keys than one chunk (the online-softmax rescale between chunks), bf16 in and out."""
-    from attnkit.backends.tiled import _native
-
     monkeypatch.setattr(_native, "KEYS", 32)
     q, k, v = rand_qkv(1, 2, 1, 256, 256, 16, dtype=torch.bfloat16, seed=4)
     blocks = torch.ones(1, 1, 16, 16, dtype=torch.bool)
@@ -78,6 +57,9 @@ def test_native_chunks_merge_across_a_long_row(native_forward, monkeypatch):
     run = lambda q, k, v: tiled_attention(q, k, v, layout)[0]  # noqa: E731
     out = check_against_oracle(run, q, k, v, mask=layout.dense_mask())
     assert out.dtype == torch.bfloat16 and native_forward == [("forward", 32), ("backward", 32)]
+
+
+PLAIN = _native._elementwise(None, None, 0)  # the kernel's trailing arguments for plain softmax
 
 
 def test_native_rejects_a_layout_that_points_outside(monkeypatch):
@@ -89,10 +71,13 @@ def test_native_rejects_a_layout_that_points_outside(monkeypatch):
     ids[0, 1, 1] = 2  # a third key block of a 2-block sequence
     units = torch.tensor([[0, 0, 0, 0]])
     with pytest.raises(ValueError, match="points outside"):
-        ext.forward(q, k, v, ids, layout.mask_ids, layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32)
+        ext.forward(
+            q, k, v, ids, layout.mask_ids, layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32, *PLAIN
+        )
     with pytest.raises(ValueError, match="whole query blocks"):
         ext.forward(
-            q, k, v, ids[:, :1], layout.mask_ids[:, :1], layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32
+            q, k, v, ids[:, :1], layout.mask_ids[:, :1], layout.tile_masks, None, units, 1, 16, 16, 0.3, 256, [], 0, 32,
+            *PLAIN,
         )
 
 

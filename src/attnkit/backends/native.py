@@ -1,6 +1,6 @@
 """The native (C++) kernel of the ``tiled`` backend, forward and backward, built on first use and cached on disk.
 
-``_native/tiled.cpp`` computes plain softmax over a :class:`~attnkit.layout.BlockLayout` in one C++ loop per
+``_native/tiled.cpp`` computes attention over a :class:`~attnkit.layout.BlockLayout` in one C++ loop per
 direction: per (batch, head unit, query block) it copies the key and value rows of its tiles into a per-thread
 buffer, chunk by chunk, and runs the products as BLAS calls with the online softmax between them (forward), or
 recomputes ``P`` from the saved lse and runs FlashAttention-2's five products (backward, whose dK and dV rows are
@@ -25,11 +25,14 @@ It links against what ``libtorch_cpu`` exports: MKL's ``sgemm_`` and ``MKL_Set_N
 products run on that worker alone), as in the pinned ``torch==2.13.0`` CPU build. A torch built on another BLAS
 fails to load it, which ``auto`` reports and survives.
 
-It serves plain softmax, with or without a token-grain selection (:class:`~attnkit.layout.TokenSelect`), in
+It serves the softmax, with or without a token-grain selection (:class:`~attnkit.layout.TokenSelect`), and
+attnkit's own score mods (:class:`~attnkit.scores.Softcap`, :class:`~attnkit.scores.ALiBi`) and non-softmax
+normalisers (:class:`~attnkit.scores.Sigmoid`, :class:`~attnkit.scores.Softplus`), forward and backward, in
 float32 and in bf16: bf16 operands into float32 products (MKL's ``gemm_bf16bf16f32``, also exported by
 ``libtorch_cpu``), the softmax, its statistics and every accumulator in float32, ``P`` and ``dS`` rounded to bf16
-once for their products, as torch's CPU flash attention does. float16 is widened to float32 first. Score mods,
-other normalisers and float64 run the torch-op paths.
+once for their products, as torch's CPU flash attention does. float16 is widened to float32 first. Other score
+mods and normalisers (a subclass, :class:`~attnkit.scores.TensorBias`, a user's own: Python code the kernel
+cannot call) and float64 run the torch-op paths.
 """
 
 from __future__ import annotations

@@ -1,16 +1,22 @@
-// attnkit's `tiled` kernel for plain softmax over a BlockLayout: forward and backward as C++ loops over the tiles,
-// in float32 or bf16 (bf16 operands on the CPU's matrix units, float32 accumulation and softmax statistics).
+// attnkit's `tiled` kernel over a BlockLayout: forward and backward as C++ loops over the tiles, in float32 or bf16
+// (bf16 operands on the CPU's matrix units, float32 accumulation and softmax statistics).
 //
 // Forward, for a work item (batch b, head unit u, query block r) with key tiles T(r) = kv_ids[lh, r, :]:
 //
-//   S_c = scale Q_r K_c^T  (+ -inf where the tile mask, the selection or the key padding says no)   c: a chunk of T(r)
+//   S_c = mod(scale Q_r K_c^T)  (+ -inf where the tile mask, the selection or the key padding says no)
+//                                                                           c: a chunk of T(r); mod: softcap, ALiBi
 //   m   = max(m, rowmax S_c);   l = l e^{m_old - m} + rowsum e^{S_c - m};   O = O e^{m_old - m} + e^{S_c - m} V_c
 //   out = O / l,  lse = m + log l       (a row that saw no key: out = 0, lse = -inf)
 //
+// Under another normaliser the weights are elementwise, p = f(S_c) (sigmoid(s + b), softplus(log(n_i) s)), so the
+// chunks simply add up: l += rowsum p, O += p V_c; out = O (sigmoid) or O / l (softplus), lse = log l.
+//
 // Backward (FlashAttention-2's, over the same tiles, recomputing P from the saved lse), delta = rowsum(dO * O):
 //
-//   P_c = exp(S_c - lse);   dV_c += P_c^T dO;   dS_c = P_c * (dO V_c^T - delta);
+//   P_c = exp(S_c - lse);   dV_c += P_c^T dO;   dS_c = P_c * (dO V_c^T - delta) * mod'(S_c);
 //   dQ_r += scale dS_c K_c;   dK_c += scale dS_c^T Q_r
+//
+// (other normalisers: P_c the weights in the output, dS_c from f', see weights_grad_row).
 //
 // The K and V rows of a chunk (at most `max_keys` keys) are read in place when its tiles are one run of consecutive
 // key blocks, else copied into a per-thread buffer (a run at a time), so every product is one BLAS call on cache-resident operands and no tensor the size of
@@ -124,6 +130,79 @@ inline __m256 exp_nonpositive(__m256 x) {
 }
 #endif
 
+// The elementwise functions of the score mods and normalisers (attnkit.scores), each as a scalar and, with AVX2,
+// an 8-wide form. All are built on exp of a non-positive argument, so none overflows.
+inline float tanh1(float x) { return std::tanh(x); }
+// sigmoid(x) and 1 - sigmoid(x) from e = exp(-|x|), with no cancellation on either side.
+inline void sigmoid1(float x, float& p, float& q) {
+  const float e = std::exp(-std::fabs(x)), inv = 1.f / (1.f + e);
+  p = x >= 0.f ? inv : e * inv;
+  q = x >= 0.f ? e * inv : inv;
+}
+inline float softplus1(float z) { return std::max(z, 0.f) + std::log1p(std::exp(-std::fabs(z))); }
+
+#ifdef ATTNKIT_AVX2
+inline __m256 abs_v(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+
+// tanh: Cephes' odd polynomial below |x| = 0.625 (where 1 - e^{-2|x|} would cancel), (1 - e) / (1 + e) with
+// e = e^{-2|x|} above, the sign put back. A NaN stays NaN (it takes the polynomial).
+inline __m256 tanh_v(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f), a = abs_v(x);
+  const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.f), a));
+  __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  big = _mm256_or_ps(big, _mm256_and_ps(x, _mm256_set1_ps(-0.f)));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(-5.70498872745e-3f);
+  y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(2.06390887954e-2f));
+  y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(-5.37397155531e-2f));
+  y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(1.33314422036e-1f));
+  y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(y, z), x, x);
+  return _mm256_blendv_ps(small, big, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_GE_OQ));
+}
+
+inline void sigmoid_v(__m256 x, __m256& p, __m256& q) {
+  const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), abs_v(x)));
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+  const __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ), ei = _mm256_mul_ps(e, inv);
+  p = _mm256_blendv_ps(ei, inv, pos);
+  q = _mm256_blendv_ps(inv, ei, pos);
+}
+
+// log(u) for u in [1, 2]: Cephes' logf on the reduced argument (u / 2 above sqrt 2).
+inline __m256 log_1to2(__m256 u) {
+  const __m256 hi = _mm256_cmp_ps(u, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);
+  const __m256 x = _mm256_sub_ps(_mm256_blendv_ps(u, _mm256_mul_ps(u, _mm256_set1_ps(0.5f)), hi), _mm256_set1_ps(1.f));
+  const __m256 k = _mm256_and_ps(hi, _mm256_set1_ps(1.f));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, x), z);
+  y = _mm256_fmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(k, _mm256_set1_ps(0.693359375f), _mm256_add_ps(x, y));
+}
+
+// softplus(z) = max(z, 0) + log1p(e^{-|z|}); log1p(e) = log(u) e / (u - 1) with u = 1 + e (Goldberg's form: u - 1
+// is exact, so the small e keep their relative accuracy), and e itself where u rounds to 1.
+inline __m256 softplus_v(__m256 z) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), abs_v(z)));
+  const __m256 u = _mm256_add_ps(one, e), um1 = _mm256_sub_ps(u, one);
+  const __m256 exact = _mm256_cmp_ps(um1, _mm256_setzero_ps(), _CMP_EQ_OQ);
+  const __m256 safe = _mm256_blendv_ps(um1, one, exact);
+  const __m256 l1p = _mm256_blendv_ps(_mm256_div_ps(_mm256_mul_ps(log_1to2(u), e), safe), e, exact);
+  return _mm256_add_ps(_mm256_max_ps(z, _mm256_setzero_ps()), l1p);
+}
+#endif
+
 // The row's max, and whether it holds a NaN (max ignores NaN, and the exp below would turn it into a number:
 // a NaN logit is a non-finite q or k reaching this row, which must reach the output as NaN).
 float row_max(const float* x, int n, bool& nan) {
@@ -204,6 +283,23 @@ bool selected(const Select& t, int64_t g, int64_t qi, int64_t kj, int64_t qb, in
   return false;
 }
 
+// What stands in for plain softmax (attnkit.scores): a score mod applied to the scaled logits before the masks
+// (Softcap: cap tanh(s / cap); ALiBi: s - m_h |i - j| with i = q_offset + the query's row), and the normaliser
+// that turns a row's logits into weights (Sigmoid: sigmoid(s + bias), no row sum; Softplus: softplus(log(n_i) s),
+// n_i the row's visible keys, divided by the row's sum). The derivatives are taken from the modified logit, so
+// the backward keeps no raw copy: d softcap / ds = 1 - (s' / cap)^2.
+enum Mod : int64_t { kNoMod = 0, kSoftcap = 1, kAlibi = 2 };
+enum Norm : int64_t { kSoftmax = 0, kSigmoid = 1, kSoftplus = 2 };
+struct Elementwise {
+  int64_t mod = kNoMod, norm = kSoftmax;
+  float cap = 1.f;
+  const float* slopes = nullptr;  // (Hq,)
+  int64_t q_offset = 0;
+  float bias = 0.f;
+  bool length_scale = false;
+  bool counts() const { return norm == kSoftplus && length_scale; }
+};
+
 // What both directions read: the inputs, the layout and its units. T: float or bf16.
 template <typename T>
 struct Problem {
@@ -214,6 +310,7 @@ struct Problem {
   float scale;
   int64_t max_keys;
   Select select;
+  Elementwise ew;
   // forward
   float *out = nullptr, *lse = nullptr;
   // backward: dout (B, Hq, nq, Dv) in T; lse and delta (B, Hq, nq); dq (B, Hq, nq, D), dk, dv (B, Hkv, nk, .)
@@ -227,6 +324,7 @@ struct Scratch {
   std::vector<T> q, k, v, dout;
   const T *kc = nullptr, *vc = nullptr;  // the chunk's K and V rows: the inputs themselves, or the copies in k, v
   std::vector<float> s, dp, o, m, l;  // o: the forward's accumulator, or the backward's dQ
+  std::vector<float> grad_mod, logn;  // the backward's d mod / ds (softcap); log of each query row's visible keys
   std::vector<bf16> p16, ds16;        // P and dS rounded for the bf16 products
   std::vector<char> bad;              // (M,): a non-finite q or logit reached the row; its output becomes NaN
   std::vector<int> dead_cols;
@@ -242,6 +340,8 @@ struct Scratch {
     l.resize(M);
     bad.resize(M);
     allow.resize(p.bq * p.bk);
+    if (p.ew.counts()) logn.resize(p.bq);
+    if (backward && p.ew.mod == kSoftcap) grad_mod.resize(M * L);
     if (!std::is_same_v<T, float>) p16.resize(M * L);
     if (backward) {
       dout.resize(M * p.Dv);
@@ -290,10 +390,37 @@ void load_q(const Problem<T>& p, int64_t b, int64_t h0, int64_t r, Scratch<T>& w
     for (int64_t i = 0; i < p.G * p.bq * p.D; ++i) w.q[i] *= p.scale;
 }
 
+// The score mod on a chunk's logits S (M x L, M = G folded heads x bq rows; `ids`: its key tiles).
+template <typename T>
+void apply_mod(const Problem<T>& p, float* S, int M, int L, const int64_t* ids, int64_t h0, int64_t r) {
+  const Elementwise& e = p.ew;
+  if (e.mod == kSoftcap) {
+    const float cap = e.cap;
+    int64_t i = 0;
+#ifdef ATTNKIT_AVX2
+    const __m256 vc = _mm256_set1_ps(cap);
+    for (; i + 8 <= int64_t(M) * L; i += 8)
+      _mm256_storeu_ps(S + i, _mm256_mul_ps(tanh_v(_mm256_div_ps(_mm256_loadu_ps(S + i), vc)), vc));
+#endif
+    for (; i < int64_t(M) * L; ++i) S[i] = tanh1(S[i] / cap) * cap;
+  } else if (e.mod == kAlibi) {
+    const int64_t bq = p.bq, bk = p.bk;
+    for (int64_t row = 0; row < M; ++row) {
+      const float slope = e.slopes[h0 + row / bq];
+      const int64_t pos = e.q_offset + r * bq + row % bq;
+      for (int64_t t = 0; t < L / bk; ++t) {
+        float* x = S + row * L + t * bk;
+        const int64_t d = pos - ids[t] * bk;  // pos - key position of the tile's first column
+        for (int64_t c = 0; c < bk; ++c) x[c] -= slope * std::fabs(static_cast<float>(d - c));
+      }
+    }
+  }
+}
+
 // Gathers the chunk's K and V rows (slots [s0, s0 + n)) and computes its masked logits S (M x L).
 template <typename T>
-void chunk_scores(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t lh, int64_t hk, int64_t r, int64_t s0,
-                  int64_t n) {
+void chunk_scores(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t lh, int64_t hk, int64_t h0, int64_t r,
+                  int64_t s0, int64_t n) {
   const int64_t* ids = p.kv_ids + (lh * p.nqb + r) * p.S;
   const int64_t* mids = p.mask_ids + (lh * p.nqb + r) * p.S;
   const int64_t bq = p.bq, bk = p.bk, D = p.D, Dv = p.Dv, M = p.G * bq;
@@ -316,6 +443,7 @@ void chunk_scores(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t lh, int
   float* S = w.s.data();
   gemm(false, true, static_cast<int>(M), L, static_cast<int>(D), kScaledQ<T> ? 1.f : p.scale, w.q.data(), static_cast<int>(D),
        w.kc, static_cast<int>(D), 0.f, S, L);
+  apply_mod(p, S, static_cast<int>(M), L, ids + s0, h0, r);
   // A non-finite key can give a logit of -inf, which would read as masked: its column becomes NaN before the
   // masks, so a row that may see it is marked bad (row_max) and a row that may not is masked as usual.
   for (int c = 0; c < L; ++c)
@@ -348,6 +476,101 @@ void chunk_scores(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t lh, int
   }
 }
 
+// log n_i for the bq query rows of block r: the keys each row sees by the tile masks and the key padding (the
+// count Softplus scales by; a token-grain selection never comes with a normaliser). At least log 1 = 0.
+template <typename T>
+void row_log_counts(const Problem<T>& p, int64_t b, int64_t lh, int64_t r, int64_t n_slots, float* logn) {
+  const int64_t *ids = p.kv_ids + (lh * p.nqb + r) * p.S, *mids = p.mask_ids + (lh * p.nqb + r) * p.S;
+  const bool* keep = p.kpm ? p.kpm + b * p.nk : nullptr;
+  std::vector<int64_t> n(p.bq, 0);
+  for (int64_t t = 0; t < n_slots; ++t)
+    for (int64_t c = 0; c < p.bk; ++c) {
+      if (keep && !keep[ids[t] * p.bk + c]) continue;
+      for (int64_t i = 0; i < p.bq; ++i) n[i] += mids[t] < 0 || p.tile_masks[(mids[t] * p.bq + i) * p.bk + c];
+    }
+  for (int64_t i = 0; i < p.bq; ++i) logn[i] = std::log(static_cast<float>(std::max<int64_t>(n[i], 1)));
+}
+
+// A row's weights in place of its logits x (n values; -inf marks a pair that does not interact, weight 0) under
+// a normaliser other than the softmax; returns their sum. `scale`: log n_i for a length-scaled Softplus, else 1.
+inline float weights_row(float* x, int n, const Elementwise& e, float scale) {
+  float sum = 0.f;
+  int j = 0;
+#ifdef ATTNKIT_AVX2
+  const __m256 ninf = _mm256_set1_ps(kNegInf), vb = _mm256_set1_ps(e.bias), vs = _mm256_set1_ps(scale);
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 s = _mm256_loadu_ps(x + j), live = _mm256_cmp_ps(s, ninf, _CMP_NEQ_OQ);
+    __m256 w, unused;
+    if (e.norm == kSigmoid)
+      sigmoid_v(_mm256_add_ps(s, vb), w, unused);
+    else
+      w = softplus_v(_mm256_mul_ps(_mm256_and_ps(s, live), vs));  // masked: softplus(0), zeroed below
+    w = _mm256_and_ps(w, live);
+    _mm256_storeu_ps(x + j, w);
+    acc = _mm256_add_ps(acc, w);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  for (float v : t) sum += v;
+#endif
+  for (; j < n; ++j) {
+    float w = 0.f, unused;
+    if (x[j] != kNegInf) {
+      if (e.norm == kSigmoid)
+        sigmoid1(x[j] + e.bias, w, unused);
+      else
+        w = softplus1(x[j] * scale);
+    }
+    x[j] = w;
+    sum += w;
+  }
+  return sum;
+}
+
+// The backward of weights_row on one row: from the logits x and dP = dO V^T in dp, x <- the weight each value was
+// given in the output (p, or p / den with the row sum den = e^lse for Softplus) and dp <- dS. Sigmoid:
+// dS = dP p (1 - p). Softplus (l1): dS = (dP - delta) / den * sigmoid(z) dz/ds, z = scale s.
+inline void weights_grad_row(float* x, float* dp, int n, const Elementwise& e, float scale, float inv_den,
+                             float delta) {
+  int j = 0;
+#ifdef ATTNKIT_AVX2
+  const __m256 ninf = _mm256_set1_ps(kNegInf), vb = _mm256_set1_ps(e.bias), vs = _mm256_set1_ps(scale);
+  const __m256 vinv = _mm256_set1_ps(inv_den), vd = _mm256_set1_ps(delta);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 s = _mm256_loadu_ps(x + j), live = _mm256_cmp_ps(s, ninf, _CMP_NEQ_OQ);
+    const __m256 g = _mm256_loadu_ps(dp + j);
+    __m256 w, ds, sp, sq;
+    if (e.norm == kSigmoid) {
+      sigmoid_v(_mm256_add_ps(s, vb), sp, sq);
+      w = sp;
+      ds = _mm256_mul_ps(g, _mm256_mul_ps(sp, sq));
+    } else {
+      const __m256 z = _mm256_mul_ps(_mm256_and_ps(s, live), vs);
+      w = _mm256_mul_ps(softplus_v(z), vinv);
+      sigmoid_v(z, sp, sq);
+      ds = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(g, vd), vinv), _mm256_mul_ps(sp, vs));
+    }
+    _mm256_storeu_ps(x + j, _mm256_and_ps(w, live));
+    _mm256_storeu_ps(dp + j, _mm256_and_ps(ds, live));
+  }
+#endif
+  for (; j < n; ++j) {
+    float w = 0.f, ds = 0.f, sp, sq;
+    if (x[j] != kNegInf) {
+      if (e.norm == kSigmoid) {
+        sigmoid1(x[j] + e.bias, sp, sq);
+        w = sp, ds = dp[j] * sp * sq;
+      } else {
+        const float z = x[j] * scale;
+        sigmoid1(z, sp, sq);
+        w = softplus1(z) * inv_den, ds = (dp[j] - delta) * inv_den * sp * scale;
+      }
+    }
+    x[j] = w, dp[j] = ds;
+  }
+}
+
 // Forward of query block r of unit u, whose layout row has n_slots key tiles.
 template <typename T>
 void forward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, Scratch<T>& w) {
@@ -361,17 +584,26 @@ void forward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, Sc
   std::fill(w.m.begin(), w.m.begin() + M, kNegInf);
   std::fill(w.l.begin(), w.l.begin() + M, 0.f);
   std::fill(w.o.begin(), w.o.begin() + M * Dv, 0.f);
+  const Elementwise& ew = p.ew;
+  if (ew.counts()) row_log_counts(p, b, lh, r, n_slots, w.logn.data());
 
   for (int64_t s0 = 0; s0 < n_slots; s0 += cap) {
     const int64_t n = std::min(cap, n_slots - s0);
     const int L = static_cast<int>(n * p.bk);
-    chunk_scores(p, w, b, lh, hk, r, s0, n);
+    chunk_scores(p, w, b, lh, hk, h0, r, s0, n);
     float* S = w.s.data();
     for (int64_t i = 0; i < M; ++i) {
       float* x = S + i * L;
       bool nan = false;
       const float mx = std::max(w.m[i], row_max(x, L, nan));
       if (nan || mx == kPosInf) w.bad[i] = 1;
+      if (ew.norm != kSoftmax) {  // weights that add up across chunks: no running max, no rescale
+        if (w.bad[i])
+          std::fill(x, x + L, 0.f);
+        else
+          w.l[i] += weights_row(x, L, ew, ew.counts() ? w.logn[i % bq] : 1.f);
+        continue;
+      }
       if (mx == kNegInf || w.bad[i]) {  // nothing visible yet (or a poisoned row): add nothing
         std::fill(x, x + L, 0.f);
         continue;
@@ -397,11 +629,11 @@ void forward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, Sc
         p.lse[(b * p.Hq + head) * p.nq + pos] = kNaN;
         continue;
       }
-      if (w.l[row] == 0.f) continue;  // no visible key: out 0, lse -inf as initialised
-      const float inv = 1.f / w.l[row];
+      if (w.l[row] == 0.f) continue;  // no visible key (or no weight): out 0, lse -inf as initialised
+      const float inv = ew.norm == kSigmoid ? 1.f : 1.f / w.l[row];  // Sigmoid's weights are not normalised
       const float* o = w.o.data() + row * Dv;
       for (int64_t d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
-      p.lse[(b * p.Hq + head) * p.nq + pos] = w.m[row] + std::log(w.l[row]);
+      p.lse[(b * p.Hq + head) * p.nq + pos] = (ew.norm == kSoftmax ? w.m[row] : 0.f) + std::log(w.l[row]);
     }
 }
 
@@ -418,19 +650,36 @@ void backward_item(const Problem<T>& p, int64_t u, int64_t r, int64_t n_slots, S
   load_rows(p.lse_in, b, h0, r, p, 1, w.m.data());
   load_rows(p.delta, b, h0, r, p, 1, w.l.data());
   for (int64_t i = 0; i < M; ++i)
-    if (w.m[i] == kNegInf) w.m[i] = kPosInf;  // a row with no key: P = exp(S - inf) = 0
+    if (w.m[i] == kNegInf) w.m[i] = kPosInf;  // a row with no key: P = exp(S - inf) = 0 (Softplus: 1 / den = 0)
   float* dq = w.o.data();
   std::fill(dq, dq + M * D, 0.f);
   const int iM = static_cast<int>(M), iD = static_cast<int>(D), iDv = static_cast<int>(Dv);
+  const Elementwise& ew = p.ew;
+  if (ew.counts()) row_log_counts(p, b, lh, r, n_slots, w.logn.data());
 
   for (int64_t s0 = 0; s0 < n_slots; s0 += cap) {
     const int64_t n = std::min(cap, n_slots - s0);
     const int L = static_cast<int>(n * bk);
-    chunk_scores(p, w, b, lh, hk, r, s0, n);
+    chunk_scores(p, w, b, lh, hk, h0, r, s0, n);
     float *P = w.s.data(), *dS = w.dp.data();
-    for (int64_t i = 0; i < M; ++i) exp_shift_sum(P + i * L, L, w.m[i]);
+    float* gm = w.grad_mod.data();
+    if (ew.mod == kSoftcap)  // from the capped logit, before P overwrites it; a masked pair's dS is 0 anyway
+      for (int64_t j = 0; j < M * L; ++j) {
+        const float t = P[j] / ew.cap;
+        gm[j] = P[j] == kNegInf ? 0.f : 1.f - t * t;
+      }
     gemm(false, true, iM, L, iDv, 1.f, w.dout.data(), iDv, w.vc, iDv, 0.f, dS, L);  // dP = dO V^T
-    for (int64_t i = 0; i < M; ++i) softmax_grad(P + i * L, dS + i * L, L, w.l[i]);
+    for (int64_t i = 0; i < M; ++i) {
+      if (ew.norm == kSoftmax) {
+        exp_shift_sum(P + i * L, L, w.m[i]);
+        softmax_grad(P + i * L, dS + i * L, L, w.l[i]);
+      } else {
+        weights_grad_row(P + i * L, dS + i * L, L, ew, ew.counts() ? w.logn[i % bq] : 1.f, std::exp(-w.m[i]),
+                         w.l[i]);
+      }
+    }
+    if (ew.mod == kSoftcap)
+      for (int64_t j = 0; j < M * L; ++j) dS[j] *= gm[j];
     const T* Pt = as_operand<T>(P, M * L, w.p16);
     const T* dSt = as_operand<T>(dS, M * L, w.ds16);
     for_runs(ids, s0, n, bk, [&](int64_t t, int64_t key0, int64_t len) {
@@ -477,6 +726,25 @@ Select parse_select(const std::vector<at::Tensor>& select, int64_t groups, int64
   return sel;
 }
 
+// elementwise: (mod, cap, slopes, q_offset, norm, bias, length_scale) as attnkit.backends.tiled._native packs them.
+Elementwise parse_elementwise(int64_t mod, double cap, const at::Tensor& slopes, int64_t q_offset, int64_t norm,
+                              double bias, bool length_scale, int64_t heads) {
+  TORCH_CHECK_VALUE(mod >= kNoMod && mod <= kAlibi, "mod: expected 0 (none), 1 (softcap) or 2 (ALiBi), got ", mod);
+  TORCH_CHECK_VALUE(norm >= kSoftmax && norm <= kSoftplus,
+                    "norm: expected 0 (softmax), 1 (sigmoid) or 2 (softplus), got ", norm);
+  Elementwise e;
+  e.mod = mod, e.norm = norm, e.q_offset = q_offset, e.length_scale = length_scale;
+  e.cap = static_cast<float>(cap), e.bias = static_cast<float>(bias);
+  TORCH_CHECK_VALUE(mod != kSoftcap || cap > 0, "cap: expected a positive number, got ", cap);
+  if (mod == kAlibi) {
+    check(slopes, "slopes", at::kFloat, 1);
+    TORCH_CHECK_VALUE(slopes.size(0) == heads, "slopes: expected one per query head (", heads, "), got ",
+                      slopes.size(0));
+    e.slopes = slopes.data_ptr<float>();
+  }
+  return e;
+}
+
 template <typename T>
 const T* data(const at::Tensor& t) {
   if constexpr (std::is_same_v<T, float>) {
@@ -492,7 +760,7 @@ Problem<T> problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const at::Tensor& mask_ids, const at::Tensor& tile_masks, const c10::optional<at::Tensor>& kpm,
                    const at::Tensor& units, int64_t G, int64_t bq, int64_t bk, double scale, int64_t max_keys,
                    const std::vector<at::Tensor>& select, int64_t q_offset, int64_t kv_len,
-                   std::vector<int64_t>& cost) {
+                   const Elementwise& ew, std::vector<int64_t>& cost) {
   const at::ScalarType dt = q.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16, "q: expected float32 or bfloat16, got ", dt);
   check(q, "q", dt, 4);
@@ -517,6 +785,7 @@ Problem<T> problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     p.kpm = kpm->data_ptr<bool>();
   }
   p.select = parse_select(select, kv_ids.size(0), q_offset, kv_len);
+  p.ew = ew;
   p.Hq = q.size(1), p.nq = q.size(2), p.D = q.size(3);
   p.Hkv = k.size(1), p.nk = k.size(2), p.Dv = v.size(3);
   p.nqb = kv_ids.size(1), p.S = kv_ids.size(2);
@@ -568,10 +837,10 @@ std::vector<at::Tensor> forward_t(const at::Tensor& q, const at::Tensor& k, cons
                                   const at::Tensor& kv_ids, const at::Tensor& mask_ids, const at::Tensor& tile_masks,
                                   const c10::optional<at::Tensor>& kpm, const at::Tensor& units, int64_t G, int64_t bq,
                                   int64_t bk, double scale, int64_t max_keys, const std::vector<at::Tensor>& select,
-                                  int64_t q_offset, int64_t kv_len) {
+                                  int64_t q_offset, int64_t kv_len, const Elementwise& ew) {
   std::vector<int64_t> cost;
   Problem<T> p = problem<T>(q, k, v, kv_ids, mask_ids, tile_masks, kpm, units, G, bq, bk, scale, max_keys, select,
-                            q_offset, kv_len, cost);
+                            q_offset, kv_len, ew, cost);
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::zeros({q.size(0), p.Hq, p.nq, p.Dv}, f32);
   at::Tensor lse = at::full({q.size(0), p.Hq, p.nq}, kNegInf, f32);
@@ -592,10 +861,11 @@ std::vector<at::Tensor> backward_t(const at::Tensor& dout, const at::Tensor& q, 
                                    const at::Tensor& kv_ids, const at::Tensor& mask_ids, const at::Tensor& tile_masks,
                                    const c10::optional<at::Tensor>& kpm, const at::Tensor& units, int64_t G,
                                    int64_t bq, int64_t bk, double scale, int64_t max_keys,
-                                   const std::vector<at::Tensor>& select, int64_t q_offset, int64_t kv_len) {
+                                   const std::vector<at::Tensor>& select, int64_t q_offset, int64_t kv_len,
+                                   const Elementwise& ew) {
   std::vector<int64_t> cost;
   Problem<T> p = problem<T>(q, k, v, kv_ids, mask_ids, tile_masks, kpm, units, G, bq, bk, scale, max_keys, select,
-                            q_offset, kv_len, cost);
+                            q_offset, kv_len, ew, cost);
   check(dout, "dout", q.scalar_type(), 4);
   check(lse, "lse", at::kFloat, 3);
   check(delta, "delta", at::kFloat, 3);
@@ -674,9 +944,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& kv_ids, const at::Tensor& mask_ids, const at::Tensor& tile_masks,
                                 const c10::optional<at::Tensor>& kpm, const at::Tensor& units, int64_t G, int64_t bq,
                                 int64_t bk, double scale, int64_t max_keys, const std::vector<at::Tensor>& select,
-                                int64_t q_offset, int64_t kv_len) {
+                                int64_t q_offset, int64_t kv_len, int64_t mod, double cap, const at::Tensor& slopes,
+                                int64_t mod_q_offset, int64_t norm, double bias, bool length_scale) {
+  const Elementwise ew = parse_elementwise(mod, cap, slopes, mod_q_offset, norm, bias, length_scale, q.size(1));
   auto run = q.scalar_type() == at::kBFloat16 ? forward_t<bf16> : forward_t<float>;
-  return run(q, k, v, kv_ids, mask_ids, tile_masks, kpm, units, G, bq, bk, scale, max_keys, select, q_offset, kv_len);
+  return run(q, k, v, kv_ids, mask_ids, tile_masks, kpm, units, G, bq, bk, scale, max_keys, select, q_offset, kv_len,
+             ew);
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -684,18 +957,20 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& mask_ids, const at::Tensor& tile_masks,
                                  const c10::optional<at::Tensor>& kpm, const at::Tensor& units, int64_t G, int64_t bq,
                                  int64_t bk, double scale, int64_t max_keys, const std::vector<at::Tensor>& select,
-                                 int64_t q_offset, int64_t kv_len) {
+                                 int64_t q_offset, int64_t kv_len, int64_t mod, double cap, const at::Tensor& slopes,
+                                 int64_t mod_q_offset, int64_t norm, double bias, bool length_scale) {
+  const Elementwise ew = parse_elementwise(mod, cap, slopes, mod_q_offset, norm, bias, length_scale, q.size(1));
   auto run = q.scalar_type() == at::kBFloat16 ? backward_t<bf16> : backward_t<float>;
   return run(dout, q, k, v, lse, delta, kv_ids, mask_ids, tile_masks, kpm, units, G, bq, bk, scale, max_keys, select,
-             q_offset, kv_len);
+             q_offset, kv_len, ew);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward,
-        "Block-sparse softmax attention forward over a BlockLayout (and its TokenSelect), float32 or bf16: "
-        "(out, lse) in float32",
+        "Block-sparse attention forward over a BlockLayout (and its TokenSelect), float32 or bf16, softmax or "
+        "another normaliser, with or without a score mod: (out, lse) in float32",
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward,
         "Its backward from the saved lse and delta = rowsum(dout * out): (dq, dk, dv) in float32",

@@ -19,12 +19,14 @@ element mask for partial tiles, ``-inf`` for empty padding slots and padded keys
   ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``, ``dQ = dS K``, ``dK += dS^T Q``; the torch-op
   backward scatters the key-side gradients with ``index_add_``, the native one owns each (batch, KV head)'s
   ``dK``, ``dV`` rows per range of query blocks and sums the ranges once.
-* Plain softmax (no score mod, no normaliser) in float32 or bf16 (fp16 widened to float32) runs through the
+* The softmax, attnkit's own score mods (softcap, ALiBi) and its normalisers (sigmoid, softplus) in float32 or
+  bf16 (fp16 widened to float32) run through the
   native C++ kernel (:mod:`attnkit.backends.native`, :mod:`._native`) when it is built, forward and backward: one
   loop over (batch, head unit, query block) that copies its tiles' K and V rows into a per-thread buffer, 256 keys
-  at a time, and runs the products as BLAS calls (bf16 operands into float32 in bf16) with the online softmax, the
-  tile masks and a token-grain selection (:class:`~attnkit.layout.TokenSelect`) applied to the scores in between;
-  the longest rows are taken first. ``ATTNKIT_TILED_KERNEL=torch`` (or a failed build, which warns) runs the
+  at a time, and runs the products as BLAS calls (bf16 operands into float32 in bf16) with the online softmax (or
+  the normaliser's weights, which add up across chunks), the score mod, the tile masks and a token-grain selection
+  (:class:`~attnkit.layout.TokenSelect`) applied to the scores in between; the longest rows are taken first. Any
+  other score mod or normaliser, and ``ATTNKIT_TILED_KERNEL=torch`` (or a failed build, which warns), run the
   torch-op paths below.
 * The torch-op forward of plain softmax without a token-grain refinement runs through PyTorch's fused CPU
   flash-attention op, which returns ``lse`` with the output. Its plan (:func:`._plan._fused_plan`) cuts every row
@@ -66,7 +68,9 @@ def forward(
 ):
     """Tiled attention forward; ``(out, lse)`` in the compute dtype (float32 for bf16/fp16 inputs)."""
     if (ext := _native.extension(q, score, normalizer)) is not None:
-        return _native.forward(ext, q, k, v, layout, scale, key_padding_mask)
+        return _native.forward(
+            ext, q, k, v, layout, scale, key_padding_mask, score=score, normalizer=normalizer, q_offset=q_offset
+        )
     B, Hq, Nq, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     bq, nqb = layout.block_q, layout.num_q_blocks
@@ -108,9 +112,11 @@ class _TiledFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        layout, scale, score, kpm, _, normalizer = ctx.args
+        layout, scale, score, kpm, q_offset, normalizer = ctx.args
         if (ext := _native.extension(q, score, normalizer)) is not None:
-            dq, dk, dv = _native.backward(ext, dout, q, k, v, out, lse, layout, scale, kpm)
+            dq, dk, dv = _native.backward(
+                ext, dout, q, k, v, out, lse, layout, scale, kpm, score=score, normalizer=normalizer, q_offset=q_offset
+            )
         else:
             dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None

@@ -20,8 +20,9 @@ from . import _tiled
 
 def carries_nonfinite(req: Request) -> bool:
     """Whether every NaN or inf of q, k or v that reaches a row reaches its output (then attnkit.api checks the
-    output instead of the inputs): on the native forward, which marks such a row NaN. The torch-op paths
-    (score mods, normalisers, float64) treat a non-finite logit as masked, so their inputs are checked first."""
+    output instead of the inputs): on the native forward of the softmax, which marks such a row NaN. The torch-op
+    paths (float64, any score mod or normaliser there) treat a non-finite logit as masked, so with a score mod
+    or a normaliser the inputs are checked first, on either path (a capped logit is never infinite)."""
     return (
         req.score is None and req.normalizer is None and req.q.dtype != torch.float64 and native.module() is not None
     )

@@ -1,5 +1,8 @@
-"""The tiled kernel's calls into the native extension (:mod:`attnkit.backends.native`): plain softmax, forward
-and backward, in float32 or bf16.
+"""The tiled kernel's calls into the native extension (:mod:`attnkit.backends.native`), forward and backward, in
+float32 or bf16: the softmax or attnkit's own non-softmax normalisers (:class:`~attnkit.scores.Sigmoid`,
+:class:`~attnkit.scores.Softplus`), with or without attnkit's own score mods (:class:`~attnkit.scores.Softcap`,
+:class:`~attnkit.scores.ALiBi`). Any other score mod or normaliser (a subclass, :class:`~attnkit.scores.TensorBias`,
+a user's own) is Python code the kernel cannot call, and runs the torch-op paths.
 
 bf16 inputs reach the kernel as bf16 (its products run on the CPU's bf16 matrix units with float32 accumulation,
 the softmax and its statistics in float32); float16 inputs are widened to float32 first (MKL exports no
@@ -12,6 +15,7 @@ import torch
 
 from ...errors import DTypeError, ShapeError
 from ...layout import BlockLayout
+from ...scores import ALiBi, Sigmoid, Softcap, Softplus
 from .. import native
 from ._common import _grouping, _pad_keys_mask, _pad_seq, _select_terms, _units
 
@@ -23,9 +27,34 @@ def _dtype(dtype: torch.dtype) -> torch.dtype | None:
     return {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32, torch.float16: torch.float32}.get(dtype)
 
 
+_NO_SLOPES = torch.empty(0)
+
+
+def _elementwise(score, normalizer, q_offset: int):
+    """The kernel's ``(mod, cap, slopes, q_offset, norm, bias, length_scale)`` for this score mod and (bound)
+    normaliser, or None when either is one it does not compute. Exact types only: a subclass may override
+    ``score_mod`` or ``weights``."""
+    mod, cap, slopes = 0, 1.0, _NO_SLOPES
+    if type(score) is Softcap:
+        mod, cap = 1, float(score.cap)
+    elif type(score) is ALiBi:
+        mod, slopes = 2, score._slopes
+    elif score is not None:
+        return None
+    norm, bias, length_scale = 0, 0.0, False
+    if type(normalizer) is Sigmoid:
+        norm, bias = 1, float(normalizer.bias)
+    elif type(normalizer) is Softplus:
+        norm, length_scale = 2, bool(normalizer.length_scale)
+    elif normalizer is not None:
+        return None
+    return (mod, cap, slopes, int(q_offset), norm, bias, length_scale)
+
+
 def extension(q: torch.Tensor, score, normalizer):
-    """The built extension when it serves this call (plain softmax, float32/bf16/fp16), else None."""
-    if score is not None or normalizer is not None or _dtype(q.dtype) is None:
+    """The built extension when it serves this call (float32/bf16/fp16; a score mod and a normaliser it
+    computes), else None."""
+    if _dtype(q.dtype) is None or _elementwise(score, normalizer, 0) is None:
         return None
     return native.module()
 
@@ -36,7 +65,10 @@ def _call(fn, *args):
     except (ValueError, TypeError) as e:
         # The C++ bounds and shape checks are a second line behind BlockLayout.check: the same error class.
         cls = DTypeError if isinstance(e, TypeError) else ShapeError
-        raise cls(f"layout (the native kernel's check): {str(e).splitlines()[0]}") from None
+        msg = str(e).splitlines()[0]
+        arg = "score" if msg.startswith(("slopes", "cap", "mod")) else "layout"
+        arg = "normalizer" if msg.startswith("norm") else arg
+        raise cls(f"{arg} (the native kernel's check): {msg}") from None
 
 
 def _inputs(q, k, v, layout: BlockLayout, key_padding_mask):
@@ -52,16 +84,34 @@ def _inputs(q, k, v, layout: BlockLayout, key_padding_mask):
     return padded, (*(t.contiguous() for t in tiles), kpm, table, G, layout.block_q, layout.block_k)
 
 
-def forward(ext, q, k, v, layout: BlockLayout, scale: float, key_padding_mask):
-    """``(out, lse)`` in float32, sliced to the queries."""
+def forward(
+    ext, q, k, v, layout: BlockLayout, scale: float, key_padding_mask, *, score=None, normalizer=None, q_offset: int = 0
+):
+    """``(out, lse)`` in float32, sliced to the queries (``normalizer`` bound to the call's length)."""
     padded, lay = _inputs(q, k, v, layout, key_padding_mask)
     tail = (scale, KEYS, _select_terms(layout.select), layout.q_offset, layout.kv_len)
+    tail += _elementwise(score, normalizer, q_offset)
     out, lse = _call(ext.forward, *padded, *lay, *tail)
     Nq = q.shape[2]
     return out[:, :, :Nq], lse[:, :, :Nq]
 
 
-def backward(ext, dout, q, k, v, out, lse, layout: BlockLayout, scale: float, key_padding_mask):
+def backward(
+    ext,
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    layout: BlockLayout,
+    scale: float,
+    key_padding_mask,
+    *,
+    score=None,
+    normalizer=None,
+    q_offset: int = 0,
+):
     """``(dq, dk, dv)`` in the inputs' dtypes, from the forward's float32 ``out`` and ``lse``."""
     (qp, kp, vp), lay = _inputs(q, k, v, layout, key_padding_mask)
     Nq, nq = q.shape[2], qp.shape[2]
@@ -72,6 +122,7 @@ def backward(ext, dout, q, k, v, out, lse, layout: BlockLayout, scale: float, ke
     lse_p[:, :, :Nq] = lse
     dop = _pad_seq(dout, nq, qp.dtype)
     tail = (scale, KEYS, _select_terms(layout.select), layout.q_offset, layout.kv_len)
+    tail += _elementwise(score, normalizer, q_offset)
     dq, dk, dv = _call(ext.backward, dop, qp, kp, vp, lse_p, delta, *lay, *tail)
     Nk = k.shape[2]
     return dq[:, :, :Nq].to(q.dtype), dk[:, :, :Nk].to(k.dtype), dv[:, :, :Nk].to(v.dtype)
