@@ -128,6 +128,15 @@ inline __m256 exp_nonpositive(__m256 x) {
   y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   return _mm256_andnot_ps(dead, y);
 }
+
+// The sum of the 8 lanes.
+inline float hsum(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  float s = 0.f;
+  for (float x : t) s += x;
+  return s;
+}
 #endif
 
 // The elementwise functions of the score mods and normalisers (attnkit.scores), each as a scalar and, with AVX2,
@@ -239,9 +248,7 @@ float exp_shift_sum(float* x, int n, float m) {
     _mm256_storeu_ps(x + i, p);
     vs = _mm256_add_ps(vs, p);
   }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, vs);
-  for (float v : t) s += v;
+  s = hsum(vs);
 #endif
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - m);
@@ -510,9 +517,7 @@ inline float weights_row(float* x, int n, const Elementwise& e, float scale) {
     _mm256_storeu_ps(x + j, w);
     acc = _mm256_add_ps(acc, w);
   }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, acc);
-  for (float v : t) sum += v;
+  sum = hsum(acc);
 #endif
   for (; j < n; ++j) {
     float w = 0.f, unused;
