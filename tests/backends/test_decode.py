@@ -138,3 +138,53 @@ def test_it_refuses_what_it_cannot_run_by_name():
         ak.attention(q, k, v, backend="decode", q_offset=63)
     assert ak.explain(q.detach(), k.detach(), v.detach(), q_offset=63).backend == "decode"
     assert ak.explain(q, k, v, q_offset=63).backend != "decode"  # a step under autograd goes elsewhere
+
+
+@pytest.mark.parametrize("hq,hk,nq", [(4, 4, 1), (8, 2, 3), (8, 8, 16), (4, 1, 2)])
+def test_strided_shards_read_their_shards_as_views(hq, hk, nq):
+    """Below the window each head reads its shard through a strided view of the cache (no gather, no mask): runs
+    of heads whose shards lie a fixed distance apart share a view; GQA, several queries, padding, ALiBi and the
+    log-sum-exp all follow the oracle."""
+    n = 700
+    pat = P.StridedShards(heads=hq, shards=4, local=50)
+    q, k, v = rand_qkv(2, hq, hk, nq, n, 16, seed=hq + nq)
+    req = ak.api._request(
+        q,
+        k,
+        v,
+        pattern=pat,
+        score=None,
+        scale=None,
+        key_padding_mask=None,
+        q_offset=n - nq,
+        return_lse=False,
+        normalizer=None,
+        backend="decode",
+        causal=None,
+    )[0]
+    sk, chunks = decode._strided(req)
+    assert sk.stop == (n - nq - 50 + 1) // 4 * 4 and chunks[0][0] == 0 and chunks[-1][1] == hq
+    assert decode.describe(req)["keys_read"] == sk.stop // 4 + n - sk.stop  # a quarter, then the window
+    kpm = torch.ones(2, n, dtype=torch.bool)
+    kpm[0, 100:300], kpm[1, -20:] = False, False
+    for extra in ({}, {"key_padding_mask": kpm, "score": ak.scores.ALiBi(hq)}):
+        kw = {"pattern": pat, "q_offset": n - nq, **extra}
+        run = functools.partial(ak.attention, backend="decode", **kw)
+        check_against_oracle(run, q, k, v, grads=False, **kw)
+        out, lse = ak.attention(q, k, v, backend="decode", return_lse=True, **kw)
+        ref, ref_lse = ak.attention(q, k, v, backend="reference", return_lse=True, **kw)
+        torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_strided_views_follow_the_cache_layout_and_bad_keys_are_named():
+    n, pat = 400, P.StridedShards(heads=4, shards=4, local=32)
+    q, k, v = rand_qkv(1, 4, 4, 1, n, 8)
+    kw = {"pattern": pat, "q_offset": n - 1}
+    kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # a (B, N, H, D) cache, viewed
+    got = ak.attention(q, kt, vt, backend="decode", **kw)
+    torch.testing.assert_close(got, ak.attention(q, k, v, backend="reference", **kw).float())
+    q2, k2, v2 = rand_qkv(1, 4, 4, 1, n, 8, Dv=16)  # k and v strides differ: the masked union runs instead
+    check_against_oracle(lambda a, b, c: ak.attention(a, b, c, backend="decode", **kw), q2, k2, v2, grads=False, **kw)
+    k[0, 2, 6, 1] = float("nan")  # key 6 is in head 2's shard, far below the window
+    with pytest.raises(ak.NonFiniteError, match=r"^k: .*at index \(0, 2, 6, 1\)"):
+        ak.attention(q, k, v, backend="decode", **kw)

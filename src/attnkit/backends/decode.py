@@ -11,9 +11,13 @@ is two products over them:
     \mathrm{out}_i = \sum_{j \in P(i)} e^{s_{ij} - \ell_i}\, v_j,
 
 with ``R`` the keys read, ``P(i) = R`` minus the pattern's and padding's masked keys, ``b`` an additive score
-modification evaluated at the read positions. A query head reads its KV head's keys in one product for the
-whole group (GQA: the ``g`` query heads of a KV head are rows of one matrix). Logits and the softmax are in
-float32 (float64 for float64 inputs); the products run in the input dtype (bf16 on the CPU's matrix units).
+modification evaluated at the read positions. A pattern whose heads read every ``S``-th key from their own
+offset below some position (S2-Attention's shards, :meth:`~attnkit.patterns.Pattern.strided_keys`) has those
+keys read through a strided view of the cache, ``K[b, h // g, o_h :: S]`` (no gather, no mask: the pattern
+vouches for them), and only the keys above evaluated by its rule. A query head reads its KV head's keys in one
+product for the whole group (GQA: the ``g`` query heads of a KV head are rows of one matrix). Logits and the
+softmax are in float32 (float64 for float64 inputs); the products run in the input dtype (bf16 on the CPU's
+matrix units).
 
 Why not SDPA: at one query its CPU kernel reads the cache as fast as these two products in fp32 but is 5-15x
 slower in bf16 (49.9 against 9.9 ms at 32k keys, 8 heads of 64, one thread), it computes every masked key of a
@@ -71,7 +75,8 @@ def _read(visible: torch.Tensor | None, kv_len: int):
 
 #: A per-head gather pays when each head reads at most this share of the keys all heads read together. Strided
 #: shards (a quarter of the cache per head, at a stride of 4) measured slower gathered than over the union with
-#: a mask: 7.2 against 3.1 ms at 32k, 1.34 against 0.47 ms at 4k (4 heads of 64, 2 threads).
+#: a mask: 7.2 against 3.1 ms at 32k, 1.34 against 0.47 ms at 4k (4 heads of 64, 2 threads); they now read
+#: strided views (:func:`_strided`), which copy nothing.
 PER_HEAD_SHARE = 1 / 8
 
 
@@ -102,13 +107,46 @@ def _rows(t: torch.Tensor, kv_head: torch.Tensor, idx: torch.Tensor) -> torch.Te
     return t.view(B * Hk * N, D).index_select(0, (base + idx[None]).flatten()).view(B, len(kv_head), -1, D)
 
 
+def _strided(req: Request):
+    """For a pattern whose heads read strided keys below some ``stop`` (:meth:`Pattern.strided_keys`):
+    ``(keys, chunks)``, with ``chunks`` the runs ``(h0, h1, kv_stride)`` of query heads whose first strided key
+    lies a fixed distance apart in ``k`` (and ``v``: both must share strides), so each run reads one
+    :func:`torch.as_strided` view; else None."""
+    pat, d, k, v = req.pattern, req.dims, req.k, req.v
+    sk = None if pat is None else pat.strided_keys(req.q_offset, d.kv_len)
+    if sk is None or sk.stop < sk.stride or k.stride() != v.stride() or len(sk.offsets) != d.q_heads:
+        return None
+    _, sh, sn, _ = k.stride()
+    at = [(h // d.group) * sh + sk.offsets[h] * sn for h in range(d.q_heads)]
+    chunks, h0 = [], 0
+    for h in range(1, d.q_heads + 1):
+        if h == d.q_heads or at[h] < at[h - 1] or (h - h0 > 1 and at[h] - at[h - 1] != at[h0 + 1] - at[h0]):
+            chunks.append((h0, h, at[h0 + 1] - at[h0] if h - h0 > 1 else 0))
+            h0 = h
+    return sk, chunks
+
+
+def _strided_view(t: torch.Tensor, req: Request, sk, h0: int, h1: int, head_stride: int) -> torch.Tensor:
+    """``(B, h1 - h0, stop // stride, D)``: query head ``h``'s strided keys (or values) of its KV head, a view."""
+    b, _, n, dd = t.stride()
+    first = (h0 // req.dims.group) * t.stride(1) + sk.offsets[h0] * n
+    shape = (t.shape[0], h1 - h0, sk.stop // sk.stride, t.shape[3])
+    return t.as_strided(shape, (b, head_stride, sk.stride * n, dd), t.storage_offset() + first)
+
+
 def _plan(req: Request):
-    """``(visible, keys, heads)``: the step's rows of the pattern, the keys any query reads (:func:`_read`) and,
-    where each head reads few keys of its own, their per-head gather (:func:`_per_head`; else None)."""
+    """``(visible, keys, heads, strided)``: the step's rows of the pattern, the keys any query reads
+    (:func:`_read`), their per-head gather where each head reads few keys of its own (:func:`_per_head`; else
+    None), and the strided reads (:func:`_strided`; else None: then ``visible`` covers keys from ``stop`` on)."""
+    strided = _strided(req)
+    if strided is not None:
+        d, stop = req.dims, strided[0].stop
+        visible = req.pattern.dense_mask(d.q_len, d.kv_len, req.q_offset, d.q_heads, req.device, kv_start=stop)
+        return visible, slice(stop, d.kv_len), None, strided
     visible = _visible(req)
     keys = _read(visible, req.dims.kv_len)
     union = keys.stop - keys.start if isinstance(keys, slice) else len(keys)
-    return visible, keys, None if visible is None else _per_head(visible, union)
+    return visible, keys, None if visible is None else _per_head(visible, union), None
 
 
 def run(req: Request):
@@ -116,11 +154,13 @@ def run(req: Request):
     q, k, v, d = req.q, req.k, req.v, req.dims
     B, Hq, Nq, Hk, g = d.batch, d.q_heads, d.q_len, d.kv_heads, d.group
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    visible, keys, heads = _plan(req)
+    visible, keys, heads, strided = _plan(req)
     # Every op here costs a few microseconds of dispatch, about what SDPA's whole 4k step costs: one query of a
     # head-independent pattern reads exactly its visible keys, so it needs no mask, and without a mask or an lse
     # to return one softmax call replaces the log-sum-exp and the exponential.
     one_row = Nq == 1 and visible is not None and visible.shape[0] == 1
+    # With strided reads every row sees its strided keys, so no row is empty unless padding drops them.
+    full_rows = strided is not None and req.key_padding_mask is None
     if heads is not None:  # (B, Hq, n, D): query head h gathers its own keys from KV head h // g
         idx, valid = heads
         kv_head = torch.arange(Hq, device=q.device) // g
@@ -135,10 +175,23 @@ def run(req: Request):
             every, idx = torch.arange(Hk, device=q.device), keys.expand(Hk, -1)
             kr, vr, pos = _rows(k, every, idx), _rows(v, every, idx), keys
         s = torch.matmul(q.reshape(B, Hk, g * Nq, -1), kr.transpose(-1, -2)).view(B, Hq, Nq, -1)
-        mask = None if visible is None or one_row else visible[..., keys][None]  # (1, G, Nq, n)
+        mask = None if visible is None or one_row or strided else visible[..., keys][None]  # (1, G, Nq, n)
         if pos is None and (req.score is not None or req.key_padding_mask is not None):
             pos = torch.arange(keys.start, keys.stop, device=q.device)
-        kp_at, pos = pos, None if pos is None else pos[None, None, :]
+        if strided is not None:  # the strided keys go first: (B, Hq, Nq, m + n), a view per run of heads
+            sk, chunks = strided
+            parts = [
+                torch.matmul(q[:, h0:h1], _strided_view(k, req, sk, h0, h1, st).transpose(-1, -2))
+                for h0, h1, st in chunks
+            ]
+            s = torch.cat([*parts, s], -1) if len(parts) == 1 else torch.cat([torch.cat(parts, 1), s], -1)
+            m = sk.stop // sk.stride
+            mask = torch.cat([visible.new_ones(1, Hq, Nq, m), visible[None]], -1)  # visible: keys from stop on
+            if pos is not None:
+                off = torch.tensor(sk.offsets, device=q.device)[:, None]
+                mine = off + sk.stride * torch.arange(m, device=q.device)
+                pos = torch.cat([mine, pos.expand(Hq, -1)], -1)  # (Hq, m + n)
+        kp_at, pos = pos, None if pos is None else (pos[:, None, :] if pos.dim() == 2 else pos[None, None, :])
     s = s.to(cd) * req.scale_or_default
     bad = not all_finite(s)  # before any masking: a bad read key or query shows here
     if req.score is not None:
@@ -150,17 +203,22 @@ def run(req: Request):
         kp = kp[:, None, None, :] if kp.dim() == 2 else kp[:, :, None, :]
         mask = kp if mask is None else mask & kp
     lse = None
-    if mask is None and not req.return_lse:
-        p = torch.softmax(s, -1).to(v.dtype)  # no row is empty: every read key is visible
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if (mask is None or full_rows) and not req.return_lse:
+        p = torch.softmax(s, -1).to(v.dtype)  # no row is empty
     else:
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(s, -1, keepdim=True)  # -inf on a row with no key
         p = torch.exp(s - lse.clamp_min(torch.finfo(cd).min)).to(v.dtype)  # a row with no key: exp(-inf) = 0
     if heads is not None:
         out = torch.matmul(p, vr)
-    else:
+    elif strided is None:
         out = torch.matmul(p.view(B, Hk, g * Nq, -1), vr).view(B, Hq, Nq, -1)
+    else:
+        pt = p[..., m:].reshape(B, Hk, g * Nq, -1)
+        out = torch.matmul(pt, vr).view(B, Hq, Nq, -1)
+        mine = [torch.matmul(p[:, h0:h1, :, :m], _strided_view(v, req, sk, h0, h1, st)) for h0, h1, st in chunks]
+        out = out + (mine[0] if len(mine) == 1 else torch.cat(mine, 1))
     if bad:
         out = torch.full_like(out, float("nan"))  # the caller's check names the first bad input
     return out, (lse.squeeze(-1) if req.return_lse else None)
@@ -168,6 +226,8 @@ def run(req: Request):
 
 def describe(req: Request) -> dict:
     """``keys_read``: the keys the step's products run over (per head for a per-head gather), ``of`` the cache."""
-    _, keys, heads = _plan(req)
+    _, keys, heads, strided = _plan(req)
     read = keys.stop - keys.start if isinstance(keys, slice) else len(keys)
+    if strided is not None:
+        read += strided[0].stop // strided[0].stride
     return {"keys_read": read if heads is None else heads[0].shape[1], "of": req.dims.kv_len}

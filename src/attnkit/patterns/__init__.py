@@ -9,9 +9,9 @@ Patterns compose with ``&``, ``|`` and :class:`PerHead`. A picture of every regi
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .base import And, Full, Or, Pattern, PerHead, clear_cache
+from .base import And, Full, Or, Pattern, PerHead, StridedKeys, clear_cache
 
-__all__ = ["And", "Full", "Or", "Pattern", "PerHead", "clear_cache"]
+__all__ = ["And", "Full", "Or", "Pattern", "PerHead", "StridedKeys", "clear_cache"]
 
 # Every pattern module is imported here, which registers its records, and its __all__ is re-exported: adding a
 # pattern touches its own module (and its test) only. The modules, in order: causal, composite, dilated,

@@ -28,6 +28,17 @@ _ROW_BUDGET = 1 << 23  # mask elements evaluated at once while building a layout
 _FINE = 16  # tile size of the stats that every block size is derived from
 
 
+@dataclass(frozen=True)
+class StridedKeys:
+    """What :meth:`Pattern.strided_keys` returns: query head ``h`` sees a key ``j < stop`` exactly when
+    ``j % stride == offsets[h]``, from every query at or after the ``q_offset`` it was asked for. ``stop`` is a
+    multiple of ``stride``, so every head has ``stop // stride`` of them."""
+
+    stride: int
+    offsets: tuple[int, ...]
+    stop: int
+
+
 class Pattern:
     """Base class of static patterns. Subclasses are frozen dataclasses that define :meth:`mask_mod`."""
 
@@ -50,6 +61,12 @@ class Pattern:
         ``None`` (the given order is the right one). The ``tiled`` backend runs a whole spatial sequence in this
         order when that computes fewer pairs (:class:`InOrder`); grid patterns give their tiles in their own
         dimensions this way (:func:`~attnkit.patterns._grid.tile_order`)."""
+        return None
+
+    def strided_keys(self, q_offset: int, kv_len: int) -> StridedKeys | None:
+        """For queries at ``q_offset`` and later: the keys below some ``stop`` that each query head sees, when
+        they are every ``stride``-th key from a per-head offset (:class:`StridedKeys`); else ``None``. The
+        ``decode`` backend reads them as a strided view of the cache instead of evaluating the rule there."""
         return None
 
     def check(self, q_len: int, kv_len: int, q_offset: int = 0, heads: int | None = None) -> None:
@@ -78,22 +95,37 @@ class Pattern:
         """Evaluate the rule on broadcastable index tensors (absolute positions)."""
         b = torch.zeros((), dtype=torch.long)
         out = self.mask_mod(b, torch.tensor(h), q, kv)
-        return out.expand(torch.broadcast_shapes(q.shape, kv.shape))
+        # torch.broadcast_shapes is a Python reference costing more than a decode step's whole rule.
+        same = q.dim() == kv.dim()
+        shape = torch.Size(c if a == 1 else a for a, c in zip(q.shape, kv.shape, strict=True)) if same else None
+        return out.expand(shape or torch.broadcast_shapes(q.shape, kv.shape))
 
     def _head_groups(self, heads: int | None) -> int:
         return 1 if self.num_heads is None else self.num_heads
 
     def dense_mask(
-        self, q_len: int, kv_len: int, q_offset: int = 0, heads: int | None = None, device: torch.device | str = "cpu"
+        self,
+        q_len: int,
+        kv_len: int,
+        q_offset: int = 0,
+        heads: int | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        kv_start: int = 0,
     ) -> torch.Tensor:
-        """Boolean mask ``(G, q_len, kv_len)``; ``G`` is 1 unless the pattern depends on the head. ``O(N^2)``:
-        over the memory budget it raises :class:`~attnkit.errors.MemoryBudgetError` before allocating."""
+        """Boolean mask ``(G, q_len, kv_len - kv_start)`` of the keys from ``kv_start`` on; ``G`` is 1 unless the
+        pattern depends on the head. ``O(N^2)``: over the memory budget it raises
+        :class:`~attnkit.errors.MemoryBudgetError` before allocating."""
         self.check(q_len, kv_len, q_offset, heads)
+        if isinstance(kv_start, bool) or not isinstance(kv_start, int) or not 0 <= kv_start <= kv_len:
+            raise PatternError(bad("kv_start", f"an int in [0, kv_len={kv_len}]", kv_start))
         check_memory(
-            "dense_mask", self._head_groups(heads) * q_len * kv_len, "use block_layout(...), which stores tiles"
+            "dense_mask",
+            self._head_groups(heads) * q_len * (kv_len - kv_start),
+            "use block_layout(...), which stores tiles",
         )
         q = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
-        kv = torch.arange(kv_len, device=device)[None, :]
+        kv = torch.arange(kv_start, kv_len, device=device)[None, :]
         return torch.stack([self._eval(h, q, kv) for h in range(self._head_groups(heads))])
 
     def tile_stats(

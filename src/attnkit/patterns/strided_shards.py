@@ -25,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..records import SEQUENCE, register, window_size
-from .base import Pattern, _require_int
+from .base import Pattern, StridedKeys, _require_int
 
 __all__ = ["StridedShards"]
+
 
 @dataclass(frozen=True)
 class StridedShards(Pattern):
@@ -47,6 +48,13 @@ class StridedShards(Pattern):
     def mask_mod(self, b, h, q_idx, kv_idx):
         d = q_idx - kv_idx
         return (d >= 0) & ((d < self.local) | (kv_idx % self.shards == h % self.shards))
+
+    def strided_keys(self, q_offset: int, kv_len: int) -> StridedKeys | None:
+        """Below ``q_offset - local + 1`` no query from ``q_offset`` on is in its window: there each head sees
+        its shard only (rounded down to whole strides)."""
+        stop = min(kv_len, max(0, q_offset - self.local + 1)) // self.shards * self.shards
+        offsets = tuple(h % self.shards for h in range(self.heads))
+        return StridedKeys(self.shards, offsets, stop) if stop else None
 
 
 register(
