@@ -149,3 +149,52 @@ def test_per_layer_policy_compresses_only_its_layers(smollm2, text_ids):
     assert all(x == [51] * 3 for x in lens[1:29])
     with pytest.raises(ValueError, match="rerotate"):
         akhf.PerLayer({0: akhf.StreamingLLM(budget=8)}, default=akhf.StreamingLLM(budget=8, rerotate=False))
+
+
+def test_heads_folded_equals_one_pass_per_head():
+    """All KV heads in one call (folded into the batch) against one call per head: outputs, observed mass, and
+    the queries re-rotated per head."""
+    from attnkit.hf._integration import _heads_folded, _per_head
+
+    g = torch.Generator().manual_seed(1)
+    B, Hk, G, Q, T = 2, 3, 2, 4, 19
+    q = torch.randn(B, Hk * G, Q, D, generator=g)
+    k, v = torch.randn(B, Hk, T, D, generator=g), torch.randn(B, Hk, T, D, generator=g)
+    kpos = [torch.stack([torch.randperm(30, generator=g)[:T].sort().values for _ in range(B)]) for _ in range(Hk)]
+    valid = [torch.rand(B, T, generator=g) > 0.3 for _ in range(Hk)]
+    qpos = torch.full((B, Q), 29) - torch.arange(Q).flip(0)
+    delta = [torch.randint(-5, 5, (B, Q), generator=g) for _ in range(Hk)]
+    inv = 1.0 / (10_000 ** (torch.arange(0, D, 2).float() / D))
+    for pat in (None, AShape(2, 6)):
+        args = (qpos, kpos, valid, 0.2, True, pat, Q, delta, inv)
+        want, wmass = _per_head(q, k.unbind(1), v.unbind(1), *args)
+        got, gmass = _heads_folded(q, k, v, *args)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(gmass, wmass, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_decode_writes_in_place_and_eviction_frees_the_buffer(smollm2, text_ids):
+    """A dense cache's decode step writes into the layer's buffer (no copy of the cache per step, a new buffer
+    once every SPARE steps); after an eviction the buffer holds at most SPARE entries per head beyond the kept."""
+    from attnkit.hf.cache import SPARE
+
+    model, _ = smollm2
+    ids = text_ids[:, :40]
+    with akhf.applied(model, akhf.Dense()) as h, torch.no_grad():
+        cache = h.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        lay = cache.layers[4]
+        ptr, allocs = lay._kb.data_ptr(), []
+        for step in range(2 * SPARE):
+            model(ids[:, -1:], past_key_values=cache, use_cache=True)
+            if lay._kb.data_ptr() != ptr:
+                allocs.append(step)
+            ptr = lay._kb.data_ptr()
+        assert allocs == [SPARE]  # the prefill left SPARE free entries; the next buffer has SPARE more
+        assert lay.stacked()[0].data_ptr() == lay._kb.data_ptr()
+        torch.testing.assert_close(lay.stacked()[0][:, 1], lay.k[1])
+    cache = _run(model, text_ids[:, :100], akhf.StreamingLLM(budget=32, sinks=4))
+    mem = cache.memory()
+    assert mem["kv"] < mem["kv_reserved"] <= mem["kv"] + 30 * 3 * SPARE * D * 2 * 4
+    assert mem["total"] == mem["kv_reserved"] + mem["meta"]

@@ -76,7 +76,7 @@ def _kv_bytes(cache) -> int:
     from ..hf import HeadwiseCache
 
     if isinstance(cache, HeadwiseCache):
-        return cache.memory()["kv"]
+        return cache.memory()["kv_reserved"]  # as allocated, spare entries included
     return sum(
         x.numel() * x.element_size()
         for layer in cache.layers

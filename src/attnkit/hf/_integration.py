@@ -278,6 +278,36 @@ def _per_head(q, keys, values, qpos, kpos, valid, scale, causal, pat, observe=0,
     return torch.cat(outs, 1), masses
 
 
+def _heads_folded(q, k, v, qpos, kpos, valid, scale, causal, pat, observe=0, q_delta=None, inv_freq=None):
+    """:func:`_per_head` in one :func:`masked_attention` call with the KV heads folded into the batch, for heads
+    that hold as many entries each (``k, v (B, Hk, T, D)``: :meth:`HeadwiseCache.stacked`, whose fold is a view)
+    and a pattern that does not depend on the head. ``kpos``, ``valid`` and ``q_delta`` are per-head lists."""
+    B, Hq, Q, D = q.shape
+    Hk, T = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    qg = q.reshape(B, Hk, G, Q, D)
+    if q_delta is not None and q_delta[0] is not None:
+        qg = rerotate(qg, torch.stack(q_delta, 1)[:, :, None, :], inv_freq)
+    qp = qpos[:, None].expand(B, Hk, Q).reshape(B * Hk, Q)
+    kp, ok = (torch.stack(x, 1).reshape(B * Hk, T) for x in (kpos, valid))
+    heads = torch.arange(G, device=q.device)  # never read: the pattern does not depend on the head
+    out, mass = masked_attention(
+        qg.reshape(B * Hk, G, Q, D),
+        k.reshape(B * Hk, T, D),
+        v.reshape(B * Hk, T, -1),
+        qp,
+        kp,
+        ok,
+        scale,
+        causal,
+        pat,
+        heads,
+        observe,
+    )
+    masses = [None] * Hk if mass is None else list(mass.view(B, Hk, T).unbind(1))
+    return out.view(B, Hq, Q, -1), masses
+
+
 def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: bool, scale):
     """Keys live in a :class:`HeadwiseCache`: one pass per KV head over its own entries, then eviction."""
     lay = cache.layers[layer]
@@ -300,7 +330,8 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
         # explicit path below gives the outputs and the mass from one pass over the logits, which measured faster
         # than the kernel plus a second pass (SmolLM2, 2k tokens in chunks of 512: 5.2 s against 5.9 s, dense 4.4)
         full = Causal() if pat is None else Causal() & pat
-        out = _attention(q, torch.stack(lay.k, 1), torch.stack(lay.v, 1), pattern=full if causal else pat, scale=scale)
+        k, v = lay.stacked()
+        out = _attention(q, k, v, pattern=full if causal else pat, scale=scale)
         if observe:
             for h in range(lay.kv_heads):
                 qh = q[:, h * G : (h + 1) * G, Q - observe :]
@@ -309,19 +340,36 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     elif pat is None and causal and observe < Q and all(d is None for d in lay.q_delta):
         # a later chunk with no pattern: in each head's cache the step's keys are the last Q entries, in order,
         # after every cached one, so causality by position is causality by index (q_offset = T_h - Q) and the
-        # fast kernels run per KV head with the cache's validity as key padding
+        # fast kernels run per KV head with the cache's validity as key padding (all heads in one call when they
+        # hold as many entries, all real: the padding mask has no head axis)
+        kv = lay.stacked() if all(bool(x.all()) for x in lay.valid) else None
+        if kv is not None:
+            out = _attention(q, *kv, pattern=Causal(), q_offset=kv[0].shape[2] - Q, scale=scale)
         outs = []
         for h in range(lay.kv_heads):
-            qh, T = q[:, h * G : (h + 1) * G], lay.k[h].shape[1]
-            k1, v1, ok = lay.k[h][:, None], lay.v[h][:, None], lay.valid[h]
-            outs.append(_attention(qh, k1, v1, pattern=Causal(), q_offset=T - Q, key_padding_mask=ok, scale=scale))
+            qh, T, ok = q[:, h * G : (h + 1) * G], lay.k[h].shape[1], lay.valid[h]
+            if kv is None:
+                k1, v1 = lay.k[h][:, None], lay.v[h][:, None]
+                outs.append(_attention(qh, k1, v1, pattern=Causal(), q_offset=T - Q, key_padding_mask=ok, scale=scale))
             if observe:
                 mass = observed_mass(qh[:, :, Q - observe :], lay.k[h], ok, scale, T - observe, causal=True)
                 lay.record(h, mass, True, scorer)
-        out = torch.cat(outs, 1)
+        if kv is None:
+            out = torch.cat(outs, 1)
     else:
-        out, masses = _per_head(
-            q, lay.k, lay.v, lay.q_pos, lay.pos, lay.valid, scale, causal, pat, observe, lay.q_delta, cache.inv_freq
+        kv = lay.stacked() if pat is None or pat.num_heads is None else None
+        out, masses = (_per_head if kv is None else _heads_folded)(
+            q,
+            *(kv or (lay.k, lay.v)),
+            lay.q_pos,
+            lay.pos,
+            lay.valid,
+            scale,
+            causal,
+            pat,
+            observe,
+            lay.q_delta,
+            cache.inv_freq,
         )
         if scorer is not None:
             for h, mass in enumerate(masses):

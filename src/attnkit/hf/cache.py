@@ -3,7 +3,13 @@
 kvpress fakes head-wise budgets by masking (its own docstring: "does not reduce peak memory"). Here every
 layer keeps, per KV head, a ``(B, T_h, D)`` key and value tensor with its own length ``T_h``, plus per-entry
 metadata: the real-token position (padding excluded), whether the entry is real (not padding), the position
-its key is rotated at, and the policy's score. Eviction gathers the kept entries into new, smaller tensors.
+its key is rotated at, and the policy's score. Eviction gathers the kept entries and frees the rest.
+
+Keys and values of a layer live in one ``(B, H, C, D)`` buffer, with room for :data:`SPARE` entries per head
+beyond the longest head: a decode step writes its key in place (no copy of the cache per step), the heads of
+equal length are one view (:meth:`_HeadwiseLayer.stacked`: one attention call per layer, not one per head), and
+an eviction that leaves more than :data:`SPARE` unused entries shrinks the buffer. ``memory()`` counts the
+buffer as allocated (``kv_reserved``) beside the entries held (``kv``).
 
 The cache reports the number of tokens *seen* as its sequence length, so transformers keeps giving new tokens
 their absolute positions (generate, manual loops); what is stored is ``lengths()`` and ``memory()``.
@@ -17,6 +23,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..errors import UnsupportedError, bad
 from ._rope import rerotate
 
+#: Spare entries per head in a layer's key and value buffer: a decode step appends in place, and the buffer is
+#: reallocated once every ``SPARE`` steps of growth (an evicting policy's never grows at decode).
+SPARE = 16
+
 
 class _HeadwiseLayer(CacheLayerMixin):
     """One decoder layer's entries, one tensor per KV head. See :class:`HeadwiseCache`."""
@@ -29,8 +39,10 @@ class _HeadwiseLayer(CacheLayerMixin):
     def __init__(self, owner: HeadwiseCache):
         super().__init__()
         self._owner = owner
-        self.k: list[torch.Tensor] = []
+        self.k: list[torch.Tensor] = []  # (B, T_h, D) views of the buffer
         self.v: list[torch.Tensor] = []
+        self._kb: torch.Tensor | None = None  # (B, H, C, D): every head's keys, C >= max T_h
+        self._vb: torch.Tensor | None = None
         self.pos: list[torch.Tensor] = []  # (B, T_h) real-token position, int32
         self.rope: list[torch.Tensor] = []  # (B, T_h) position the key is rotated at, int32
         self.valid: list[torch.Tensor] = []  # (B, T_h) bool
@@ -73,26 +85,77 @@ class _HeadwiseLayer(CacheLayerMixin):
         self.q_pos = pos
         self.real = self.real + steps[:, -1]
         self.q_delta = []
+        ks = key_states
+        if owner.policy.rerotate:  # each head's new keys go to its next free slots
+            if self.k:
+                base = torch.stack([x.sum(1) for x in self.valid], 1)  # (B, H)
+            else:
+                base = torch.zeros(B, H, dtype=torch.long, device=dev)
+            rope = base[:, :, None] + (steps - 1)[:, None, :]  # (B, H, Q)
+            delta = rope - rope_in[:, None, :]
+            ks = rerotate(key_states, delta, owner.inv_freq)
+            self.q_delta = list(delta.unbind(1))
+            ropes = list(rope.unbind(1))
+        else:
+            self.q_delta, ropes = [None] * H, [rope_in] * H
+        self._append(ks, value_states)
         for h in range(H):
-            kh = key_states[:, h]
-            rope = rope_in
-            delta = None
-            if owner.policy.rerotate:
-                # the new token goes to the next free slot of this head
-                base = self.valid[h].sum(1) if len(self.k) > h else torch.zeros(B, dtype=torch.long, device=dev)
-                rope = base[:, None] + steps - 1
-                delta = rope - rope_in
-                kh = rerotate(kh, delta, owner.inv_freq)
-            self.q_delta.append(delta)
-            self._append(h, kh, value_states[:, h], pos, rope, valid)
+            self._append_meta(h, pos, ropes[h], valid)
         self.seen += Q
         return key_states, value_states
 
-    def _append(self, h, k, v, pos, rope, valid):
-        score = torch.zeros(valid.shape, dtype=torch.float32, device=k.device)
-        new = (k, v, pos.to(torch.int32), rope.to(torch.int32), valid, score)
-        stores = (self.k, self.v, self.pos, self.rope, self.valid, self.score)
-        if len(self.k) <= h:
+    def _append(self, k, v):
+        """Write ``k, v (B, H, Q, D)`` after each head's entries, growing the buffers when they are full."""
+        B, H, Q = k.shape[:3]
+        n = self.lengths() if self.k else [0] * H
+        if self._kb is None or max(n) + Q > self._kb.shape[2]:
+            self._realloc(max(n) + Q + SPARE, like=(k, v), heads=H)
+        if len(set(n)) == 1:
+            self._kb[:, :, n[0] : n[0] + Q] = k
+            self._vb[:, :, n[0] : n[0] + Q] = v
+        else:
+            for h in range(H):
+                self._kb[:, h, n[h] : n[h] + Q] = k[:, h]
+                self._vb[:, h, n[h] : n[h] + Q] = v[:, h]
+        self._views([x + Q for x in n])
+
+    def _realloc(self, cap: int, like=None, heads: int | None = None):
+        """New buffers of ``cap`` entries per head holding what the views hold (zeros elsewhere: a spare entry is
+        never read, but nothing non-finite waits there)."""
+        k, v = (self._kb, self._vb) if like is None else like
+        B = k.shape[0]
+        H = heads or k.shape[1]
+        kb = torch.zeros(B, H, cap, k.shape[-1], dtype=k.dtype, device=k.device)
+        vb = torch.zeros(B, H, cap, v.shape[-1], dtype=v.dtype, device=v.device)
+        for h, (kh, vh) in enumerate(zip(self.k, self.v, strict=True)):
+            kb[:, h, : kh.shape[1]] = kh
+            vb[:, h, : vh.shape[1]] = vh
+        self._kb, self._vb = kb, vb
+        self._views(self.lengths() if self.k else [0] * H)
+
+    def _views(self, n: list[int]) -> None:
+        self.k = [self._kb[:, h, :t] for h, t in enumerate(n)]
+        self.v = [self._vb[:, h, :t] for h, t in enumerate(n)]
+
+    def _store(self, h: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Head ``h`` now holds ``k, v (B, T, D)`` (``T`` within the buffer)."""
+        t = k.shape[1]
+        self._kb[:, h, :t] = k
+        self._vb[:, h, :t] = v
+        self.k[h], self.v[h] = self._kb[:, h, :t], self._vb[:, h, :t]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(K, V)``, each ``(B, H, T, D)``, views of the buffers when every head holds ``T`` entries; else None."""
+        n = self.lengths()
+        if not n or len(set(n)) != 1:
+            return None
+        return self._kb[:, :, : n[0]], self._vb[:, :, : n[0]]
+
+    def _append_meta(self, h, pos, rope, valid):
+        score = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        new = (pos.to(torch.int32), rope.to(torch.int32), valid, score)
+        stores = (self.pos, self.rope, self.valid, self.score)
+        if len(self.pos) <= h:
             for store, x in zip(stores, new, strict=True):
                 store.append(x)
         else:
@@ -112,9 +175,14 @@ class _HeadwiseLayer(CacheLayerMixin):
         self.__init__(self._owner)
 
     def reorder_cache(self, beam_idx):
-        for store in (self.k, self.v, self.pos, self.rope, self.valid, self.score):
+        for store in (self.pos, self.rope, self.valid, self.score):
             for h in range(len(store)):
                 store[h] = store[h].index_select(0, beam_idx.to(store[h].device))
+        if self._kb is not None:
+            n = self.lengths()
+            self._kb = self._kb.index_select(0, beam_idx.to(self._kb.device))
+            self._vb = self._vb.index_select(0, beam_idx.to(self._vb.device))
+            self._views(n)
         if self.real is not None:
             self.real = self.real.index_select(0, beam_idx.to(self.real.device))
 
@@ -146,21 +214,26 @@ class _HeadwiseLayer(CacheLayerMixin):
             idx = idx.to(self.k[h].device)
             ix3 = idx[..., None]
             if merge is not None:
-                self.k[h], self.v[h] = merge(self.k[h], self.v[h], self.valid[h], idx)
+                k, v = merge(self.k[h], self.v[h], self.valid[h], idx)
             else:
-                self.k[h] = self.k[h].gather(1, ix3.expand(-1, -1, self.k[h].shape[-1])).contiguous()
-                self.v[h] = self.v[h].gather(1, ix3.expand(-1, -1, self.v[h].shape[-1])).contiguous()
+                k = self.k[h].gather(1, ix3.expand(-1, -1, self.k[h].shape[-1]))
+                v = self.v[h].gather(1, ix3.expand(-1, -1, self.v[h].shape[-1]))
             for store in (self.pos, self.rope, self.valid, self.score):
                 store[h] = store[h].gather(1, idx).contiguous()
             if owner.policy.rerotate:
                 slot = (self.valid[h].long().cumsum(1) - 1).clamp_min(0)
-                self.k[h] = rerotate(self.k[h], slot - self.rope[h].long(), owner.inv_freq)
+                k = rerotate(k, slot - self.rope[h].long(), owner.inv_freq)
                 self.rope[h] = slot.to(torch.int32)
+            self._store(h, k, v)
+        if self._kb is not None and self._kb.shape[2] > max(self.lengths()) + SPARE:
+            self._realloc(max(self.lengths()) + SPARE)
 
-    def nbytes(self) -> tuple[int, int]:
+    def nbytes(self) -> tuple[int, int, int]:
+        """Bytes of the entries held, of the key and value buffers as allocated, and of the metadata."""
         kv = sum(x.numel() * x.element_size() for x in self.k + self.v)
+        reserved = sum(x.numel() * x.element_size() for x in (self._kb, self._vb) if x is not None)
         meta = sum(x.numel() * x.element_size() for x in self.pos + self.rope + self.valid + self.score)
-        return kv, meta
+        return kv, reserved, meta
 
 
 class HeadwiseCache(Cache):
@@ -191,9 +264,11 @@ class HeadwiseCache(Cache):
         return [layer.lengths() for layer in self.layers]
 
     def memory(self) -> dict:
-        """Bytes held: ``kv`` (keys and values), ``meta`` (positions, padding flags, scores), ``total``."""
-        kv = meta = 0
+        """Bytes: ``kv`` (the keys and values held), ``kv_reserved`` (their buffers as allocated, at most
+        :data:`SPARE` entries per head more after an eviction), ``meta`` (positions, padding flags, scores) and
+        ``total`` (reserved plus meta)."""
+        kv = reserved = meta = 0
         for layer in self.layers:
-            a, b = layer.nbytes()
-            kv, meta = kv + a, meta + b
-        return {"kv": kv, "meta": meta, "total": kv + meta}
+            a, r, b = layer.nbytes()
+            kv, reserved, meta = kv + a, reserved + r, meta + b
+        return {"kv": kv, "kv_reserved": reserved, "meta": meta, "total": reserved + meta}
