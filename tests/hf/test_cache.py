@@ -198,3 +198,13 @@ def test_decode_writes_in_place_and_eviction_frees_the_buffer(smollm2, text_ids)
     mem = cache.memory()
     assert mem["kv"] < mem["kv_reserved"] <= mem["kv"] + 30 * 3 * SPARE * D * 2 * 4
     assert mem["total"] == mem["kv_reserved"] + mem["meta"]
+
+
+def test_rerotate_from_a_table_of_shifts_equals_the_direct_rotation():
+    """Integer shifts with few distinct values take cos and sin from a table; the result is the direct one."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 200, D, generator=g)
+    inv = 1.0 / (10_000 ** (torch.arange(0, D, 2).float() / D))
+    for delta in (torch.full((2, 3, 200), -1), torch.randint(-4, 3, (2, 3, 200), generator=g)):
+        torch.testing.assert_close(rerotate(x, delta, inv), rerotate(x, delta.float(), inv), rtol=0, atol=0)
+    assert rerotate(x, torch.zeros(2, 3, 200, dtype=torch.long), inv) is x

@@ -442,18 +442,22 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
     ok = valid[:, None, None, :]
     hh = heads[None, :, None, None]
     step = max(1, _CHUNK_ELEMENTS // max(1, B * G * T))
-    kt = k.transpose(1, 2)[:, None].float()  # converted once, not per chunk
-    vf = v[:, None].float()
+    # the group's queries are one (B, G * Q, D) operand of a batched product with the head's keys: a
+    # (B, 1, D, T) operand broadcast over G would be copied G times by matmul (on SmolLM2's StreamingLLM decode
+    # step that copy was a third of the step)
+    kt = k.transpose(1, 2).float()  # converted once, not per chunk
+    vf = v.float()
     for s in range(0, Q, step):
         e = min(Q, s + step)
         qp = qpos[:, None, s:e, None].long()
-        logits = torch.matmul(q[:, :, s:e].float(), kt) * scale
+        qc = q[:, :, s:e].float().reshape(B, G * (e - s), -1)
+        logits = torch.bmm(qc, kt).view(B, G, e - s, T) * scale
         logits = logits.masked_fill(~_allowed(ok, qp, kp, causal, pat, hh), float("-inf"))
         top = logits.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         p = torch.exp(logits - top)
         p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        out[:, :, s:e] = torch.matmul(p, vf).to(q.dtype)
+        out[:, :, s:e] = torch.bmm(p.view(B, G * (e - s), T), vf).view(B, G, e - s, -1).to(q.dtype)
         if observe and e > Q - observe:
             lo = max(s, Q - observe) - s
             mass += p[:, :, lo:].sum(dim=(1, 2))

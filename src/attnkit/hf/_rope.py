@@ -17,11 +17,29 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rerotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (..., T, D)`` by ``delta (..., T)`` positions (broadcast over leading dims); 0 is exact."""
-    angle = delta.to(torch.float32)[..., None] * inv_freq.to(device=x.device, dtype=torch.float32)
-    angle = torch.cat((angle, angle), dim=-1)
+    """Rotate ``x (..., T, D)`` by ``delta (..., T)`` positions (broadcast over leading dims); 0 is exact.
+
+    An integer ``delta`` with few distinct values (an eviction moves every kept key by the same few slots, a
+    decode step's keys by one shift) takes the cosines and sines from a table of those values, not one per
+    element: on SmolLM2's StreamingLLM cache, cos and sin over every kept key were a tenth of a decode step.
+    """
+    freq = inv_freq.to(device=x.device, dtype=torch.float32)
+    cos = sin = None
+    if not delta.is_floating_point() and delta.numel() >= 64:
+        lo, hi = int(delta.min()), int(delta.max())
+        if lo == hi == 0:
+            return x
+        if hi - lo < delta.numel() // 8:
+            angle = torch.arange(lo, hi + 1, device=x.device, dtype=torch.float32)[:, None] * freq
+            at = (delta - lo).long()
+            cos, sin = angle.cos()[at], angle.sin()[at]
+    if cos is None:
+        angle = delta.to(torch.float32)[..., None] * freq
+        cos, sin = angle.cos(), angle.sin()
     xf = x.to(torch.float32)
-    return (xf * angle.cos() + _rotate_half(xf) * angle.sin()).to(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]  # transformers' rotate_half pairs channel i with i + D/2
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 def find_inv_freq(model) -> torch.Tensor | None:

@@ -208,6 +208,8 @@ class _HeadwiseLayer(CacheLayerMixin):
         """Keep, per head, the entries at the given sorted indices ``(B, n_h)``; free the rest. ``merge(k, v,
         valid, idx) -> (k_kept, v_kept)`` folds the evicted entries into the kept ones first (LOOK-M)."""
         owner = self._owner
+        if merge is None and self._evict_stacked(keep):
+            return
         for h, idx in enumerate(keep):
             if idx is None:
                 continue
@@ -227,6 +229,30 @@ class _HeadwiseLayer(CacheLayerMixin):
             self._store(h, k, v)
         if self._kb is not None and self._kb.shape[2] > max(self.lengths()) + SPARE:
             self._realloc(max(self.lengths()) + SPARE)
+
+    def _evict_stacked(self, keep: list[torch.Tensor | None]) -> bool:
+        """:meth:`evict` for every head at once when all heads hold as many entries and keep as many (one gather
+        and one re-rotation on the buffer, not one per head); False, doing nothing, otherwise."""
+        kv = self.stacked()
+        if kv is None or any(i is None for i in keep) or len({tuple(i.shape) for i in keep}) != 1:
+            return False
+        idx = torch.stack(keep, 1).to(self._kb.device)  # (B, H, n)
+        n = idx.shape[2]
+        k, v = (x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1])) for x in kv)
+        stores = (self.pos, self.rope, self.valid, self.score)
+        kept = [torch.stack(store, 1).gather(2, idx) for store in stores]
+        if self._owner.policy.rerotate:
+            slot = (kept[2].long().cumsum(2) - 1).clamp_min(0)
+            k = rerotate(k, slot - kept[1].long(), self._owner.inv_freq)
+            kept[1] = slot.to(torch.int32)
+        for store, x in zip(stores, kept, strict=True):
+            store[:] = [t.contiguous() for t in x.unbind(1)]
+        if self._kb.shape[2] > n + SPARE:
+            self._kb, self._vb = self._kb[:, :, : n + SPARE].clone(), self._vb[:, :, : n + SPARE].clone()
+        self._kb[:, :, :n] = k
+        self._vb[:, :, :n] = v
+        self._views([n] * len(keep))
+        return True
 
     def nbytes(self) -> tuple[int, int, int]:
         """Bytes of the entries held, of the key and value buffers as allocated, and of the metadata."""
