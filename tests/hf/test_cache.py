@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import attnkit.hf as akhf
 from attnkit import reference
 from attnkit.hf._rope import rerotate
-from attnkit.patterns import AShape
+from attnkit.patterns import AShape, Causal, PerHead, SlidingWindow
 
 D = 64
 
@@ -152,26 +152,36 @@ def test_per_layer_policy_compresses_only_its_layers(smollm2, text_ids):
 
 
 def test_heads_folded_equals_one_pass_per_head():
-    """All KV heads in one call (folded into the batch) against one call per head: outputs, observed mass, and
-    the queries re-rotated per head."""
+    """All KV heads in one call (folded into the batch) against one call per head: outputs, observed mass, the
+    queries re-rotated per head, a pattern per query head, and heads of unequal lengths padded to the longest
+    (whatever lies past a head's own entries must not count)."""
     from attnkit.hf._integration import _heads_folded, _per_head
 
     g = torch.Generator().manual_seed(1)
     B, Hk, G, Q, T = 2, 3, 2, 4, 19
     q = torch.randn(B, Hk * G, Q, D, generator=g)
     k, v = torch.randn(B, Hk, T, D, generator=g), torch.randn(B, Hk, T, D, generator=g)
-    kpos = [torch.stack([torch.randperm(30, generator=g)[:T].sort().values for _ in range(B)]) for _ in range(Hk)]
-    valid = [torch.rand(B, T, generator=g) > 0.3 for _ in range(Hk)]
+    kpos = torch.stack([torch.randperm(30, generator=g)[:T].sort().values for _ in range(B * Hk)]).view(B, Hk, T)
+    valid = torch.rand(B, Hk, T, generator=g) > 0.3
     qpos = torch.full((B, Q), 29) - torch.arange(Q).flip(0)
     delta = [torch.randint(-5, 5, (B, Q), generator=g) for _ in range(Hk)]
     inv = 1.0 / (10_000 ** (torch.arange(0, D, 2).float() / D))
-    for pat in (None, AShape(2, 6)):
-        args = (qpos, kpos, valid, 0.2, True, pat, Q, delta, inv)
-        want, wmass = _per_head(q, k.unbind(1), v.unbind(1), *args)
-        got, gmass = _heads_folded(q, k, v, *args)
-        torch.testing.assert_close(got, want)
-        for a, b in zip(gmass, wmass, strict=True):
-            torch.testing.assert_close(a, b)
+    per_head = PerHead([AShape(2, 6), AShape(1, 9), SlidingWindow(left=4, right=0), AShape(2, 6), Causal(), Causal()])
+    lengths = [T, 11, 7]
+    held = torch.arange(T) < torch.tensor(lengths)[:, None]  # (Hk, T)
+    for pat in (None, AShape(2, 6), per_head):
+        for padded in (False, True):
+            mine = held if padded else torch.ones_like(held)
+            ok, n = valid & mine, (lengths if padded else [T] * Hk)
+            # garbage past each head's own entries: huge keys and values would show in any output they reach
+            kk, vv = (torch.where(mine[..., None], x, 1e4) for x in (k, v))
+            own = [[x[:, h, : n[h]] for h in range(Hk)] for x in (kk, vv, kpos, ok)]
+            args = (0.2, True, pat, Q, delta, inv)
+            want, wmass = _per_head(q, own[0], own[1], qpos, own[2], own[3], *args)
+            got, gmass = _heads_folded(q, kk, vv, qpos, kpos, ok, *args)
+            torch.testing.assert_close(got, want)
+            for h in range(Hk):
+                torch.testing.assert_close(gmass[:, h, : n[h]], wmass[h])
 
 
 def test_decode_writes_in_place_and_eviction_frees_the_buffer(smollm2, text_ids):

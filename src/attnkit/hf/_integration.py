@@ -19,6 +19,11 @@ from .policy import Policy
 
 NAME = "attnkit"
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk of queries in the explicit path (64 MB in float32)
+# the explicit path folds heads of unequal lengths into one call (padding the shorter ones) for steps of at most
+# this many queries, or when padding adds at most this factor of pairs: below it the per-head calls' op
+# overhead outweighs the padded pairs
+_FOLD_QUERIES = 16
+_FOLD_WASTE = 1.5
 
 
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
@@ -279,9 +284,13 @@ def _per_head(q, keys, values, qpos, kpos, valid, scale, causal, pat, observe=0,
 
 
 def _heads_folded(q, k, v, qpos, kpos, valid, scale, causal, pat, observe=0, q_delta=None, inv_freq=None):
-    """:func:`_per_head` in one :func:`masked_attention` call with the KV heads folded into the batch, for heads
-    that hold as many entries each (``k, v (B, Hk, T, D)``: :meth:`HeadwiseCache.stacked`, whose fold is a view)
-    and a pattern that does not depend on the head. ``kpos``, ``valid`` and ``q_delta`` are per-head lists."""
+    """:func:`_per_head` in one :func:`masked_attention` call with the KV heads folded into the batch.
+
+    ``k, v (B, Hk, T, D)`` and ``kpos``, ``valid (B, Hk, T)`` are every head's entries side by side:
+    :meth:`HeadwiseCache.stacked` when heads hold as many entries (the fold is then a view), or
+    :meth:`~HeadwiseCache.padded`, whose entries past a head's own are invalid. A pattern per head (``PerHead``)
+    is evaluated at each folded row's own query heads. ``q_delta`` is a per-head list. Returns
+    ``(out (B, Hq, Q, Dv), mass (B, Hk, T) or None)``."""
     B, Hq, Q, D = q.shape
     Hk, T = k.shape[1], k.shape[2]
     G = Hq // Hk
@@ -289,23 +298,44 @@ def _heads_folded(q, k, v, qpos, kpos, valid, scale, causal, pat, observe=0, q_d
     if q_delta is not None and q_delta[0] is not None:
         qg = rerotate(qg, torch.stack(q_delta, 1)[:, :, None, :], inv_freq)
     qp = qpos[:, None].expand(B, Hk, Q).reshape(B * Hk, Q)
-    kp, ok = (torch.stack(x, 1).reshape(B * Hk, T) for x in (kpos, valid))
-    heads = torch.arange(G, device=q.device)  # never read: the pattern does not depend on the head
+    if pat is not None and pat.num_heads is not None:
+        heads = torch.arange(Hq, device=q.device).view(1, Hk, G).expand(B, Hk, G).reshape(B * Hk, G)
+    else:
+        heads = torch.arange(G, device=q.device)  # never read: the pattern does not depend on the head
     out, mass = masked_attention(
         qg.reshape(B * Hk, G, Q, D),
         k.reshape(B * Hk, T, D),
         v.reshape(B * Hk, T, -1),
         qp,
-        kp,
-        ok,
+        kpos.reshape(B * Hk, T),
+        valid.reshape(B * Hk, T),
         scale,
         causal,
         pat,
         heads,
         observe,
     )
-    masses = [None] * Hk if mass is None else list(mass.view(B, Hk, T).unbind(1))
-    return out.view(B, Hq, Q, -1), masses
+    return out.view(B, Hq, Q, -1), None if mass is None else mass.view(B, Hk, T)
+
+
+def _explicit(q, lay, scale, causal, pat, observe, inv_freq):
+    """The explicit path over a layer's cache: one folded call when the heads hold as many entries, or when a
+    padded fold wastes little (a decode step, or lengths within :data:`_FOLD_WASTE` of the longest); else one
+    call per KV head. Returns ``(out, mass)``, ``mass (B, Hk, T)`` for equal heads, else a per-head list."""
+    n = lay.lengths()
+    kv = lay.stacked()
+    if kv is not None:
+        args = (*kv, lay.stacked_meta("pos"), lay.stacked_meta("valid"))
+    elif q.shape[2] <= _FOLD_QUERIES or len(n) * max(n) <= _FOLD_WASTE * sum(n):
+        args = lay.padded()
+    else:
+        args = (lay.k, lay.v, lay.q_pos, lay.pos, lay.valid)
+        return _per_head(q, *args, scale, causal, pat, observe, lay.q_delta, inv_freq)
+    k, v, kpos, valid = args
+    out, mass = _heads_folded(q, k, v, lay.q_pos, kpos, valid, scale, causal, pat, observe, lay.q_delta, inv_freq)
+    if mass is not None and kv is None:
+        mass = [mass[:, h, :t] for h, t in enumerate(n)]
+    return out, mass
 
 
 def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: bool, scale):
@@ -317,7 +347,7 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     pat = policy.pattern(layer, Hq, lay.kv_heads, lay.seen_real, Q)
     scorer = policy.scorer_at(layer)
     observe = policy.observes_at(layer, Q) if scorer is not None else 0
-    fresh = all(n == Q for n in lay.lengths()) and all(bool(x.all()) for x in lay.valid)
+    fresh = all(n == Q for n in lay.lengths()) and lay.all_valid()
     own = getattr(policy, "attend_cached", None)
     if own is not None:  # a policy that computes the step over the cache itself (Steered)
         out, masses = own(layer, q, lay, scale, causal, pat, observe, cache.inv_freq)
@@ -342,7 +372,7 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
         # after every cached one, so causality by position is causality by index (q_offset = T_h - Q) and the
         # fast kernels run per KV head with the cache's validity as key padding (all heads in one call when they
         # hold as many entries, all real: the padding mask has no head axis)
-        kv = lay.stacked() if all(bool(x.all()) for x in lay.valid) else None
+        kv = lay.stacked() if lay.all_valid() else None
         if kv is not None:
             out = _attention(q, *kv, pattern=Causal(), q_offset=kv[0].shape[2] - Q, scale=scale)
         outs = []
@@ -357,21 +387,10 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
         if kv is None:
             out = torch.cat(outs, 1)
     else:
-        kv = lay.stacked() if pat is None or pat.num_heads is None else None
-        out, masses = (_per_head if kv is None else _heads_folded)(
-            q,
-            *(kv or (lay.k, lay.v)),
-            lay.q_pos,
-            lay.pos,
-            lay.valid,
-            scale,
-            causal,
-            pat,
-            observe,
-            lay.q_delta,
-            cache.inv_freq,
-        )
-        if scorer is not None:
+        out, masses = _explicit(q, lay, scale, causal, pat, observe, cache.inv_freq)
+        if scorer is not None and isinstance(masses, torch.Tensor):
+            lay.record_stacked(masses, observe > 0, scorer)
+        elif scorer is not None and masses is not None:
             for h, mass in enumerate(masses):
                 lay.record(h, mass, observe > 0, scorer)
     direct = getattr(scorer, "score_keys", None)
@@ -380,9 +399,8 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
             raise UnsupportedError(bad("model", f"plain rotary embeddings (scorer {scorer.name})", "none found"))
         for h in range(lay.kv_heads):
             q_rope = lay.rope[h][:, -Q:].long()
-            lay.score[h] = direct(
-                q[:, h * G : (h + 1) * G], q_rope, lay.k[h], lay.v[h], lay.pos[h], lay.valid[h], cache.inv_freq
-            )
+            qh = q[:, h * G : (h + 1) * G]
+            lay.set_score(h, direct(qh, q_rope, lay.k[h], lay.v[h], lay.pos[h], lay.valid[h], cache.inv_freq))
     lay.evict(policy.keep(layer, lay, Q), policy.merge_at(layer))
     return out
 
@@ -427,8 +445,10 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
     r"""Softmax attention of one KV head's query group over explicit key positions.
 
     ``q (B, G, Q, D)``, ``k (B, T, D)``, ``v (B, T, Dv)``, ``qpos (B, Q)`` and ``kpos (B, T)`` real-token
-    positions, ``valid (B, T)``. Key ``j`` is visible to query ``i`` when it is valid, ``kpos_j <= qpos_i``
-    (if ``causal``) and ``pat.mask_mod(0, head, qpos_i, kpos_j)``. A query with no visible key gets 0.
+    positions, ``valid (B, T)``, ``heads`` the group's query-head indices, ``(G,)`` or one row per batch row
+    ``(B, G)`` (KV heads folded into the batch). Key ``j`` is visible to query ``i`` when it is valid,
+    ``kpos_j <= qpos_i`` (if ``causal``) and ``pat.mask_mod(0, head, qpos_i, kpos_j)``. A query with no visible
+    key gets 0.
     Returns ``(out (B, G, Q, Dv), mass)`` where ``mass (B, T)`` sums the probabilities of the last ``observe``
     queries over the group (None when ``observe == 0``). Chunked over queries: no ``Q x T`` tensor per head
     beyond :data:`_CHUNK_ELEMENTS`.
@@ -440,7 +460,7 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
     mass = torch.zeros(B, T, dtype=torch.float32, device=q.device) if observe else None
     kp = kpos[:, None, None, :].long()
     ok = valid[:, None, None, :]
-    hh = heads[None, :, None, None]
+    hh = heads[None, :, None, None] if heads.dim() == 1 else heads[:, :, None, None]  # (G,) or per row (B, G)
     step = max(1, _CHUNK_ELEMENTS // max(1, B * G * T))
     # the group's queries are one (B, G * Q, D) operand of a batched product with the head's keys: a
     # (B, 1, D, T) operand broadcast over G would be copied G times by matmul (on SmolLM2's StreamingLLM decode

@@ -28,8 +28,17 @@ from ._rope import rerotate
 SPARE = 16
 
 
+#: Per-entry metadata a layer keeps beside its keys and values, and its dtype.
+_META = {"pos": torch.int32, "rope": torch.int32, "valid": torch.bool, "score": torch.float32}
+
+
 class _HeadwiseLayer(CacheLayerMixin):
-    """One decoder layer's entries, one tensor per KV head. See :class:`HeadwiseCache`."""
+    """One decoder layer's entries, one tensor per KV head. See :class:`HeadwiseCache`.
+
+    Keys, values and each metadata field live in one buffer per layer, ``(B, H, C, ...)``; the per-head lists
+    (``k``, ``v``, ``pos``, ``rope``, ``valid``, ``score``: ``(B, T_h, ...)`` each) are views of them, so what
+    policies read per head and what the attention reads for all heads at once are the same memory.
+    """
 
     is_sliding = False
     is_compileable = False
@@ -39,10 +48,12 @@ class _HeadwiseLayer(CacheLayerMixin):
     def __init__(self, owner: HeadwiseCache):
         super().__init__()
         self._owner = owner
-        self.k: list[torch.Tensor] = []  # (B, T_h, D) views of the buffer
-        self.v: list[torch.Tensor] = []
         self._kb: torch.Tensor | None = None  # (B, H, C, D): every head's keys, C >= max T_h
         self._vb: torch.Tensor | None = None
+        self._mb: dict[str, torch.Tensor] = {}  # field -> (B, H, C)
+        self._n: list[int] = []  # entries held per head
+        self.k: list[torch.Tensor] = []  # (B, T_h, D) views of the buffer
+        self.v: list[torch.Tensor] = []
         self.pos: list[torch.Tensor] = []  # (B, T_h) real-token position, int32
         self.rope: list[torch.Tensor] = []  # (B, T_h) position the key is rotated at, int32
         self.valid: list[torch.Tensor] = []  # (B, T_h) bool
@@ -84,39 +95,44 @@ class _HeadwiseLayer(CacheLayerMixin):
         pos = (self.real[:, None] + steps - 1).clamp_min(0)
         self.q_pos = pos
         self.real = self.real + steps[:, -1]
-        self.q_delta = []
-        ks = key_states
+        ks, rope = key_states, rope_in[:, None, :]
         if owner.policy.rerotate:  # each head's new keys go to its next free slots
-            if self.k:
-                base = torch.stack([x.sum(1) for x in self.valid], 1)  # (B, H)
-            else:
-                base = torch.zeros(B, H, dtype=torch.long, device=dev)
+            base = self._valid_count() if self._n else torch.zeros(B, H, dtype=torch.long, device=dev)
             rope = base[:, :, None] + (steps - 1)[:, None, :]  # (B, H, Q)
             delta = rope - rope_in[:, None, :]
             ks = rerotate(key_states, delta, owner.inv_freq)
             self.q_delta = list(delta.unbind(1))
-            ropes = list(rope.unbind(1))
         else:
-            self.q_delta, ropes = [None] * H, [rope_in] * H
-        self._append(ks, value_states)
-        for h in range(H):
-            self._append_meta(h, pos, ropes[h], valid)
+            self.q_delta = [None] * H
+        self._append(ks, value_states, pos=pos[:, None], rope=rope, valid=valid[:, None])
         self.seen += Q
         return key_states, value_states
 
-    def _append(self, k, v):
-        """Write ``k, v (B, H, Q, D)`` after each head's entries, growing the buffers when they are full."""
+    def _valid_count(self) -> torch.Tensor:
+        """``(B, H)`` valid entries per head."""
+        st = self.stacked_meta("valid")
+        if st is not None:
+            return st.sum(2)
+        return torch.stack([x.sum(1) for x in self.valid], 1)
+
+    def _append(self, k, v, **meta):
+        """Write ``k, v (B, H, Q, D)`` and their metadata (``(B, H or 1, Q)`` each; scores start at 0) after each
+        head's entries, growing the buffers when they are full."""
         B, H, Q = k.shape[:3]
-        n = self.lengths() if self.k else [0] * H
+        n = self._n or [0] * H
         if self._kb is None or max(n) + Q > self._kb.shape[2]:
             self._realloc(max(n) + Q + SPARE, like=(k, v), heads=H)
-        if len(set(n)) == 1:
-            self._kb[:, :, n[0] : n[0] + Q] = k
-            self._vb[:, :, n[0] : n[0] + Q] = v
-        else:
-            for h in range(H):
-                self._kb[:, h, n[h] : n[h] + Q] = k[:, h]
-                self._vb[:, h, n[h] : n[h] + Q] = v[:, h]
+        new = {"k": k, "v": v, **meta}
+        bufs = {"k": self._kb, "v": self._vb, **self._mb}
+        heads = [slice(None)] if len(set(n)) == 1 else range(H)
+        for h in heads:
+            a = n[0] if isinstance(h, slice) else n[h]
+            for name, buf in bufs.items():
+                x = new.get(name)
+                if x is None:
+                    buf[:, h, a : a + Q] = 0
+                else:
+                    buf[:, h, a : a + Q] = x if isinstance(h, slice) else x[:, h if x.shape[1] > 1 else 0]
         self._views([x + Q for x in n])
 
     def _realloc(self, cap: int, like=None, heads: int | None = None):
@@ -125,42 +141,59 @@ class _HeadwiseLayer(CacheLayerMixin):
         k, v = (self._kb, self._vb) if like is None else like
         B = k.shape[0]
         H = heads or k.shape[1]
+        n = self._n or [0] * H
+        old = {"k": self._kb, "v": self._vb, **self._mb}
         kb = torch.zeros(B, H, cap, k.shape[-1], dtype=k.dtype, device=k.device)
         vb = torch.zeros(B, H, cap, v.shape[-1], dtype=v.dtype, device=v.device)
-        for h, (kh, vh) in enumerate(zip(self.k, self.v, strict=True)):
-            kb[:, h, : kh.shape[1]] = kh
-            vb[:, h, : vh.shape[1]] = vh
-        self._kb, self._vb = kb, vb
-        self._views(self.lengths() if self.k else [0] * H)
+        mb = {name: torch.zeros(B, H, cap, dtype=dt, device=k.device) for name, dt in _META.items()}
+        if self._kb is not None:
+            for name, buf in {"k": kb, "v": vb, **mb}.items():
+                if len(set(n)) == 1:
+                    buf[:, :, : n[0]] = old[name][:, :, : n[0]]
+                else:
+                    for h, t in enumerate(n):
+                        buf[:, h, :t] = old[name][:, h, :t]
+        self._kb, self._vb, self._mb = kb, vb, mb
+        self._views(n)
 
     def _views(self, n: list[int]) -> None:
+        self._n = list(n)
         self.k = [self._kb[:, h, :t] for h, t in enumerate(n)]
         self.v = [self._vb[:, h, :t] for h, t in enumerate(n)]
+        for name, buf in self._mb.items():
+            setattr(self, name, [buf[:, h, :t] for h, t in enumerate(n)])
 
-    def _store(self, h: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Head ``h`` now holds ``k, v (B, T, D)`` (``T`` within the buffer)."""
+    def _store(self, h: int, k: torch.Tensor, v: torch.Tensor, meta: dict) -> None:
+        """Head ``h`` now holds ``k, v (B, T, D)`` and ``meta`` (field -> ``(B, T)``), ``T`` within the buffer."""
         t = k.shape[1]
         self._kb[:, h, :t] = k
         self._vb[:, h, :t] = v
-        self.k[h], self.v[h] = self._kb[:, h, :t], self._vb[:, h, :t]
+        for name, x in meta.items():
+            self._mb[name][:, h, :t] = x
+        self._n[h] = t
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(K, V)``, each ``(B, H, T, D)``, views of the buffers when every head holds ``T`` entries; else None."""
-        n = self.lengths()
+        n = self._n
         if not n or len(set(n)) != 1:
             return None
         return self._kb[:, :, : n[0]], self._vb[:, :, : n[0]]
 
-    def _append_meta(self, h, pos, rope, valid):
-        score = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
-        new = (pos.to(torch.int32), rope.to(torch.int32), valid, score)
-        stores = (self.pos, self.rope, self.valid, self.score)
-        if len(self.pos) <= h:
-            for store, x in zip(stores, new, strict=True):
-                store.append(x)
-        else:
-            for store, x in zip(stores, new, strict=True):
-                store[h] = torch.cat([store[h], x], dim=1)
+    def stacked_meta(self, name: str) -> torch.Tensor | None:
+        """Metadata field ``name`` of every head, ``(B, H, T)`` (a view), when every head holds ``T``; else None."""
+        n = self._n
+        if not n or len(set(n)) != 1:
+            return None
+        return self._mb[name][:, :, : n[0]]
+
+    def padded(self) -> tuple[torch.Tensor, ...]:
+        """``(K, V, pos, valid)`` of every head over the longest head's ``T`` entries (views, ``(B, H, T, ...)``),
+        ``valid`` a new tensor, False past each head's own entries: one attention call for heads of unequal
+        lengths."""
+        T = max(self._n)
+        held = torch.arange(T, device=self._kb.device) < torch.tensor(self._n, device=self._kb.device)[:, None]
+        valid = self._mb["valid"][:, :, :T] & held
+        return self._kb[:, :, :T], self._vb[:, :, :T], self._mb["pos"][:, :, :T], valid
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -175,41 +208,64 @@ class _HeadwiseLayer(CacheLayerMixin):
         self.__init__(self._owner)
 
     def reorder_cache(self, beam_idx):
-        for store in (self.pos, self.rope, self.valid, self.score):
-            for h in range(len(store)):
-                store[h] = store[h].index_select(0, beam_idx.to(store[h].device))
         if self._kb is not None:
-            n = self.lengths()
-            self._kb = self._kb.index_select(0, beam_idx.to(self._kb.device))
-            self._vb = self._vb.index_select(0, beam_idx.to(self._vb.device))
-            self._views(n)
+            idx = beam_idx.to(self._kb.device)
+            self._kb, self._vb = self._kb.index_select(0, idx), self._vb.index_select(0, idx)
+            self._mb = {name: buf.index_select(0, idx) for name, buf in self._mb.items()}
+            self._views(self._n)
         if self.real is not None:
             self.real = self.real.index_select(0, beam_idx.to(self.real.device))
 
     # -- what policies read ---------------------------------------------------------------------------
     @property
     def kv_heads(self) -> int:
-        return len(self.k)
+        return len(self._n)
 
     @property
     def seen_real(self) -> int:
         return int(self.real.max()) if self.real is not None else 0
 
     def lengths(self) -> list[int]:
-        return [int(x.shape[1]) for x in self.k]
+        return list(self._n)
+
+    def all_valid(self) -> bool:
+        """No padding among the entries held."""
+        st = self.stacked_meta("valid")
+        return bool(st.all()) if st is not None else all(bool(x.all()) for x in self.valid)
 
     def record(self, h: int, mass: torch.Tensor | None, observed: bool, scorer) -> None:
         """Fold one step's attention mass ``(B, T_h)`` into head ``h``'s scores."""
         if mass is None:
             return
-        self.score[h] = scorer.update(self.score[h], mass, observed)
+        self.set_score(h, scorer.update(self.score[h], mass, observed))
 
-    def evict(self, keep: list[torch.Tensor | None], merge=None) -> None:
-        """Keep, per head, the entries at the given sorted indices ``(B, n_h)``; free the rest. ``merge(k, v,
-        valid, idx) -> (k_kept, v_kept)`` folds the evicted entries into the kept ones first (LOOK-M)."""
-        owner = self._owner
+    def record_stacked(self, mass: torch.Tensor | None, observed: bool, scorer) -> None:
+        """:meth:`record` for every head at once, ``mass (B, H, T)`` (heads of equal lengths): the scorer sees
+        the heads folded into its rows, ``(B * H, T)``."""
+        if mass is None:
+            return
+        old = self.stacked_meta("score")
+        B, H, T = old.shape
+        new = scorer.update(old.reshape(B * H, T), mass.detach().reshape(B * H, T), observed)
+        old.copy_(new.view(B, H, T))
+
+    def set_score(self, h: int, score: torch.Tensor) -> None:
+        """Head ``h``'s scores are now ``score (B, T_h)`` (bookkeeping: no autograd history is kept)."""
+        self.score[h].copy_(score.detach())
+
+    def evict(self, keep, merge=None) -> None:
+        """Keep, per head, the entries at the given sorted indices ``(B, n_h)`` (a list, None keeping all; or one
+        ``(B, H, n)`` tensor for every head; or None, keeping everything); free the rest. ``merge(k, v, valid, idx) -> (k_kept, v_kept)`` folds
+        the evicted entries into the kept ones first (LOOK-M)."""
+        if keep is None or not isinstance(keep, torch.Tensor) and all(i is None for i in keep):
+            return
+        if isinstance(keep, torch.Tensor):
+            if merge is None and self._evict_stacked(keep):
+                return
+            keep = list(keep.unbind(1))
         if merge is None and self._evict_stacked(keep):
             return
+        owner = self._owner
         for h, idx in enumerate(keep):
             if idx is None:
                 continue
@@ -220,42 +276,49 @@ class _HeadwiseLayer(CacheLayerMixin):
             else:
                 k = self.k[h].gather(1, ix3.expand(-1, -1, self.k[h].shape[-1]))
                 v = self.v[h].gather(1, ix3.expand(-1, -1, self.v[h].shape[-1]))
-            for store in (self.pos, self.rope, self.valid, self.score):
-                store[h] = store[h].gather(1, idx).contiguous()
+            meta = {name: getattr(self, name)[h].gather(1, idx) for name in _META}
             if owner.policy.rerotate:
-                slot = (self.valid[h].long().cumsum(1) - 1).clamp_min(0)
-                k = rerotate(k, slot - self.rope[h].long(), owner.inv_freq)
-                self.rope[h] = slot.to(torch.int32)
-            self._store(h, k, v)
-        if self._kb is not None and self._kb.shape[2] > max(self.lengths()) + SPARE:
-            self._realloc(max(self.lengths()) + SPARE)
+                slot = (meta["valid"].long().cumsum(1) - 1).clamp_min(0)
+                k = rerotate(k, slot - meta["rope"].long(), owner.inv_freq)
+                meta["rope"] = slot.to(torch.int32)
+            self._store(h, k, v, meta)
+        self._shrink()
 
-    def _evict_stacked(self, keep: list[torch.Tensor | None]) -> bool:
+    def _shrink(self) -> None:
+        """Views on the entries now held; buffers cut back when more than :data:`SPARE` entries are unused."""
+        if self._kb.shape[2] > max(self._n) + SPARE:
+            cap = max(self._n) + SPARE
+            self._kb, self._vb = self._kb[:, :, :cap].clone(), self._vb[:, :, :cap].clone()
+            self._mb = {name: buf[:, :, :cap].clone() for name, buf in self._mb.items()}
+        self._views(self._n)
+
+    def _evict_stacked(self, keep) -> bool:
         """:meth:`evict` for every head at once when all heads hold as many entries and keep as many (one gather
-        and one re-rotation on the buffer, not one per head); False, doing nothing, otherwise."""
+        per buffer and one re-rotation, not one per head); False, doing nothing, otherwise."""
         kv = self.stacked()
-        if kv is None or any(i is None for i in keep) or len({tuple(i.shape) for i in keep}) != 1:
+        if kv is None:
             return False
-        idx = torch.stack(keep, 1).to(self._kb.device)  # (B, H, n)
-        n = idx.shape[2]
+        if isinstance(keep, list):
+            if any(i is None for i in keep) or len({tuple(i.shape) for i in keep}) != 1:
+                return False
+            keep = torch.stack(keep, 1)
+        idx = keep.to(self._kb.device)  # (B, H, n)
+        n, T = idx.shape[2], kv[0].shape[2]
         k, v = (x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1])) for x in kv)
-        stores = (self.pos, self.rope, self.valid, self.score)
-        kept = [torch.stack(store, 1).gather(2, idx) for store in stores]
+        meta = {name: buf[:, :, :T].gather(2, idx) for name, buf in self._mb.items()}
         if self._owner.policy.rerotate:
-            slot = (kept[2].long().cumsum(2) - 1).clamp_min(0)
-            k = rerotate(k, slot - kept[1].long(), self._owner.inv_freq)
-            kept[1] = slot.to(torch.int32)
-        for store, x in zip(stores, kept, strict=True):
-            store[:] = [t.contiguous() for t in x.unbind(1)]
-        if self._kb.shape[2] > n + SPARE:
-            self._kb, self._vb = self._kb[:, :, : n + SPARE].clone(), self._vb[:, :, : n + SPARE].clone()
-        self._kb[:, :, :n] = k
-        self._vb[:, :, :n] = v
-        self._views([n] * len(keep))
+            slot = (meta["valid"].long().cumsum(2) - 1).clamp_min(0)
+            k = rerotate(k, slot - meta["rope"].long(), self._owner.inv_freq)
+            meta["rope"] = slot.to(torch.int32)
+        for name, x in {"k": k, "v": v, **meta}.items():
+            buf = self._kb if name == "k" else self._vb if name == "v" else self._mb[name]
+            buf[:, :, :n] = x
+        self._n = [n] * len(self._n)
+        self._shrink()
         return True
 
     def nbytes(self) -> tuple[int, int, int]:
-        """Bytes of the entries held, of the key and value buffers as allocated, and of the metadata."""
+        """Bytes of the entries held, of the key and value buffers as allocated, and of the metadata held."""
         kv = sum(x.numel() * x.element_size() for x in self.k + self.v)
         reserved = sum(x.numel() * x.element_size() for x in (self._kb, self._vb) if x is not None)
         meta = sum(x.numel() * x.element_size() for x in self.pos + self.rope + self.valid + self.score)

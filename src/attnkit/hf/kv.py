@@ -292,20 +292,22 @@ class KVCompress(Policy):
             return [None] * view.kv_heads
         n_keep = resolve_budget(self.budget, view.seen_real)
         counts = self.allocator.split(view.score, view.valid, n_keep)
+        stacked = view.stacked_meta("score")
+        if stacked is not None and len(set(counts)) == 1 and not getattr(self.scorer, "average_heads", False):
+            pos, valid = view.stacked_meta("pos"), view.stacked_meta("valid")
+            return self._keep(stacked, pos, view.real[:, None, None], valid, counts[0])
         scores = view.score
         if getattr(self.scorer, "average_heads", False):
             if len({tuple(x.shape) for x in scores}) > 1 or not all(bool((p == view.pos[0]).all()) for p in view.pos):
                 raise UnsupportedError(bad("scorer", "heads holding the same entries (average_heads)", "unequal heads"))
             scores = [torch.stack(scores).mean(0)] * len(scores)
-        out = []
-        for h, n in enumerate(counts):
-            pri = scores[h].clone()
-            r = self.scorer.recent(n)
-            if r:
-                newest = view.pos[h] > (view.real[:, None] - 1 - r)
-                pri = pri.masked_fill(newest, float("inf"))
-            out.append(keep_top(pri, view.valid[h], max(n, 1)))
-        return out
+        return [self._keep(scores[h], view.pos[h], view.real[:, None], view.valid[h], n) for h, n in enumerate(counts)]
+
+    def _keep(self, score, pos, real, valid, n):
+        """The ``n`` entries to keep of one head (``(B, T)``) or of every head at once (``(B, H, T)``)."""
+        r = self.scorer.recent(n)
+        pri = score.masked_fill(pos > real - 1 - r, float("inf")) if r else score
+        return keep_top(pri, valid, max(n, 1))
 
     def describe(self):
         return f"{self.name}(budget={self.budget}, phase={self.phase})"

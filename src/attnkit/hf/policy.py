@@ -49,8 +49,9 @@ class Policy:
         """Compute the step's attention itself (calibration policies); None lets attnkit do it."""
         return None
 
-    def keep(self, layer: int, view, q_len: int) -> list[torch.Tensor | None]:
-        """Per KV head, the sorted indices ``(B, n_h)`` of the cached entries to keep, or None to keep all."""
+    def keep(self, layer: int, view, q_len: int) -> list[torch.Tensor | None] | torch.Tensor | None:
+        """Per KV head, the sorted indices ``(B, n_h)`` of the cached entries to keep, or None to keep all; or,
+        when every head keeps as many, one ``(B, H, n)`` tensor for all heads (None: nothing is evicted)."""
         return [None] * view.kv_heads
 
     def observes_at(self, layer: int, q_len: int) -> int:
@@ -171,7 +172,8 @@ def resolve_budget(budget: int | float, seen: int, name: str = "budget") -> int:
 
 
 def keep_top(priority: torch.Tensor, valid: torch.Tensor, n_keep: int) -> torch.Tensor | None:
-    """Sorted indices ``(B, n_keep)`` of the highest ``priority`` entries; padding goes first. None if all fit."""
+    """Sorted indices ``(..., n_keep)`` of the highest ``priority (..., T)`` entries; padding goes first. None if
+    all fit."""
     if priority.shape[-1] <= n_keep:
         return None
     pri = priority.float().masked_fill(~valid, float("-inf"))
@@ -179,10 +181,19 @@ def keep_top(priority: torch.Tensor, valid: torch.Tensor, n_keep: int) -> torch.
     return idx.sort(dim=-1).values
 
 
-def recency(view, head: int, sinks: int) -> torch.Tensor:
-    """Priority for StreamingLLM's rule: the first ``sinks`` real tokens, then the most recent ones."""
-    pos = view.pos[head].float()
-    return torch.where(view.pos[head] < sinks, torch.full_like(pos, float("inf")), pos)
+def recency(view, head: int | None, sinks: int) -> torch.Tensor:
+    """Priority for StreamingLLM's rule: the first ``sinks`` real tokens, then the most recent ones (``head``
+    None: every head's at once, ``(B, H, T)``, for heads holding as many entries)."""
+    pos = view.pos[head] if head is not None else view.stacked_meta("pos")
+    return torch.where(pos < sinks, float("inf"), pos.float())
+
+
+def keep_recent(view, sinks: int, n_keep: int):
+    """StreamingLLM's rule for every KV head, ``n_keep`` entries each: one ``(B, H, n_keep)`` selection when the
+    heads hold as many entries (None if all fit), else one per head."""
+    if view.stacked_meta("pos") is not None:
+        return keep_top(recency(view, None, sinks), view.stacked_meta("valid"), n_keep)
+    return [keep_top(recency(view, h, sinks), view.valid[h], n_keep) for h in range(view.kv_heads)]
 
 
 def kv_tokens(n: int, budget: float) -> int:

@@ -13,7 +13,7 @@ from ..errors import check_count
 from ..patterns.global_tokens import AShape
 from ..patterns.sliding_window import SlidingWindow
 from ..records import register
-from .policy import POLICY_SUPPORTS, Policy, keep_top, kv_tokens, recency
+from .policy import POLICY_SUPPORTS, Policy, keep_recent, kv_tokens
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class StreamingLLM(Policy):
         return sinks_and_window(self.sinks, self.window)
 
     def keep(self, layer, view, q_len):
-        return [keep_top(recency(view, h, self.sinks), view.valid[h], self.budget) for h in range(view.kv_heads)]
+        return keep_recent(view, self.sinks, self.budget)
 
     def describe(self):
         return f"streaming_llm(sinks={self.sinks}, window={self.window})"

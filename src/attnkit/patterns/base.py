@@ -331,6 +331,15 @@ class PerHead(Pattern):
             # slice, one evaluation in all instead of one per pattern over the whole grid
             parts = [h.narrow(axis, i, 1) for i in range(h.shape[axis])]
             return torch.cat([self.patterns[int(x)].mask_mod(b, x, q_idx, kv_idx) for x in parts], axis)
+        if isinstance(h, torch.Tensor) and h.dim() >= 2:
+            # an explicit grid with heads on several axes (KV heads folded into the batch): each distinct pattern
+            # once over the grid, picked per head (MoA's heads share a few spans, Duo's are of two kinds)
+            distinct = list(dict.fromkeys(self.patterns))
+            which = torch.tensor([distinct.index(p) for p in self.patterns], device=h.device)[h]
+            out = distinct[-1].mask_mod(b, h, q_idx, kv_idx)
+            for i in range(len(distinct) - 2, -1, -1):
+                out = torch.where(which == i, distinct[i].mask_mod(b, h, q_idx, kv_idx), out)
+            return out
         out = self.patterns[-1].mask_mod(b, h, q_idx, kv_idx)
         for i in range(len(self.patterns) - 2, -1, -1):
             out = torch.where(h == i, self.patterns[i].mask_mod(b, h, q_idx, kv_idx), out)
