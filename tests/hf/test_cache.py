@@ -218,3 +218,36 @@ def test_rerotate_from_a_table_of_shifts_equals_the_direct_rotation():
     for delta in (torch.full((2, 3, 200), -1), torch.randint(-4, 3, (2, 3, 200), generator=g)):
         torch.testing.assert_close(rerotate(x, delta, inv), rerotate(x, delta.float(), inv), rtol=0, atol=0)
     assert rerotate(x, torch.zeros(2, 3, 200, dtype=torch.long), inv) is x
+
+
+@pytest.mark.parametrize("rerotate_keys", [True, False])
+def test_evicting_the_middle_by_a_copy_equals_the_gather(smollm2, text_ids, monkeypatch, rerotate_keys):
+    """StreamingLLM keeps each head's first and last entries: the cache moves the tail down in place (and
+    re-rotates it by one shift) instead of gathering. Same keys, values, metadata and logits as the gather."""
+    from attnkit.hf import cache as cache_mod
+
+    model, _ = smollm2
+    ids = text_ids[:, :70]
+    pol = akhf.StreamingLLM(budget=24, sinks=4, rerotate=rerotate_keys)
+    moves = []
+    middle = cache_mod._HeadwiseLayer._evict_middle
+    monkeypatch.setattr(cache_mod._HeadwiseLayer, "_evict_middle", lambda *a: moves.append(1) or middle(*a))
+
+    def run():
+        with akhf.applied(model, pol) as h, torch.no_grad():
+            cache = h.new_cache()
+            logits = [model(ids[:, s : s + 30], past_key_values=cache, use_cache=True).logits for s in (0, 30, 60)]
+            logits += [model(ids[:, -1:], past_key_values=cache, use_cache=True).logits for _ in range(3)]
+        return torch.cat(logits, 1), cache.layers[7]
+
+    fast, lay = run()
+    assert moves
+    monkeypatch.setattr(cache_mod, "_prefix_and_suffix", lambda idx, T: None)
+    moves.clear()
+    slow, ref = run()
+    assert not moves
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v", "pos", "rope", "valid"):
+        for a, b in zip(getattr(lay, name), getattr(ref, name), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert lay.rope[0][0].tolist() == (list(range(24)) if rerotate_keys else [0, 1, 2, 3] + list(range(53, 73)))

@@ -52,12 +52,7 @@ class _HeadwiseLayer(CacheLayerMixin):
         self._vb: torch.Tensor | None = None
         self._mb: dict[str, torch.Tensor] = {}  # field -> (B, H, C)
         self._n: list[int] = []  # entries held per head
-        self.k: list[torch.Tensor] = []  # (B, T_h, D) views of the buffer
-        self.v: list[torch.Tensor] = []
-        self.pos: list[torch.Tensor] = []  # (B, T_h) real-token position, int32
-        self.rope: list[torch.Tensor] = []  # (B, T_h) position the key is rotated at, int32
-        self.valid: list[torch.Tensor] = []  # (B, T_h) bool
-        self.score: list[torch.Tensor] = []  # (B, T_h) float32
+        self._lists: dict[str, list[torch.Tensor]] = {}  # the per-head views, made when first read
         self.real: torch.Tensor | None = None  # (B,) real tokens seen
         self.seen = 0
         self._staged = None
@@ -158,10 +153,24 @@ class _HeadwiseLayer(CacheLayerMixin):
 
     def _views(self, n: list[int]) -> None:
         self._n = list(n)
-        self.k = [self._kb[:, h, :t] for h, t in enumerate(n)]
-        self.v = [self._vb[:, h, :t] for h, t in enumerate(n)]
-        for name, buf in self._mb.items():
-            setattr(self, name, [buf[:, h, :t] for h, t in enumerate(n)])
+        self._lists = {}
+
+    def _list(self, name: str) -> list[torch.Tensor]:
+        got = self._lists.get(name)
+        if got is None:
+            buf = self._kb if name == "k" else self._vb if name == "v" else self._mb.get(name)
+            got = [] if buf is None else [buf[:, h, :t] for h, t in enumerate(self._n)]
+            self._lists[name] = got
+        return got
+
+    # per head, views of the buffers: keys and values (B, T_h, D); the real-token position, the position the key
+    # is rotated at (int32), whether the entry is real, the policy's score (float32), each (B, T_h)
+    k = property(lambda self: self._list("k"))
+    v = property(lambda self: self._list("v"))
+    pos = property(lambda self: self._list("pos"))
+    rope = property(lambda self: self._list("rope"))
+    valid = property(lambda self: self._list("valid"))
+    score = property(lambda self: self._list("score"))
 
     def _store(self, h: int, k: torch.Tensor, v: torch.Tensor, meta: dict) -> None:
         """Head ``h`` now holds ``k, v (B, T, D)`` and ``meta`` (field -> ``(B, T)``), ``T`` within the buffer."""
@@ -171,6 +180,7 @@ class _HeadwiseLayer(CacheLayerMixin):
         for name, x in meta.items():
             self._mb[name][:, h, :t] = x
         self._n[h] = t
+        self._lists = {}
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(K, V)``, each ``(B, H, T, D)``, views of the buffers when every head holds ``T`` entries; else None."""
@@ -255,8 +265,8 @@ class _HeadwiseLayer(CacheLayerMixin):
 
     def evict(self, keep, merge=None) -> None:
         """Keep, per head, the entries at the given sorted indices ``(B, n_h)`` (a list, None keeping all; or one
-        ``(B, H, n)`` tensor for every head; or None, keeping everything); free the rest. ``merge(k, v, valid, idx) -> (k_kept, v_kept)`` folds
-        the evicted entries into the kept ones first (LOOK-M)."""
+        ``(B, H, n)`` tensor for every head; or None, keeping everything); free the rest.
+        ``merge(k, v, valid, idx) -> (k_kept, v_kept)`` folds the evicted entries into the kept ones first (LOOK-M)."""
         if keep is None or not isinstance(keep, torch.Tensor) and all(i is None for i in keep):
             return
         if isinstance(keep, torch.Tensor):
@@ -304,6 +314,10 @@ class _HeadwiseLayer(CacheLayerMixin):
             keep = torch.stack(keep, 1)
         idx = keep.to(self._kb.device)  # (B, H, n)
         n, T = idx.shape[2], kv[0].shape[2]
+        a = _prefix_and_suffix(idx, T)
+        if a is not None and (not self._owner.policy.rerotate or self.all_valid()):
+            self._evict_middle(a, T - n, T)
+            return True
         k, v = (x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1])) for x in kv)
         meta = {name: buf[:, :, :T].gather(2, idx) for name, buf in self._mb.items()}
         if self._owner.policy.rerotate:
@@ -316,6 +330,22 @@ class _HeadwiseLayer(CacheLayerMixin):
         self._n = [n] * len(self._n)
         self._shrink()
         return True
+
+    def _evict_middle(self, a: int, e: int, T: int) -> None:
+        """Every head keeps its first ``a`` and last ``T - a - e`` entries (StreamingLLM's sinks and window, MoA's
+        after a span's growth): the kept tail moves down by ``e`` slots with a copy of the buffers, no gather, and
+        a re-rotation by one shift, ``-e``, for every moved key. With every entry real, the cache keeps each key
+        rotated at its own index, so that shift is exact and the ``rope`` field is unchanged."""
+        n = T - e
+        rerotating = self._owner.policy.rerotate
+        for name, buf in {"k": self._kb, "v": self._vb, **self._mb}.items():
+            if not (rerotating and name == "rope"):
+                buf[:, :, a:n] = buf[:, :, a + e : T].clone()
+        if rerotating:
+            moved = self._kb[:, :, a:n]
+            moved.copy_(rerotate(moved, torch.full((1,), -e, device=moved.device), self._owner.inv_freq))
+        self._n = [n] * len(self._n)
+        self._shrink()
 
     def nbytes(self) -> tuple[int, int, int]:
         """Bytes of the entries held, of the key and value buffers as allocated, and of the metadata held."""
@@ -361,3 +391,14 @@ class HeadwiseCache(Cache):
             a, r, b = layer.nbytes()
             kv, reserved, meta = kv + a, reserved + r, meta + b
         return {"kv": kv, "kv_reserved": reserved, "meta": meta, "total": reserved + meta}
+
+
+def _prefix_and_suffix(idx: torch.Tensor, T: int) -> int | None:
+    """``a`` when the sorted indices ``idx (..., n)`` of every row are ``0 .. a-1`` then the last ``n - a`` of
+    ``0 .. T-1``; else None."""
+    n = idx.shape[-1]
+    d = idx - torch.arange(n, device=idx.device)  # nondecreasing: 0 on the prefix, T - n on the suffix
+    if not bool(((d == 0) | (d == T - n)).all()):
+        return None
+    lo, hi = (d == 0).sum(-1).aminmax()
+    return int(lo) if int(lo) == int(hi) else None

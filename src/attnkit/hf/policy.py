@@ -191,7 +191,16 @@ def recency(view, head: int | None, sinks: int) -> torch.Tensor:
 def keep_recent(view, sinks: int, n_keep: int):
     """StreamingLLM's rule for every KV head, ``n_keep`` entries each: one ``(B, H, n_keep)`` selection when the
     heads hold as many entries (None if all fit), else one per head."""
-    if view.stacked_meta("pos") is not None:
+    pos = view.stacked_meta("pos")
+    if pos is not None:
+        T = pos.shape[-1]
+        if T <= n_keep:
+            return None
+        s = min(sinks, n_keep)
+        if view.all_valid() and bool((pos[..., :s] < sinks).all()) and bool((pos[..., s:] >= sinks).all()):
+            # entries are held in position order: the sinks are the first, the most recent the last (no top-k)
+            idx = torch.cat([torch.arange(s), torch.arange(T - (n_keep - s), T)]).to(pos.device)
+            return idx.expand(*pos.shape[:-1], n_keep)
         return keep_top(recency(view, None, sinks), view.stacked_meta("valid"), n_keep)
     return [keep_top(recency(view, h, sinks), view.valid[h], n_keep) for h in range(view.kv_heads)]
 
