@@ -279,7 +279,12 @@ class _HeadwiseLayer(CacheLayerMixin):
         for h, idx in enumerate(keep):
             if idx is None:
                 continue
-            idx = idx.to(self.k[h].device)
+            idx = idx.to(self._kb.device)
+            T = self._n[h]
+            a = _prefix_and_suffix(idx, T) if merge is None else None
+            if a is not None and (not owner.policy.rerotate or bool(self.valid[h].all())):
+                self._move_tail(h, a, T - idx.shape[-1], T)
+                continue
             ix3 = idx[..., None]
             if merge is not None:
                 k, v = merge(self.k[h], self.v[h], self.valid[h], idx)
@@ -336,16 +341,24 @@ class _HeadwiseLayer(CacheLayerMixin):
         after a span's growth): the kept tail moves down by ``e`` slots with a copy of the buffers, no gather, and
         a re-rotation by one shift, ``-e``, for every moved key. With every entry real, the cache keeps each key
         rotated at its own index, so that shift is exact and the ``rope`` field is unchanged."""
+        self._move_tail(slice(None), a, e, T)
+        self._shrink()
+
+    def _move_tail(self, h, a: int, e: int, T: int) -> None:
+        """:meth:`_evict_middle` for the heads ``h`` (an index or a slice), without the shrink."""
         n = T - e
         rerotating = self._owner.policy.rerotate
         for name, buf in {"k": self._kb, "v": self._vb, **self._mb}.items():
             if not (rerotating and name == "rope"):
-                buf[:, :, a:n] = buf[:, :, a + e : T].clone()
+                buf[:, h, a:n] = buf[:, h, a + e : T].clone()
         if rerotating:
-            moved = self._kb[:, :, a:n]
+            moved = self._kb[:, h, a:n]
             moved.copy_(rerotate(moved, torch.full((1,), -e, device=moved.device), self._owner.inv_freq))
-        self._n = [n] * len(self._n)
-        self._shrink()
+        if isinstance(h, slice):
+            self._n = [n] * len(self._n)
+        else:
+            self._n[h] = n
+        self._lists = {}
 
     def nbytes(self) -> tuple[int, int, int]:
         """Bytes of the entries held, of the key and value buffers as allocated, and of the metadata held."""

@@ -22,7 +22,7 @@ from ..patterns.base import PerHead
 from ..patterns.causal import Causal
 from ..records import register
 from . import artifacts
-from .policy import POLICY_SUPPORTS, Policy, keep_top, kv_tokens, recency
+from .policy import POLICY_SUPPORTS, Policy, keep_recent, kv_tokens
 from .streaming import sinks_and_window
 
 METHOD = "duo_attention"
@@ -96,9 +96,7 @@ class DuoAttention(Policy):
     def keep(self, layer, view, q_len):
         full = self._full[layer]
         n = self.sinks + self.recent
-        return [
-            None if full[h] else keep_top(recency(view, h, self.sinks), view.valid[h], n) for h in range(view.kv_heads)
-        ]
+        return keep_recent(view, self.sinks, [None if full[h] else n for h in range(view.kv_heads)])
 
     def describe(self):
         return f"duo_attention(retrieval={self.retrieval:.3f}, sinks={self.sinks}, recent={self.recent})"

@@ -23,7 +23,7 @@ from ..models.smollm2 import english_text
 from ..patterns.base import PerHead
 from ..records import register
 from . import artifacts
-from .policy import POLICY_SUPPORTS, Policy, keep_top, recency
+from .policy import POLICY_SUPPORTS, Policy, keep_recent
 from .streaming import sinks_and_window
 
 METHOD = "moa"
@@ -110,10 +110,7 @@ class MoA(Policy):
 
     def keep(self, layer, view, q_len):
         seen = view.seen_real
-        return [
-            keep_top(recency(view, h, self.sinks), view.valid[h], self.sinks + self._span(layer, h, seen))
-            for h in range(view.kv_heads)
-        ]
+        return keep_recent(view, self.sinks, [self.sinks + self._span(layer, h, seen) for h in range(view.kv_heads)])
 
     def describe(self):
         mean = float(np.mean(self.spans))

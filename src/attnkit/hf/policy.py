@@ -188,21 +188,39 @@ def recency(view, head: int | None, sinks: int) -> torch.Tensor:
     return torch.where(pos < sinks, float("inf"), pos.float())
 
 
-def keep_recent(view, sinks: int, n_keep: int):
-    """StreamingLLM's rule for every KV head, ``n_keep`` entries each: one ``(B, H, n_keep)`` selection when the
-    heads hold as many entries (None if all fit), else one per head."""
+def keep_recent(view, sinks: int, n_keep):
+    """StreamingLLM's rule: each KV head keeps its first ``sinks`` real tokens and its most recent ones,
+    ``n_keep`` entries in all (an int for every head, or a per-head list, None keeping everything). One
+    ``(B, H, n_keep)`` selection when the heads hold as many entries (None if all fit), else one per head.
+
+    Entries are held in position order, so where they are all real and the sinks lead, the kept ones are the
+    first ``sinks`` and the last ``n_keep - sinks`` indices: no top-k."""
     pos = view.stacked_meta("pos")
-    if pos is not None:
-        T = pos.shape[-1]
-        if T <= n_keep:
+    if isinstance(n_keep, int) and pos is not None:
+        if pos.shape[-1] <= n_keep:
             return None
-        s = min(sinks, n_keep)
-        if view.all_valid() and bool((pos[..., :s] < sinks).all()) and bool((pos[..., s:] >= sinks).all()):
-            # entries are held in position order: the sinks are the first, the most recent the last (no top-k)
-            idx = torch.cat([torch.arange(s), torch.arange(T - (n_keep - s), T)]).to(pos.device)
-            return idx.expand(*pos.shape[:-1], n_keep)
-        return keep_top(recency(view, None, sinks), view.stacked_meta("valid"), n_keep)
-    return [keep_top(recency(view, h, sinks), view.valid[h], n_keep) for h in range(view.kv_heads)]
+        idx = _first_and_last(pos, view.all_valid(), sinks, n_keep)
+        return idx if idx is not None else keep_top(recency(view, None, sinks), view.stacked_meta("valid"), n_keep)
+    counts = [n_keep] * view.kv_heads if isinstance(n_keep, int) else n_keep
+    out = []
+    for h, n in enumerate(counts):
+        pos, ok = view.pos[h], view.valid[h]
+        if n is None or pos.shape[-1] <= n:
+            out.append(None)
+            continue
+        idx = _first_and_last(pos, bool(ok.all()), sinks, n)
+        out.append(idx if idx is not None else keep_top(recency(view, h, sinks), ok, n))
+    return out
+
+
+def _first_and_last(pos: torch.Tensor, all_valid: bool, sinks: int, n_keep: int) -> torch.Tensor | None:
+    """The first ``min(sinks, n_keep)`` and the last others of ``pos (..., T)``'s indices, when that is what
+    :func:`recency` ranks highest (every entry real, the sinks first); else None."""
+    T, s = pos.shape[-1], min(sinks, n_keep)
+    if not all_valid or not bool((pos[..., :s] < sinks).all()) or not bool((pos[..., s:] >= sinks).all()):
+        return None
+    idx = torch.cat([torch.arange(s), torch.arange(T - (n_keep - s), T)]).to(pos.device)
+    return idx.expand(*pos.shape[:-1], n_keep)
 
 
 def kv_tokens(n: int, budget: float) -> int:
