@@ -86,14 +86,15 @@ class _OwnStride(Pattern):
 
 def test_a_window_reads_a_view_and_heads_with_few_keys_of_their_own_gather_them():
     visible = P.SlidingWindow(16, 0).dense_mask(1, 4096, 4095)
-    assert decode._read(visible, 4096) == slice(4096 - 17, 4096)  # keys i - 16 .. i
+    assert decode._read(visible, 4096) == (slice(4096 - 17, 4096), True)  # keys i - 16 .. i
     shards = registry.get("strided_shards").make(4096)
     vis = shards.dense_mask(1, 4096, 4095, shards.num_heads)
-    assert decode._read(vis, 4096) == slice(0, 4096)  # together the heads read every key
+    assert decode._read(vis, 4096) == (slice(0, 4096), True)  # together the heads read every key
     assert decode._per_head(vis, 4096) is None  # a quarter each: the union with a mask is cheaper
     pat = _OwnStride()
     vis = pat.dense_mask(2, 4096, 4094, 16)
-    union = decode._read(vis, 4096)
+    union, exact = decode._read(vis, 4096)
+    assert exact and not isinstance(union, slice)  # 256 of 4096 keys: gathered
     idx, valid = decode._per_head(vis, len(union))
     assert idx.shape == (16, 16)
     for h in range(16):  # each head's own keys, in order, and nothing else

@@ -251,3 +251,58 @@ def test_evicting_the_middle_by_a_copy_equals_the_gather(smollm2, text_ids, monk
         for a, b in zip(getattr(lay, name), getattr(ref, name), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert lay.rope[0][0].tolist() == (list(range(24)) if rerotate_keys else [0, 1, 2, 3] + list(range(53, 73)))
+
+
+_SINKS_AND_WINDOW = {
+    "streaming, re-rotated": lambda: akhf.StreamingLLM(budget=24, sinks=4),
+    "streaming, positions kept": lambda: akhf.StreamingLLM(budget=24, sinks=4, rerotate=False),
+    "moa": lambda: akhf.MoA(spans=[[0.2, 0.4, 1.0]] * 30, sinks=4),
+    "duo": lambda: akhf.DuoAttention(gates=torch.rand(30, 3).tolist(), retrieval=0.5, sinks=4, recent=20),
+}
+
+
+@pytest.mark.parametrize("name", list(_SINKS_AND_WINDOW))
+def test_sinks_and_window_by_index_equals_the_explicit_path(smollm2, text_ids, monkeypatch, name):
+    """Over a sinks-and-window cache (sinks, then one run of positions) its own pattern runs on the buffer by
+    index through the kernels (prefill chunks; decode steps stay explicit): the same logits as the explicit
+    path by position; a cache with a gap in its positions (H2O's) is not taken for one."""
+    from attnkit.hf import _integration
+
+    model, _ = smollm2
+    ids = text_ids[:, :70]
+    taken = []
+    by_index = _integration._index_patterns
+    monkeypatch.setattr(
+        _integration, "_index_patterns", lambda *a: taken.append(by_index(*a) is not None) or by_index(*a)
+    )
+    torch.manual_seed(0)
+    pol = _SINKS_AND_WINDOW[name]()
+
+    def run():
+        with akhf.applied(model, pol) as h, torch.no_grad():
+            cache = h.new_cache()
+            logits = [model(ids[:, s : s + 30], past_key_values=cache, use_cache=True).logits for s in (0, 30, 60)]
+            logits += [model(ids[:, -1:], past_key_values=cache, use_cache=True).logits for _ in range(3)]
+        return torch.cat(logits, 1)
+
+    fast = run()
+    assert taken and all(taken)
+    monkeypatch.setattr(_integration, "_index_patterns", lambda *a: None)
+    slow = run()
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_index_patterns_need_sinks_then_one_run():
+    from attnkit.hf._integration import _index_patterns
+
+    lay = type("Layer", (), {})()
+    lay.kv_heads, lay.all_valid, lay.q_pos = 2, (lambda: True), torch.tensor([[12]])
+    lay.pos = [torch.tensor([[0, 1, 2, 3, 10, 11, 12]]), torch.tensor([[0, 1, 2, 3, 9, 11, 12]])]
+    assert _index_patterns(lay, AShape(4, 8), 1) is None  # the second head has a gap
+    assert _index_patterns(lay, PerHead([AShape(4, 8), Causal()]), 1) == [AShape(4, 8), Causal()]
+    lay.pos[1] = lay.pos[0]
+    assert _index_patterns(lay, AShape(4, 8), 1) == [AShape(4, 8)] * 2
+    assert _index_patterns(lay, SlidingWindow(8), 1) is None and _index_patterns(lay, AShape(5, 8), 1) is None
+    assert _index_patterns(lay, PerHead([AShape(4, 8), AShape(4, 6)] * 2), 2) is None  # a group's heads differ
+    lay.q_pos = torch.tensor([[13]])
+    assert _index_patterns(lay, AShape(4, 8), 1) is None  # the step's keys are not last

@@ -11,8 +11,10 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 
 from ..api import attention as _attention
 from ..errors import DTypeError, UnsupportedError, bad
-from ..patterns.base import Pattern
+from ..patterns.base import Pattern, PerHead
 from ..patterns.causal import Causal
+from ..patterns.global_tokens import AShape
+from ..patterns.sliding_window import SlidingWindow
 from ._rope import find_inv_freq, rerotate
 from .cache import HeadwiseCache
 from .policy import Policy
@@ -294,9 +296,7 @@ def _heads_folded(q, k, v, qpos, kpos, valid, scale, causal, pat, observe=0, q_d
     B, Hq, Q, D = q.shape
     Hk, T = k.shape[1], k.shape[2]
     G = Hq // Hk
-    qg = q.reshape(B, Hk, G, Q, D)
-    if q_delta is not None and q_delta[0] is not None:
-        qg = rerotate(qg, torch.stack(q_delta, 1)[:, :, None, :], inv_freq)
+    qg = _rotated(q, q_delta, inv_freq).reshape(B, Hk, G, Q, D)
     qp = qpos[:, None].expand(B, Hk, Q).reshape(B * Hk, Q)
     if pat is not None and pat.num_heads is not None:
         heads = torch.arange(Hq, device=q.device).view(1, Hk, G).expand(B, Hk, G).reshape(B * Hk, G)
@@ -316,6 +316,17 @@ def _heads_folded(q, k, v, qpos, kpos, valid, scale, causal, pat, observe=0, q_d
         observe,
     )
     return out.view(B, Hq, Q, -1), None if mass is None else mass.view(B, Hk, T)
+
+
+def _rotated(q, q_delta, inv_freq):
+    """``q (B, Hq, Q, D)`` with KV head ``h``'s query group re-rotated by ``q_delta[h] (B, Q)`` (as is when the
+    list is empty or holds None: the keys kept their positions)."""
+    if not q_delta or q_delta[0] is None:
+        return q
+    B, Hq, Q, D = q.shape
+    Hk = len(q_delta)
+    qg = q.reshape(B, Hk, Hq // Hk, Q, D)
+    return rerotate(qg, torch.stack(q_delta, 1)[:, :, None, :], inv_freq).reshape(B, Hq, Q, D)
 
 
 def _explicit(q, lay, scale, causal, pat, observe, inv_freq):
@@ -342,6 +353,7 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     """Keys live in a :class:`HeadwiseCache`: one pass per KV head over its own entries, then eviction."""
     lay = cache.layers[layer]
     policy = b.policy
+    q_in = q
     Hq, Q = q.shape[1], q.shape[2]
     G = Hq // lay.kv_heads  # query heads per KV head
     pat = policy.pattern(layer, Hq, lay.kv_heads, lay.seen_real, Q)
@@ -367,11 +379,14 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
                 qh = q[:, h * G : (h + 1) * G, Q - observe :]
                 mass = observed_mass(qh, lay.k[h], lay.valid[h], scale, Q - observe, causal=causal, pat=pat, group=h)
                 lay.record(h, mass, True, scorer)
-    elif pat is None and causal and observe < Q and all(d is None for d in lay.q_delta):
+    elif pat is None and causal and observe < Q:
         # a later chunk with no pattern: in each head's cache the step's keys are the last Q entries, in order,
         # after every cached one, so causality by position is causality by index (q_offset = T_h - Q) and the
         # fast kernels run per KV head with the cache's validity as key padding (all heads in one call when they
-        # hold as many entries, all real: the padding mask has no head axis)
+        # hold as many entries, all real: the padding mask has no head axis). Keys re-rotated to their slots
+        # (StreamingLLM) take their queries re-rotated likewise first; the explicit path had taken these steps,
+        # at 6x the kernel's time on SmolLM2's decode step.
+        q = _rotated(q, lay.q_delta, cache.inv_freq)
         kv = lay.stacked() if lay.all_valid() else None
         if kv is not None:
             out = _attention(q, *kv, pattern=Causal(), q_offset=kv[0].shape[2] - Q, scale=scale)
@@ -386,6 +401,31 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
                 lay.record(h, mass, True, scorer)
         if kv is None:
             out = torch.cat(outs, 1)
+    elif causal and observe == 0 and Q > _BY_INDEX_QUERIES and (pats := _index_patterns(lay, pat, G)) is not None:
+        # a sinks-and-window cache under its own pattern (StreamingLLM, MoA, DuoAttention): the pairs by position
+        # are the pairs by index, and the fast kernels run over the buffer as it is. The explicit path had
+        # computed every pair of the later prefill chunks (SmolLM2, 2k tokens in chunks of 512: StreamingLLM's
+        # prefill 9.5 s, dense 7.0 s); a decode step stays there, where the pattern's two ops beat the kernel's
+        # evaluation of it
+        q = _rotated(q, lay.q_delta, cache.inv_freq)
+        kv = lay.stacked()
+        if kv is not None and all(p == pats[0] for p in pats):
+            out = _attention(q, *kv, pattern=Causal() & pats[0], q_offset=kv[0].shape[2] - Q, scale=scale)
+        else:
+            out = torch.cat(
+                [
+                    _attention(
+                        q[:, h * G : (h + 1) * G],
+                        lay.k[h][:, None],
+                        lay.v[h][:, None],
+                        pattern=Causal() & p,
+                        q_offset=lay.k[h].shape[1] - Q,
+                        scale=scale,
+                    )
+                    for h, p in enumerate(pats)
+                ],
+                1,
+            )
     else:
         out, masses = _explicit(q, lay, scale, causal, pat, observe, cache.inv_freq)
         if scorer is not None and isinstance(masses, torch.Tensor):
@@ -397,12 +437,59 @@ def _attend_cached(q, cache: HeadwiseCache, layer: int, b: _Binding, causal: boo
     if direct is not None:  # a scorer that estimates from the step's queries and the cached keys, not from mass
         if cache.inv_freq is None:
             raise UnsupportedError(bad("model", f"plain rotary embeddings (scorer {scorer.name})", "none found"))
+        q_slot = _rotated(q_in, lay.q_delta, cache.inv_freq)  # rotated where the step's keys are: rope[-Q:]
         for h in range(lay.kv_heads):
             q_rope = lay.rope[h][:, -Q:].long()
-            qh = q[:, h * G : (h + 1) * G]
+            qh = q_slot[:, h * G : (h + 1) * G]
             lay.set_score(h, direct(qh, q_rope, lay.k[h], lay.v[h], lay.pos[h], lay.valid[h], cache.inv_freq))
     lay.evict(policy.keep(layer, lay, Q), policy.merge_at(layer))
     return out
+
+
+#: Steps of at most this many queries over a sinks-and-window cache take the explicit path, not the kernels by
+#: index (:func:`_index_patterns`): on SmolLM2's StreamingLLM decode step the kernel path measured 1.44x
+#: dense's step against 1.28x (2k tokens, budget 1/4).
+_BY_INDEX_QUERIES = 16
+
+
+def _index_patterns(lay, pat, group: int) -> list | None:
+    """Per KV head, the pattern whose pairs by index over that head's entries are ``pat``'s pairs by position
+    (the step's keys last), or None when some head has none. With every entry real and held in position order,
+    causality by index is causality by position; a sinks-and-window pattern (mask a function of whether a key
+    is among the first ``s`` positions and of ``q - k``) needs the head's entries to be the first ``s`` positions
+    then one run of consecutive positions up to the step's last (what StreamingLLM's, MoA's and DuoAttention's
+    evictions leave): an index is then its position less one shift on the run, and ``q - k`` is the same in
+    both. A per-head pattern qualifies when each KV head's query group shares one pattern."""
+    if pat is None or not lay.all_valid():
+        return None
+    if isinstance(pat, PerHead):
+        heads = pat.patterns
+        if len(heads) != group * lay.kv_heads or any(p != heads[i - i % group] for i, p in enumerate(heads)):
+            return None
+        pats = list(heads[::group])
+    else:
+        pats = [pat] * lay.kv_heads
+    last = lay.q_pos[:, -1]  # (B,): the step's last position
+    for p, pos in zip(pats, lay.pos, strict=True):
+        if isinstance(p, Causal):
+            continue
+        if isinstance(p, AShape):
+            s = p.sinks
+        elif isinstance(p, SlidingWindow) and p.right == 0:
+            s = 0
+        else:
+            return None
+        T = pos.shape[-1]
+        ok = pos[:, -1] == last
+        if T <= s:
+            ok &= pos[:, -1] == T - 1
+        else:
+            ok &= pos[:, -1] - pos[:, s] == T - 1 - s
+            if s:
+                ok &= pos[:, s - 1] == s - 1
+        if not bool(ok.all()):
+            return None
+    return pats
 
 
 def _allowed(ok, qp, kp, causal: bool, pat: Pattern | None, heads):
