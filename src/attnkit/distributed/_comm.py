@@ -105,15 +105,24 @@ class Group:
     def global_rank(self, r: int) -> int:
         return r if self.pg is None else dist.get_global_rank(self.pg, r)
 
-    def wait(self, work, what: str) -> None:
+    @contextlib.contextmanager
+    def peer_errors(self, what: str):
+        """gloo raises a RuntimeError on a timeout or a closed peer connection, when an operation is waited on and
+        also when it is issued (a peer that died between two calls): both become a :class:`DistributedError`."""
         try:
-            ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout))
-        except Exception as e:  # gloo raises a RuntimeError on a timeout or a closed peer connection
+            yield
+        except DistributedError:
+            raise
+        except Exception as e:
             why = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             raise DistributedError(
                 f"rank {self.rank}: {what} failed (a peer died, failed, or is not making the same call; "
                 f"each wait is limited to {self.timeout:g} s): {why.split('] ')[-1]}"
             ) from None
+
+    def wait(self, work, what: str) -> None:
+        with self.peer_errors(what):
+            ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         if ok is False:
             raise DistributedError(f"rank {self.rank}: {what} did not complete within {self.timeout:g} s")
 
@@ -121,28 +130,36 @@ class Group:
         t = t.contiguous()
         outs = [torch.empty_like(t) for _ in range(self.size)]
         count_collective(t)
-        self.wait(dist.all_gather(outs, t, group=self.pg, async_op=True), what)
+        with self.peer_errors(what):
+            work = dist.all_gather(outs, t, group=self.pg, async_op=True)
+        self.wait(work, what)
         return outs
 
     def all_reduce_max(self, t: torch.Tensor, what: str) -> torch.Tensor:
         t = t.clone()
         count_collective(t)
-        self.wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg, async_op=True), what)
+        with self.peer_errors(what):
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg, async_op=True)
+        self.wait(work, what)
         return t
 
     def all_reduce_sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
         t = t.contiguous().clone()
         count_collective(t)
-        self.wait(dist.all_reduce(t, group=self.pg, async_op=True), what)
+        with self.peer_errors(what):
+            work = dist.all_reduce(t, group=self.pg, async_op=True)
+        self.wait(work, what)
         return t
 
     def isend(self, t: torch.Tensor, peer: int, tag: int):
         count_send(peer, t)
-        return dist.isend(t, self.global_rank(peer), group=self.pg, tag=tag)
+        with self.peer_errors(f"a send to rank {peer}"):
+            return dist.isend(t, self.global_rank(peer), group=self.pg, tag=tag)
 
     def irecv(self, t: torch.Tensor, peer: int, tag: int):
         count_recv(t)
-        return dist.irecv(t, self.global_rank(peer), group=self.pg, tag=tag)
+        with self.peer_errors(f"a receive from rank {peer}"):
+            return dist.irecv(t, self.global_rank(peer), group=self.pg, tag=tag)
 
 
 def agree(group: Group, meta: list[int], error: BaseException | None, what: str) -> torch.Tensor:
