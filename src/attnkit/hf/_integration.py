@@ -554,18 +554,24 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
     # step that copy was a third of the step)
     kt = k.transpose(1, 2).float()  # converted once, not per chunk
     vf = v.float()
+    qs = q.float() * scale  # scaled before the product: Q x D values, not Q x T
+    # each chunk's logits are one buffer worked in place and normalised after the product with the values (Q x
+    # Dv divisions, not Q x T): on H2O's 512-query prefill chunks over 1,536 keys, a fresh tensor per step made
+    # the call 4x slower (113 against 26 ms), as each multi-megabyte allocation is new pages to fault in
     for s in range(0, Q, step):
         e = min(Q, s + step)
         qp = qpos[:, None, s:e, None].long()
-        qc = q[:, :, s:e].float().reshape(B, G * (e - s), -1)
-        logits = torch.bmm(qc, kt).view(B, G, e - s, T) * scale
-        logits = logits.masked_fill(~_allowed(ok, qp, kp, causal, pat, hh), float("-inf"))
-        top = logits.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        p = torch.exp(logits - top)
-        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        out[:, :, s:e] = torch.bmm(p.view(B, G * (e - s), T), vf).view(B, G, e - s, -1).to(q.dtype)
+        qc = qs[:, :, s:e].reshape(B, G * (e - s), -1)
+        p = torch.bmm(qc, kt).view(B, G, e - s, T)
+        p.masked_fill_(~_allowed(ok, qp, kp, causal, pat, hh), float("-inf"))
+        top = p.amax(-1, keepdim=True)
+        top.masked_fill_(top == float("-inf"), 0.0)  # a query with no visible key: exp gives 0, not NaN
+        p.sub_(top).exp_()
+        den = p.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+        o = torch.bmm(p.view(B, G * (e - s), T), vf).view(B, G, e - s, -1)
+        out[:, :, s:e] = (o / den).to(q.dtype)
         if observe and e > Q - observe:
             lo = max(s, Q - observe) - s
-            mass += p[:, :, lo:].sum(dim=(1, 2))
+            w = den[:, :, lo:].reciprocal()  # each observed query's row of p, normalised inside one product
+            mass += torch.bmm(w.reshape(B, 1, -1), p[:, :, lo:].reshape(B, -1, T)).view(B, T)
     return out, mass

@@ -58,6 +58,12 @@ class _HeadwiseLayer(CacheLayerMixin):
         self._staged = None
         self.q_pos = None  # (B, Q) real positions of the current step's queries
         self.q_delta: list[torch.Tensor | None] = []  # per head (B, Q) rotation applied to this step's queries
+        # re-rotating policies: (B, H) shift of every rotation in a head (a key at index j with i invalid entries
+        # before it is rotated at j - i + shift; None is 0). Logits depend only on differences of rotations, so
+        # an eviction of the middle moves the tail without re-rotating it and rotates the few first entries on
+        # by the same count instead; a gather resets it to 0
+        self._shift: torch.Tensor | None = None
+        self._first: tuple | None = None  # (a, the first a keys (B, H, a, D), at least float32, their rotations)
 
     # -- transformers' interface ----------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -93,6 +99,8 @@ class _HeadwiseLayer(CacheLayerMixin):
         ks, rope = key_states, rope_in[:, None, :]
         if owner.policy.rerotate:  # each head's new keys go to its next free slots
             base = self._valid_count() if self._n else torch.zeros(B, H, dtype=torch.long, device=dev)
+            if self._shift is not None:
+                base = base + self._shift
             rope = base[:, :, None] + (steps - 1)[:, None, :]  # (B, H, Q)
             delta = rope - rope_in[:, None, :]
             ks = rerotate(key_states, delta, owner.inv_freq)
@@ -223,6 +231,11 @@ class _HeadwiseLayer(CacheLayerMixin):
             self._kb, self._vb = self._kb.index_select(0, idx), self._vb.index_select(0, idx)
             self._mb = {name: buf.index_select(0, idx) for name, buf in self._mb.items()}
             self._views(self._n)
+            if self._shift is not None:
+                self._shift = self._shift.index_select(0, idx)
+            if self._first is not None:
+                a, k0, r0 = self._first
+                self._first = (a, k0.index_select(0, idx), r0.index_select(0, idx))
         if self.real is not None:
             self.real = self.real.index_select(0, beam_idx.to(self.real.device))
 
@@ -296,6 +309,7 @@ class _HeadwiseLayer(CacheLayerMixin):
                 slot = (meta["valid"].long().cumsum(1) - 1).clamp_min(0)
                 k = rerotate(k, slot - meta["rope"].long(), owner.inv_freq)
                 meta["rope"] = slot.to(torch.int32)
+                self._unshift(h)
             self._store(h, k, v, meta)
         self._shrink()
 
@@ -329,6 +343,7 @@ class _HeadwiseLayer(CacheLayerMixin):
             slot = (meta["valid"].long().cumsum(2) - 1).clamp_min(0)
             k = rerotate(k, slot - meta["rope"].long(), self._owner.inv_freq)
             meta["rope"] = slot.to(torch.int32)
+            self._unshift(slice(None))
         for name, x in {"k": k, "v": v, **meta}.items():
             buf = self._kb if name == "k" else self._vb if name == "v" else self._mb[name]
             buf[:, :, :n] = x
@@ -338,33 +353,55 @@ class _HeadwiseLayer(CacheLayerMixin):
 
     def _evict_middle(self, a: int, e: int, T: int) -> None:
         """Every head keeps its first ``a`` and last ``T - a - e`` entries (StreamingLLM's sinks and window, MoA's
-        after a span's growth): the kept tail moves down by ``e`` slots with a copy of the buffers, no gather, and
-        a re-rotation by one shift, ``-e``, for every moved key. With every entry real, the cache keeps each key
-        rotated at its own index, so that shift is exact and the ``rope`` field is unchanged."""
+        after a span's growth) by a copy of the buffers' tail down ``e`` slots: no gather."""
         self._move_tail(slice(None), a, e, T)
         self._shrink()
 
     def _move_tail(self, h, a: int, e: int, T: int) -> None:
-        """:meth:`_evict_middle` for the heads ``h`` (an index or a slice), without the shrink."""
+        """:meth:`_evict_middle` for the heads ``h`` (an index or a slice), without the shrink.
+
+        Re-rotating (every entry real, which the caller checks), each kept key of the tail should be rotated
+        ``e`` positions back; the tail keeps its rotations instead, and the first ``a`` keys are rotated ``e``
+        on, with the head's shift: every difference of rotations, so every logit, is what the re-rotated tail
+        gives, for ``a`` re-rotated keys rather than ``T - a - e`` (on SmolLM2's StreamingLLM decode step, the
+        tail's re-rotation was a tenth of the step). The first keys are rotated from one copy of them (at least
+        float32), so their error does not grow with the steps."""
         n = T - e
-        rerotating = self._owner.policy.rerotate
         for name, buf in {"k": self._kb, "v": self._vb, **self._mb}.items():
-            if not (rerotating and name == "rope"):
+            if name != "valid" or not self._owner.policy.rerotate:
                 buf[:, h, a:n] = buf[:, h, a + e : T].clone()
-        if rerotating:
-            moved = self._kb[:, h, a:n]
-            moved.copy_(rerotate(moved, torch.full((1,), -e, device=moved.device), self._owner.inv_freq))
+        if self._owner.policy.rerotate:
+            B, H = self._kb.shape[:2]
+            if self._shift is None:
+                self._shift = torch.zeros(B, H, dtype=torch.long, device=self._kb.device)
+            if self._first is None or self._first[0] != a:
+                exact = torch.promote_types(self._kb.dtype, torch.float32)  # bf16 keys copied in float32
+                self._first = (a, self._kb[:, :, :a].to(exact, copy=True), self._mb["rope"][:, :, :a].long())
+            _, k0, r0 = self._first
+            self._shift[:, h] += e
+            rope = self._mb["rope"][:, h, :a].long() + e
+            self._kb[:, h, :a] = rerotate(k0[:, h], rope - r0[:, h], self._owner.inv_freq).to(self._kb.dtype)
+            self._mb["rope"][:, h, :a] = rope.to(torch.int32)
         if isinstance(h, slice):
             self._n = [n] * len(self._n)
         else:
             self._n[h] = n
         self._lists = {}
 
+    def _unshift(self, h) -> None:
+        """Heads ``h`` rotated again at their indices (a gather re-rotated them): shift 0, no first-key copy."""
+        if self._shift is not None:
+            self._shift[:, h] = 0
+        self._first = None
+
     def nbytes(self) -> tuple[int, int, int]:
         """Bytes of the entries held, of the key and value buffers as allocated, and of the metadata held."""
-        kv = sum(x.numel() * x.element_size() for x in self.k + self.v)
-        reserved = sum(x.numel() * x.element_size() for x in (self._kb, self._vb) if x is not None)
-        meta = sum(x.numel() * x.element_size() for x in self.pos + self.rope + self.valid + self.score)
+        if self._kb is None:
+            return 0, 0, 0
+        held = self._kb.shape[0] * sum(self._n)  # counted, not summed over per-head views: benches call it per step
+        kv = held * sum(x.shape[-1] * x.element_size() for x in (self._kb, self._vb))
+        reserved = sum(x.numel() * x.element_size() for x in (self._kb, self._vb))
+        meta = held * sum(x.element_size() for x in self._mb.values())
         return kv, reserved, meta
 
 
