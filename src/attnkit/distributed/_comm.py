@@ -130,25 +130,22 @@ class Group:
         t = t.contiguous()
         outs = [torch.empty_like(t) for _ in range(self.size)]
         count_collective(t)
-        with self.peer_errors(what):
-            work = dist.all_gather(outs, t, group=self.pg, async_op=True)
-        self.wait(work, what)
+        with self.peer_errors(what):  # issued and waited on: a peer may be gone at either
+            self.wait(dist.all_gather(outs, t, group=self.pg, async_op=True), what)
         return outs
 
     def all_reduce_max(self, t: torch.Tensor, what: str) -> torch.Tensor:
         t = t.clone()
         count_collective(t)
-        with self.peer_errors(what):
-            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg, async_op=True)
-        self.wait(work, what)
+        with self.peer_errors(what):  # issued and waited on: a peer may be gone at either
+            self.wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg, async_op=True), what)
         return t
 
     def all_reduce_sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
         t = t.contiguous().clone()
         count_collective(t)
-        with self.peer_errors(what):
-            work = dist.all_reduce(t, group=self.pg, async_op=True)
-        self.wait(work, what)
+        with self.peer_errors(what):  # issued and waited on: a peer may be gone at either
+            self.wait(dist.all_reduce(t, group=self.pg, async_op=True), what)
         return t
 
     def isend(self, t: torch.Tensor, peer: int, tag: int):

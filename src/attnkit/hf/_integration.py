@@ -520,10 +520,10 @@ def observed_mass(q, k, valid, scale, q_offset: int, *, causal: bool, pat: Patte
         end = min(T, q_offset + e) if causal else T  # the chunk's last query reads keys < q_offset + e
         qi = torch.arange(q_offset + s, q_offset + e, device=q.device)[None, None, :, None]
         kj = torch.arange(end, device=q.device)[None, None, None, :]
-        logits = torch.matmul(q[:, :, s:e].float(), kf[:, :end].transpose(1, 2)[:, None]) * scale
-        logits = logits.masked_fill(~_allowed(valid[:, None, None, :end], qi, kj, causal, pat, heads), float("-inf"))
+        logits = torch.matmul(q[:, :, s:e].float(), kf[:, :end].transpose(1, 2)[:, None]).mul_(scale)
+        logits.masked_fill_(~_allowed(valid[:, None, None, :end], qi, kj, causal, pat, heads), float("-inf"))
         lse = torch.logsumexp(logits, -1, keepdim=True)
-        p = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min))  # a query with no key adds 0
+        p = logits.sub_(lse.clamp_min(torch.finfo(torch.float32).min)).exp_()  # a query with no key adds 0
         mass[:, :end] += p.sum(dim=(1, 2))
     return mass
 
@@ -568,8 +568,7 @@ def masked_attention(q, k, v, qpos, kpos, valid, scale, causal: bool, pat: Patte
         top.masked_fill_(top == float("-inf"), 0.0)  # a query with no visible key: exp gives 0, not NaN
         p.sub_(top).exp_()
         den = p.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-        o = torch.bmm(p.view(B, G * (e - s), T), vf).view(B, G, e - s, -1)
-        out[:, :, s:e] = (o / den).to(q.dtype)
+        out[:, :, s:e] = torch.bmm(p.view(B, G * (e - s), T), vf).view(B, G, e - s, -1).div_(den).to(q.dtype)
         if observe and e > Q - observe:
             lo = max(s, Q - observe) - s
             w = den[:, :, lo:].reciprocal()  # each observed query's row of p, normalised inside one product
